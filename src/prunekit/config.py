@@ -1,0 +1,221 @@
+"""Frozen config objects for every pruning method, per-layer rules, and YAML/JSON recipes.
+
+Configs are values: immutable, comparable, hashable, and serialisable through an allow-list
+of classes (never `yaml.load` of arbitrary tags, never `exec`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from prunekit.errors import ConfigError
+
+RECIPE_VERSION = 1
+_RECIPE_TYPES: dict[str, type[BaseModel]] = {}
+
+
+def recipe_type(cls: type[BaseModel]) -> type[BaseModel]:
+    """Class decorator: allow `cls` in recipes under its class name (the allow-list)."""
+    if cls.__name__ in _RECIPE_TYPES and _RECIPE_TYPES[cls.__name__] is not cls:
+        raise ConfigError(f"recipe type {cls.__name__!r} is registered twice")
+    _RECIPE_TYPES[cls.__name__] = cls
+    return cls
+
+
+def _format_validation_error(owner: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        lines.append(f"{owner}.{field}: {e['msg']} (got {value!r})")
+    return "; ".join(lines)
+
+
+class FrozenConfig(BaseModel):
+    """Base of all configs: frozen, unknown keys rejected, errors raised as `ConfigError`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(type(self).__name__, err)) from None
+
+
+class MaskConfig(FrozenConfig):
+    """Base of configs whose result is a mask on each weight (unstructured, N:M, block)."""
+
+    exclude: tuple[str, ...] = Field(default=(), description="FQNs or 're:<regex>' left dense")
+
+    def with_sparsity(self, sparsity: float) -> MaskConfig:
+        """Return a copy pruned to `sparsity` instead (what a schedule asks for at a step)."""
+        raise ConfigError(f"{type(self).__name__} has no sparsity a schedule can ramp")
+
+    @property
+    def target_sparsity(self) -> float:
+        """The final fraction of zeros this config asks for."""
+        raise NotImplementedError
+
+
+@recipe_type
+class UnstructuredConfig(MaskConfig):
+    """Zero the least important individual weights.
+
+    Args:
+        sparsity: fraction of zeros in [0, 1) in the pruned weights.
+        scope: "global" ranks all selected layers together (Han et al. 2015, "Learning both
+            weights and connections"), "layer" prunes each layer to `sparsity` on its own.
+        criterion: importance score name from `prunekit.criteria` ("l1" magnitude, "random").
+        exclude: layer FQNs or "re:<regex>" patterns to leave dense; each must match a layer.
+        seed: seed for criteria that draw random numbers.
+
+    Example:
+        >>> UnstructuredConfig(sparsity=0.9, scope="global")
+        UnstructuredConfig(exclude=(), sparsity=0.9, scope='global', criterion='l1', seed=0)
+    """
+
+    sparsity: float = Field(ge=0.0, lt=1.0)
+    scope: Literal["global", "layer"] = "global"
+    criterion: str = "l1"
+    seed: int = 0
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, name: str) -> str:
+        from prunekit.criteria import list_criteria
+
+        if name not in list_criteria():
+            raise ValueError(f"unknown criterion {name!r}; known: {', '.join(list_criteria())}")
+        return name
+
+    def with_sparsity(self, sparsity: float) -> UnstructuredConfig:
+        return self.model_copy(update={"sparsity": sparsity})
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.sparsity
+
+
+@recipe_type
+class PerLayer(FrozenConfig):
+    """Different configs for different layers: the first matching rule wins.
+
+    Keys are exact layer FQNs, "re:<regex>" patterns (full match on the FQN), or "_default"
+    for layers no other key matches. A value of None leaves the matched layers dense. Every
+    key except "_default" must match at least one prunable layer, so a typo fails loudly.
+
+    Example:
+        >>> PerLayer({"re:.*head.*": None, "_default": UnstructuredConfig(sparsity=0.5)})
+        ... # doctest: +ELLIPSIS
+        PerLayer(rules={...})
+    """
+
+    kind: ClassVar[str] = "per_layer"
+    rules: dict[str, Any]
+
+    def __init__(self, rules: dict[str, Any] | None = None, **data: Any) -> None:
+        if rules is not None:
+            data["rules"] = rules
+        super().__init__(**data)
+
+    @field_validator("rules")
+    @classmethod
+    def _valid_rules(cls, rules: dict[str, Any]) -> dict[str, Any]:
+        for key, value in rules.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"rule key {key!r} must be a non-empty string")
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as err:
+                    raise ValueError(f"rule {key!r} is not a valid regex: {err}") from None
+            if value is not None and not isinstance(value, FrozenConfig):
+                raise ValueError(f"rule {key!r} must map to a config or None, not {value!r}")
+            if isinstance(value, PerLayer):
+                raise ValueError(f"rule {key!r}: PerLayer rules cannot nest")
+        return rules
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.rules.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: configs as YAML/JSON documents tagged with `_type` and `_version`.
+
+
+def config_to_dict(value: Any) -> Any:
+    """Turn a config (possibly nested) into plain data tagged with `_type` and `_version`."""
+    if isinstance(value, BaseModel):
+        name = type(value).__name__
+        if name not in _RECIPE_TYPES:
+            raise ConfigError(f"{name} is not a recipe type; register it with @recipe_type")
+        out: dict[str, Any] = {"_type": name, "_version": RECIPE_VERSION}
+        for field in type(value).model_fields:
+            out[field] = config_to_dict(getattr(value, field))
+        return out
+    if isinstance(value, dict):
+        return {k: config_to_dict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [config_to_dict(v) for v in value]
+    return value
+
+
+def config_from_dict(data: Any, where: str = "recipe") -> Any:
+    """Rebuild configs from `config_to_dict` output; only allow-listed `_type`s are built."""
+    if isinstance(data, dict) and "_type" in data:
+        name = data["_type"]
+        cls = _RECIPE_TYPES.get(name) if isinstance(name, str) else None
+        if cls is None:
+            known = ", ".join(sorted(_RECIPE_TYPES))
+            raise ConfigError(f"{where}._type: unknown type {name!r}; allowed: {known}")
+        version = data.get("_version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise ConfigError(f"{where}._version: {version!r} is not supported ({RECIPE_VERSION})")
+        fields = {
+            k: config_from_dict(v, f"{where}.{k}") for k, v in data.items() if not k.startswith("_")
+        }
+        return cls(**fields)
+    if isinstance(data, dict):
+        return {k: config_from_dict(v, f"{where}.{k}") for k, v in data.items()}
+    if isinstance(data, list):
+        return [config_from_dict(v, f"{where}[{i}]") for i, v in enumerate(data)]
+    return data
+
+
+def save_recipe(config: FrozenConfig, path: str | Path) -> Path:
+    """Write `config` as a YAML (.yaml/.yml) or JSON recipe, atomically."""
+    import yaml
+
+    from prunekit.files import atomic_write_text
+
+    path = Path(path)
+    data = config_to_dict(config)
+    if path.suffix in (".yaml", ".yml"):
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        text = json.dumps(data, indent=2)
+    return atomic_write_text(path, text)
+
+
+def load_recipe(path: str | Path) -> Any:
+    """Read a recipe written by `save_recipe` (safe YAML / JSON; allow-listed types only)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"recipe {str(path)!r} cannot be read: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML/JSON: {err}") from None
+    if not isinstance(data, dict) or "_type" not in data:
+        raise ConfigError(f"recipe {str(path)!r} has no top-level '_type' mapping")
+    return config_from_dict(data, where=path.name)

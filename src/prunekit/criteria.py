@@ -1,0 +1,82 @@
+"""Importance scores: higher means keep. Registered by name with `register_criterion`.
+
+An element-wise criterion maps a weight tensor to a score tensor of the same shape. Criteria
+that need calibration data (activation statistics) say so with `needs_data=True`; the caller
+then passes the statistics in `ScoreContext`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.errors import ConfigError
+
+
+@dataclass
+class ScoreContext:
+    """What a criterion may look at beside the weight: its layer, RNG, calibration stats."""
+
+    fqn: str
+    module: nn.Module
+    generator: torch.Generator | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+ScoreFn = Callable[[Tensor, ScoreContext], Tensor]
+
+
+@dataclass(frozen=True)
+class CriterionInfo:
+    """A registered criterion: its name, score function, and whether it needs data."""
+
+    name: str
+    fn: ScoreFn
+    needs_data: bool = False
+    reference: str = ""
+
+
+_CRITERIA: dict[str, CriterionInfo] = {}
+
+
+def register_criterion(
+    name: str, *, needs_data: bool = False, reference: str = ""
+) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator: register an element-wise importance score under `name`."""
+
+    def wrap(fn: ScoreFn) -> ScoreFn:
+        if name in _CRITERIA:
+            raise ConfigError(f"criterion {name!r} is already registered")
+        _CRITERIA[name] = CriterionInfo(name, fn, needs_data, reference)
+        return fn
+
+    return wrap
+
+
+def get_criterion(name: str) -> CriterionInfo:
+    """Look up a criterion by name; the error lists the known ones."""
+    try:
+        return _CRITERIA[name]
+    except KeyError:
+        raise ConfigError(f"unknown criterion {name!r}; known: {', '.join(list_criteria())}") from None
+
+
+def list_criteria() -> list[str]:
+    """Names of all registered criteria, sorted."""
+    return sorted(_CRITERIA)
+
+
+@register_criterion("l1", reference="Han et al. 2015, Learning both Weights and Connections")
+def magnitude(weight: Tensor, ctx: ScoreContext) -> Tensor:
+    """|w|: the magnitude criterion."""
+    return weight.detach().abs()
+
+
+@register_criterion("random", reference="control: uniform random scores")
+def random_scores(weight: Tensor, ctx: ScoreContext) -> Tensor:
+    """Uniform random scores from the context's generator (a control, not a method)."""
+    return torch.rand(weight.shape, generator=ctx.generator, device="cpu").to(weight.device)

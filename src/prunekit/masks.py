@@ -1,0 +1,182 @@
+"""Masks: the math (pure tensor functions), the `Mask` parametrization, and sparsity stats.
+
+A mask lives on its layer as a `torch.nn.utils.parametrize` parametrization holding a bool
+buffer, so `layer.weight` is always `original * mask`: optimizer steps update `original`,
+but a pruned weight reads as zero until a schedule recomputes the mask (torchao's
+`FakeSparsity` lifecycle: attach, update, `finalize`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from prunekit.errors import CheckpointError, ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Mask math: pure functions from scores to bool masks (True = keep).
+
+
+def n_pruned(numel: int, sparsity: float) -> int:
+    """How many of `numel` elements `sparsity` zeroes: round to nearest, so exact to one."""
+    return min(numel, max(0, round(sparsity * numel)))
+
+
+def topk_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep the highest-scoring `1 - sparsity` fraction of `scores`; exact element count."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    flat = scores.reshape(-1)
+    keep = flat.numel() - n_pruned(flat.numel(), sparsity)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[torch.topk(flat.float(), keep, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def global_topk_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Rank all tensors' scores together and keep the top `1 - sparsity` of the union."""
+    if not scores:
+        return {}
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    joint = topk_mask(flat, sparsity)
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = joint[start : start + size].view_as(scores[n])
+        start += size
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The parametrization.
+
+
+class Mask(nn.Module):
+    """Parametrization `w -> w * mask`; the bool mask is a buffer, saved with the model."""
+
+    mask: Tensor
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.mask.shape)}, sparsity={1 - self.mask.float().mean():.4f}"
+
+
+def get_mask(module: nn.Module, name: str = "weight") -> Mask | None:
+    """The `Mask` parametrization on `module.<name>`, or None if it has none."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:  # type: ignore[union-attr, index]
+        if isinstance(p, Mask):
+            return p
+    return None
+
+
+def set_mask(module: nn.Module, mask: Tensor, name: str = "weight") -> None:
+    """Attach a mask to `module.<name>`, or overwrite the one already there (mutates)."""
+    existing = get_mask(module, name)
+    if existing is not None:
+        existing.mask.copy_(mask)
+        return
+    weight = getattr(module, name)
+    parametrize.register_parametrization(module, name, Mask(mask.to(weight.device)))
+
+
+def remove_mask(module: nn.Module, name: str = "weight", *, bake: bool = True) -> None:
+    """Remove the mask from `module.<name>`; `bake=True` keeps the zeros in the weight."""
+    if get_mask(module, name) is None:
+        return
+    parametrize.remove_parametrizations(module, name, leave_parametrized=bake)
+
+
+def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """FQN -> module for every module whose `weight` carries a `Mask`."""
+    return {fqn: m for fqn, m in model.named_modules() if get_mask(m) is not None}
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Remove every mask parametrization, leaving plain weights with zeros (mutates, returns).
+
+    The forward pass is unchanged: each weight becomes `original * mask` as a plain Parameter.
+    """
+    for module in masked_modules(model).values():
+        remove_mask(module, bake=True)
+    return model
+
+
+def mask_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Masks keyed by the FQN of the tensor they mask (e.g. "fc1.weight")."""
+    return {f"{fqn}.weight": get_mask(m).mask.clone() for fqn, m in masked_modules(model).items()}  # type: ignore[union-attr]
+
+
+def load_mask_state_dict(model: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
+    """Attach the masks of `mask_state_dict` to `model` (validated first; mutates, returns)."""
+    modules = dict(model.named_modules())
+    for key, mask in masks.items():
+        fqn = key.removesuffix(".weight")
+        module = modules.get(fqn)
+        if module is None or not hasattr(module, "weight"):
+            raise CheckpointError(f"mask {key!r} names no layer with a weight in this model")
+        if tuple(mask.shape) != tuple(module.weight.shape):
+            raise CheckpointError(
+                f"mask {key!r} has shape {tuple(mask.shape)}, layer weight is "
+                f"{tuple(module.weight.shape)}"
+            )
+    for key, mask in masks.items():
+        set_mask(modules[key.removesuffix(".weight")], mask)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Measured sparsity.
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Measured zeros: per prunable layer (by FQN) and over all of them together."""
+
+    layers: dict[str, float] = field(default_factory=dict)
+    numel: dict[str, int] = field(default_factory=dict)
+    zeros: int = 0
+    total_numel: int = 0
+
+    @property
+    def total(self) -> float:
+        """Fraction of zeros over every counted weight."""
+        return self.zeros / self.total_numel if self.total_numel else 0.0
+
+    def __float__(self) -> float:
+        return self.total
+
+    def __str__(self) -> str:
+        width = max([len(n) for n in self.layers] + [5])
+        rows = [f"{'layer':<{width}}  {'params':>10}  sparsity"]
+        rows += [f"{n:<{width}}  {self.numel[n]:>10}  {s:8.2%}" for n, s in self.layers.items()]
+        rows.append(f"{'total':<{width}}  {self.total_numel:>10}  {self.total:8.2%}")
+        return "\n".join(rows)
+
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def sparsity(model: nn.Module) -> SparsityReport:
+    """Measure the fraction of exact zeros in each prunable layer's weight and in total."""
+    layers, numel, zeros = {}, {}, 0
+    with torch.no_grad():
+        for fqn, module in model.named_modules():
+            if not isinstance(module, PRUNABLE_TYPES) and get_mask(module) is None:
+                continue
+            w = module.weight
+            z = int((w == 0).sum())
+            layers[fqn], numel[fqn] = z / w.numel(), w.numel()
+            zeros += z
+    return SparsityReport(layers, numel, zeros, sum(numel.values()))

@@ -1,0 +1,244 @@
+"""The verbs `plan` and `prune`, dispatching on the config's type (torchao's `quantize_` shape).
+
+`plan` never mutates: it returns a plan that prints, and whose `apply` is all-or-nothing.
+Each method registers how to plan it with `register_method(ConfigType)`. Mask methods
+(`per_layer=True`) get the resolved layer FQNs, so `PerLayer` rules work for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.config import FrozenConfig, PerLayer, UnstructuredConfig
+from prunekit.criteria import ScoreContext, get_criterion
+from prunekit.errors import ConfigError, PlanError
+from prunekit.masks import get_mask, global_topk_masks, remove_mask, set_mask, topk_mask
+from prunekit.targets import group_by_config, resolve
+
+log = logging.getLogger(__name__)
+
+
+class Plan(Protocol):
+    """What every method's planner returns: something that describes and applies itself."""
+
+    def summary(self) -> str: ...
+
+    def apply(self, model: nn.Module) -> nn.Module: ...
+
+
+@dataclass
+class PlanContext:
+    """Inputs a planner may need beyond the model and config."""
+
+    example_inputs: Any = None
+    data: Iterable[Any] | None = None
+    generator: torch.Generator | None = None
+    progress: bool = False
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+PlanFn = Callable[[nn.Module, Any, "list[str] | None", PlanContext], Plan]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A registered pruning method: its config type and planner."""
+
+    config_type: type[FrozenConfig]
+    plan_fn: PlanFn
+    per_layer: bool
+
+
+_METHODS: dict[type[FrozenConfig], MethodInfo] = {}
+
+
+def register_method(config_type: type[FrozenConfig], *, per_layer: bool = True) -> Callable[[PlanFn], PlanFn]:
+    """Decorator: plan configs of `config_type` with the decorated function."""
+
+    def wrap(fn: PlanFn) -> PlanFn:
+        if config_type in _METHODS:
+            raise ConfigError(f"a method for {config_type.__name__} is already registered")
+        _METHODS[config_type] = MethodInfo(config_type, fn, per_layer)
+        return fn
+
+    return wrap
+
+
+def get_method(config_type: type) -> MethodInfo:
+    """The registered method for `config_type`; the error lists the known config types."""
+    try:
+        return _METHODS[config_type]
+    except KeyError:
+        known = ", ".join(sorted(t.__name__ for t in _METHODS))
+        raise ConfigError(f"no pruning method for {config_type.__name__}; known: {known}") from None
+
+
+def list_methods() -> list[str]:
+    """Names of the config types that have a registered method."""
+    return sorted(t.__name__ for t in _METHODS)
+
+
+# --------------------------------------------------------------------------------------------
+# Mask plans.
+
+
+@dataclass
+class MaskPlan:
+    """Bool masks keyed by the FQN of the weight they mask ("fc1.weight"); True = keep."""
+
+    masks: dict[str, Tensor] = field(default_factory=dict)
+
+    def merge(self, other: MaskPlan) -> MaskPlan:
+        """A plan holding both plans' masks; the layers must not overlap."""
+        overlap = self.masks.keys() & other.masks.keys()
+        if overlap:
+            raise PlanError(f"two rules prune the same tensors: {sorted(overlap)}")
+        return MaskPlan({**self.masks, **other.masks})
+
+    def summary(self) -> str:
+        """One line per tensor: shape and planned sparsity; then the total."""
+        total = sum(m.numel() for m in self.masks.values())
+        zeros = sum(int((~m).sum()) for m in self.masks.values())
+        width = max([len(k) for k in self.masks] + [6])
+        rows = [f"{'tensor':<{width}}  {'shape':<16}  sparsity"]
+        for key, m in self.masks.items():
+            rows.append(f"{key:<{width}}  {str(tuple(m.shape)):<16}  {1 - m.float().mean():8.2%}")
+        rows.append(f"{'total':<{width}}  {total:<16}  {zeros / max(total, 1):8.2%}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Attach the masks to `model` (mutates, returns it); all or nothing.
+
+        Raises:
+            PlanError: a tensor is missing or has another shape; the model is left unchanged.
+        """
+        modules = dict(model.named_modules())
+        targets = []
+        for key, mask in self.masks.items():
+            fqn, _, name = key.rpartition(".")
+            module = modules.get(fqn)
+            weight = getattr(module, name, None) if module is not None else None
+            if not isinstance(weight, Tensor):
+                raise PlanError(f"plan names {key!r}, which is not a tensor of this model")
+            if weight.shape != mask.shape:
+                raise PlanError(f"{key!r}: mask shape {tuple(mask.shape)} != weight {tuple(weight.shape)}")
+            previous = get_mask(module, name)  # type: ignore[arg-type]
+            targets.append((module, name, mask, None if previous is None else previous.mask.clone()))
+        done = []
+        try:
+            for module, name, mask, previous in targets:
+                set_mask(module, mask, name)
+                done.append((module, name, previous))
+        except Exception as err:
+            for module, name, previous in reversed(done):
+                if previous is None:
+                    remove_mask(module, name, bake=False)
+                else:
+                    set_mask(module, previous, name)
+            raise PlanError(f"applying the mask plan failed and was rolled back: {err}") from err
+        return model
+
+
+def score_layers(
+    model: nn.Module, fqns: list[str], criterion: str, ctx: PlanContext, seed: int = 0
+) -> dict[str, Tensor]:
+    """Scores of each layer's effective weight; already-pruned weights score -inf (stay pruned)."""
+    info = get_criterion(criterion)
+    if info.needs_data and ctx.data is None and not ctx.stats:
+        raise ConfigError(f"criterion {criterion!r} needs calibration data: pass data=...")
+    generator = ctx.generator or torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    scores = {}
+    for fqn in fqns:
+        module = modules[fqn]
+        with torch.no_grad():
+            score = info.fn(module.weight, ScoreContext(fqn, module, generator, ctx.stats.get(fqn, {})))
+            mask = get_mask(module)
+            if mask is not None:
+                score = score.float().masked_fill(~mask.mask, float("-inf"))
+        scores[f"{fqn}.weight"] = score
+    return scores
+
+
+@register_method(UnstructuredConfig)
+def _plan_unstructured(
+    model: nn.Module, config: UnstructuredConfig, fqns: list[str] | None, ctx: PlanContext
+) -> MaskPlan:
+    scores = score_layers(model, fqns or [], config.criterion, ctx, config.seed)
+    if config.scope == "global":
+        return MaskPlan(global_topk_masks(scores, config.sparsity))
+    return MaskPlan({k: topk_mask(s, config.sparsity) for k, s in scores.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# The verbs.
+
+
+def _merge(plans: list[Any]) -> Any:
+    if len(plans) == 1:
+        return plans[0]
+    if not all(isinstance(p, MaskPlan) for p in plans):
+        raise ConfigError("PerLayer can mix mask configs only (unstructured, N:M, block)")
+    merged = MaskPlan()
+    for p in plans:
+        merged = merged.merge(p)
+    return merged
+
+
+def plan(
+    model: nn.Module,
+    config: FrozenConfig,
+    example_inputs: Any = None,
+    *,
+    data: Iterable[Any] | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Any:
+    """Compute what `config` would prune in `model`, without mutating it.
+
+    Args:
+        model: the model to prune.
+        config: a method config (e.g. `UnstructuredConfig`) or `PerLayer` rules.
+        example_inputs: inputs for methods that trace the model (structured pruning).
+        data: calibration batches for criteria that need activations.
+        generator: RNG for random criteria (a `GradualPruner` passes its own to stay resumable).
+        progress: show a progress bar on long planning work.
+
+    Returns:
+        A plan with `summary()` and `apply(model)`.
+    """
+    ctx = PlanContext(example_inputs, data, generator, progress)
+    if isinstance(config, PerLayer):
+        groups = group_by_config(resolve(model, config))
+        return _merge([get_method(type(c)).plan_fn(model, c, fqns, ctx) for c, fqns in groups.items()])
+    method = get_method(type(config))
+    fqns = list(resolve(model, config)) if method.per_layer else None
+    return method.plan_fn(model, config, fqns, ctx)
+
+
+def prune(
+    model: nn.Module,
+    config: FrozenConfig,
+    example_inputs: Any = None,
+    *,
+    data: Iterable[Any] | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Prune `model` in place as `config` says and return it; on error it is left unchanged.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> model = prune(model, UnstructuredConfig(sparsity=0.5))
+        >>> round(float(__import__("prunekit").sparsity(model)), 2)
+        0.5
+    """
+    return plan(model, config, example_inputs, data=data, progress=progress).apply(model)
