@@ -37,7 +37,9 @@ def load_mnist(split: Literal["train", "test"] = "train") -> TensorDataset:
     return TensorDataset(images.unsqueeze(1).float().div_(255.0), labels.long())
 
 
-def mnist_loaders(batch_size: int = 128, *, seed: int = 0, eval_batch_size: int = 1000) -> tuple[DataLoader, DataLoader]:
+def mnist_loaders(
+    batch_size: int = 128, *, seed: int = 0, eval_batch_size: int = 1000
+) -> tuple[DataLoader, DataLoader]:
     """Shuffled training loader (seeded) and ordered test loader over MNIST."""
     generator = torch.Generator().manual_seed(seed)
     train = DataLoader(load_mnist("train"), batch_size=batch_size, shuffle=True, generator=generator)

@@ -99,7 +99,7 @@ def finetune(
             step += 1
             if pruner is not None:
                 pruner.step(step)
-            total, batches = total + float(loss), batches + 1
+            total, batches = total + loss.item(), batches + 1
         mean = total / max(batches, 1)
         log.info("epoch %d: loss %.4f", epoch + 1, mean)
         if callback is not None:

@@ -1,0 +1,111 @@
+"""The `prunekit` command line: thin wrappers over the Python API."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prunekit.errors import PrunekitError
+
+app = typer.Typer(help="Prune trained PyTorch models and measure what it bought.", no_args_is_help=True)
+
+
+def _fail(err: PrunekitError) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    """prunekit: smaller, faster models with measured results."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for report.json, report.md, the plot and the model files.")] = Path(
+        "out/demo"
+    ),
+    sparsity: Annotated[float, typer.Option(help="Target fraction of zero weights, in [0, 1).")] = 0.9,
+    epochs: Annotated[int, typer.Option(help="Epochs of dense baseline training.")] = 8,
+    finetune_epochs: Annotated[int, typer.Option(help="Epochs of gradual pruning with distillation.")] = 12,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    quick: Annotated[bool, typer.Option(help="A small slice of MNIST and 1+2 epochs (a smoke test).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Compress LeNet-300-100 on real MNIST for a 1 MB budget and report the measured result."""
+    from prunekit.demo import DemoSettings, run_demo
+
+    if quick:
+        epochs, finetune_epochs = min(epochs, 1), min(finetune_epochs, 2)
+    try:
+        settings = DemoSettings(sparsity=sparsity, epochs=epochs, finetune_epochs=finetune_epochs, seed=seed,
+                                quick=quick)
+        if not 0.0 <= sparsity < 1.0:
+            raise PrunekitError(f"--sparsity must be in [0, 1), got {sparsity}")
+        report = run_demo(out, settings, progress=progress)
+    except PrunekitError as err:
+        _fail(err)
+        return
+    b, p = report["baseline"], report["pruned"]
+    typer.echo(f"dense : accuracy {b['accuracy']:.2%}  file {b['size_bytes']:>9,} B")
+    typer.echo(
+        f"pruned: accuracy {p['accuracy']:.2%}  file {p['size_bytes']:>9,} B  ({p['size_ratio']:.1%} of dense)  "
+        f"sparsity {p['sparsity']:.2%}"
+    )
+    typer.echo(f"1 MB budget: {'fits' if report['budget']['fits'] else 'does NOT fit'}; report in {out}/report.md")
+
+
+@app.command()
+def inspect(path: Annotated[Path, typer.Argument(help="A checkpoint written by prunekit.save.")]) -> None:
+    """Print the tensors of a checkpoint with their shapes and sparsity, and the file size."""
+    from prunekit.export import read_checkpoint
+
+    try:
+        state, _ = read_checkpoint(path)
+    except PrunekitError as err:
+        _fail(err)
+        return
+    total = zeros = 0
+    for key, tensor in state.items():
+        z = int((tensor == 0).sum())
+        total, zeros = total + tensor.numel(), zeros + z
+        typer.echo(f"{key:<40} {str(tuple(tensor.shape)):<16} sparsity {z / max(tensor.numel(), 1):7.2%}")
+    typer.echo(f"{'total':<40} {total:<16,} sparsity {zeros / max(total, 1):7.2%}  file {path.stat().st_size:,} B")
+
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by prunekit.save (fp32 or INT8).")],
+    out: Annotated[Path, typer.Option(help="The .onnx file to write.")] = Path("model.onnx"),
+    model: Annotated[str, typer.Option(help="prunekit.zoo constructor that builds the architecture.")] = (
+        "lenet_300_100"
+    ),
+    input_shape: Annotated[str, typer.Option(help="Example input shape, comma-separated.")] = "1,1,28,28",
+    int8: Annotated[bool, typer.Option(help="Quantize to dynamic INT8 (zeros kept) before export.")] = False,
+    check: Annotated[bool, typer.Option(help="Verify zeros, N:M groups and outputs in the file.")] = True,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 20,
+) -> None:
+    """Export a checkpoint to ONNX, check the file kept its sparsity, and print its sizes."""
+    from prunekit.onnx_export import export_command
+
+    try:
+        shape = tuple(int(s) for s in input_shape.split(","))
+    except ValueError:
+        _fail(PrunekitError(f"--input-shape must be integers separated by commas, got {input_shape!r}"))
+        return
+    try:
+        report = export_command(checkpoint, out, model=model, input_shape=shape, int8=int8, check=check,
+                                opset=opset)
+    except PrunekitError as err:
+        _fail(err)
+        return
+    typer.echo(report.summary())
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
