@@ -22,7 +22,7 @@ def test_mnist_is_the_real_dataset() -> None:
 
 
 def test_quick_demo_writes_report_plot_and_models(tmp_path) -> None:
-    settings = DemoSettings(sparsity=0.9, epochs=1, finetune_epochs=2, quick=True)
+    settings = DemoSettings(sparsity=0.9, epochs=1, finetune_epochs=2, quick=True, latency_repeats=5)
     report = run_demo(tmp_path, settings, progress=False)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["pruned"]["sparsity"] == pytest.approx(0.9, abs=1e-3)
@@ -33,6 +33,8 @@ def test_quick_demo_writes_report_plot_and_models(tmp_path) -> None:
     assert on_disk["pruned"]["size_bytes"] < 0.15 * on_disk["baseline"]["size_bytes"]
     assert report["baseline"]["accuracy"] > 0.8  # one quick epoch on 6k images still learns
     assert (tmp_path / "accuracy_vs_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| pruned |" in (tmp_path / "report.md").read_text()
+    assert "fits the 1 MB budget: yes" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == 4
+    assert [r["batch_size"] for r in on_disk["latency"]["by_batch"]] == [1, 4, 8, 32]
     model = pk.load(tmp_path / "pruned.safetensors", lenet_300_100())
     assert pk.sparsity(model).total == pytest.approx(on_disk["pruned"]["sparsity"])

@@ -2,15 +2,14 @@
 
 Train the dense baseline, prune it globally with the cubic schedule while fine-tuning with
 distillation from the baseline, then measure and write what it bought: accuracy, sparsity and
-the size of the saved files on disk (`report.json`, `report.md`, a plot, the model files).
+the size of the saved files on disk, in the full validation report of `prunekit.report`
+(`report.json`, `report.md`, `report.html`, plots, and the two model files).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,14 +19,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-import prunekit
 from prunekit.config import UnstructuredConfig
 from prunekit.data import load_mnist
 from prunekit.distill import KDLoss, accuracy, finetune
 from prunekit.export import save
-from prunekit.files import atomic_write_bytes, atomic_write_text
 from prunekit.masks import finalize, sparsity
 from prunekit.plan import prune
+from prunekit.report import compare, write_report
 from prunekit.schedule import Cubic, GradualPruner
 from prunekit.zoo import lenet_300_100
 
@@ -51,6 +49,7 @@ class DemoSettings:
     alpha: float = 0.7
     seed: int = 0
     quick: bool = False  # a small slice of the data and few epochs, for tests
+    latency_repeats: int = 50
 
 
 def _loaders(settings: DemoSettings) -> tuple[DataLoader, DataLoader]:
@@ -117,102 +116,29 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, progress:
     pruned_file = save(student, out / "pruned.safetensors")
     measured = sparsity(student)
 
-    report = {
-        "prunekit_version": prunekit.__version__,
-        "task": "MNIST, LeNet-300-100 (784-300-100-10), global magnitude pruning, cubic schedule + KD",
-        "settings": asdict(settings),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
-        "data": {"train_examples": len(train.dataset), "test_examples": len(test.dataset)},  # type: ignore[arg-type]
-        "baseline": {"accuracy": baseline_acc, "params": dense_file.params, "size_bytes": dense_file.size_bytes,
-                     "file": dense_file.path.name},
-        "pruned": {"accuracy": pruned_acc, "sparsity": measured.total, "layers": measured.layers,
-                   "nonzero_params": measured.total_numel - measured.zeros, "size_bytes": pruned_file.size_bytes,
-                   "size_ratio": pruned_file.size_bytes / dense_file.size_bytes, "file": pruned_file.path.name},
-        "budget": {"size_bytes": BUDGET_BYTES, "fits": pruned_file.size_bytes <= BUDGET_BYTES},
-        "accuracy_drop_points": 100 * (baseline_acc - pruned_acc),
-        "trajectory": trajectory,
-        "one_shot_no_finetune": _one_shot_curve(baseline, test),
-        "timings_s": {"baseline_training": trained_s, "total": time.perf_counter() - started},
-    }
-    write_outputs(out, report)
-    return report
-
-
-def write_outputs(out: Path, report: dict[str, Any]) -> None:
-    """Write report.json, report.md and accuracy_vs_sparsity.png atomically."""
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "report.md", render_markdown(report))
-    atomic_write_bytes(out / "accuracy_vs_sparsity.png", render_plot(report))
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """The report as a short Markdown page."""
-    b, p = report["baseline"], report["pruned"]
-    lines = [
-        "# prunekit demo: LeNet-300-100 on MNIST",
-        "",
-        f"{report['task']}. Environment: torch {report['environment']['torch']}, "
-        f"{report['environment']['threads']} threads.",
-        "",
-        "| model | test accuracy | sparsity | non-zero params | file size |",
-        "|---|---|---|---|---|",
-        f"| dense | {b['accuracy']:.2%} | 0.00% | {b['params']:,} | {b['size_bytes']:,} B |",
-        f"| pruned | {p['accuracy']:.2%} | {p['sparsity']:.2%} | {p['nonzero_params']:,} | "
-        f"{p['size_bytes']:,} B ({p['size_ratio']:.1%} of dense) |",
-        "",
-        f"Accuracy drop: {report['accuracy_drop_points']:.2f} points. 1 MB budget: "
-        f"{'fits' if report['budget']['fits'] else 'does not fit'}.",
-        "",
-        "## Per-layer sparsity",
-        "",
-        "| layer | sparsity |",
-        "|---|---|",
-        *[f"| `{name}` | {s:.2%} |" for name, s in p["layers"].items()],
-        "",
-        "## Gradual pruning trajectory (end of each fine-tuning epoch)",
-        "",
-        "| epoch | sparsity | accuracy |",
-        "|---|---|---|",
-        *[f"| {t['epoch']} | {t['sparsity']:.2%} | {t['accuracy']:.2%} |" for t in report["trajectory"]],
-        "",
-        "## One-shot magnitude pruning of the baseline, no fine-tuning (for contrast)",
-        "",
-        "| sparsity | accuracy |",
-        "|---|---|",
-        *[f"| {c['sparsity']:.2%} | {c['accuracy']:.2%} |" for c in report["one_shot_no_finetune"]],
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def render_plot(report: dict[str, Any]) -> bytes:
-    """PNG bytes: accuracy against sparsity, gradual trajectory vs one-shot without fine-tuning."""
-    import io
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise prunekit.PrunekitError("plots need matplotlib: pip install 'prunekit[plot]'") from err
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    traj, shot = report["trajectory"], report["one_shot_no_finetune"]
-    ax.plot([100 * t["sparsity"] for t in traj], [100 * t["accuracy"] for t in traj], "o-",
-            label="gradual (cubic) + distillation, per epoch")
-    ax.plot([100 * c["sparsity"] for c in shot], [100 * c["accuracy"] for c in shot], "s--",
-            label="one-shot magnitude, no fine-tuning")
-    ax.axhline(100 * report["baseline"]["accuracy"], color="gray", lw=1, ls=":", label="dense baseline")
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("test accuracy (%)")
-    lowest = min([t["accuracy"] for t in traj] + [report["baseline"]["accuracy"]])
-    ax.set_ylim(max(0.0, 100 * lowest - 3), 100)
-    ax.set_title("LeNet-300-100 on MNIST")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    log.info("measuring the validation report (accuracy, latency, memory, size)")
+    curve = [{"series": "gradual (cubic) + distillation, per epoch", **t} for t in trajectory]
+    curve += [{"series": "one-shot magnitude, no fine-tuning", **c} for c in _one_shot_curve(baseline, test)]
+    report = compare(baseline, student, test, curve=curve, seed=settings.seed, repeats=settings.latency_repeats,
+                     title="prunekit demo: LeNet-300-100 on MNIST")
+    d = report.data
+    # The files the demo leaves on disk are the sizes that count.
+    d["baseline"].update(size_bytes=dense_file.size_bytes, file=dense_file.path.name)
+    d["pruned"].update(size_bytes=pruned_file.size_bytes, file=pruned_file.path.name,
+                       size_ratio=pruned_file.size_bytes / dense_file.size_bytes, sparsity=measured.total)
+    d.update(
+        task="MNIST, LeNet-300-100 (784-300-100-10), global magnitude pruning, cubic schedule + KD",
+        settings=asdict(settings),
+        data={"train_examples": len(train.dataset), "test_examples": len(test.dataset)},  # type: ignore[arg-type]
+        budget={"size_bytes": BUDGET_BYTES, "fits": pruned_file.size_bytes <= BUDGET_BYTES},
+        accuracy_drop_points=100 * (baseline_acc - pruned_acc),
+        trajectory=trajectory,
+        timings_s={"baseline_training": trained_s, "total": time.perf_counter() - started},
+    )
+    d["verdicts"].insert(0, f"fits the 1 MB budget: {'yes' if d['budget']['fits'] else 'no'} "
+                            f"({pruned_file.size_bytes:,} B, {d['pruned']['size_ratio']:.1%} of the dense file)")
+    d["sections"] = [{"title": "Gradual pruning trajectory (end of each fine-tuning epoch)", "markdown": "\n".join(
+        ["| epoch | sparsity | accuracy |", "|---|---|---|",
+         *[f"| {t['epoch']} | {t['sparsity']:.2%} | {t['accuracy']:.2%} |" for t in trajectory]])}]
+    write_report(report, out)
+    return d

@@ -25,6 +25,10 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     except OSError as err:
         raise PrunekitError(f"cannot write {str(path)!r}: {err.strerror}") from None
     try:
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as stream:
             yield stream
             stream.flush()
