@@ -107,5 +107,56 @@ def export(
         return
     typer.echo(report.summary())
 
+@app.command("prune")
+def prune_command(
+    recipe: Annotated[Path, typer.Option(help="YAML/JSON recipe (see prunekit.recipe for the format).")],
+    out: Annotated[Path, typer.Option(help="Folder for pruned.safetensors and the report.")] = Path("out/prune"),
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run a pruning recipe on your own model: build, prune, fine-tune, save, report."""
+    from prunekit.config import load_recipe
+    from prunekit.recipe import Recipe, run_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+        if not isinstance(loaded, Recipe):
+            raise PrunekitError(f"{recipe}: top-level _type must be Recipe, got {type(loaded).__name__}")
+        result = run_recipe(loaded, out, progress=progress)
+    except PrunekitError as err:
+        _fail(err)
+        return
+    for line in result.get("verdicts", []):
+        typer.echo(line)
+    typer.echo(f"pruned model: {out / 'pruned.safetensors'} ({result['pruned']['size_bytes']:,} B)")
+
+
+@app.command()
+def report(
+    model: Annotated[str, typer.Option(help="Entry point 'module:function' that builds the (dense) model.")],
+    data: Annotated[str, typer.Option(help="Entry point 'module:function' returning (train_loader, eval_loader).")],
+    baseline: Annotated[Path, typer.Option(help="Checkpoint of the baseline (prunekit.save).")],
+    pruned: Annotated[Path, typer.Option(help="Checkpoint of the pruned model (prunekit.save).")],
+    out: Annotated[Path, typer.Option(help="Folder for report.json, report.md and report.html.")] = Path("out/report"),
+) -> None:
+    """Measure a pruned checkpoint against its baseline and write the validation report."""
+    from prunekit.export import load
+    from prunekit.recipe import load_entry_point
+    from prunekit.report import compare, write_report
+
+    try:
+        from functools import partial
+
+        build = partial(load_entry_point, model, "model")
+        dense, small = load(baseline, build()), load(pruned, build)
+        _, evaluate = load_entry_point(data, "data")
+        result = compare(dense, small, evaluate, title=f"prunekit report: {pruned.name} vs {baseline.name}")
+        write_report(result, out)
+    except PrunekitError as err:
+        _fail(err)
+        return
+    typer.echo(result.summary())
+    typer.echo(f"report: {out / 'report.html'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,65 @@
+"""Recipes run end to end from the CLI and fail with the culprit's name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import prunekit as pk
+from prunekit.cli import app
+from prunekit.recipe import FinetuneConfig, Recipe, run_recipe
+
+EP = "tests.recipe_entry_points"
+
+
+def _recipe(**kw) -> Recipe:
+    fields = {"model": f"{EP}:build_model", "data": f"{EP}:loaders", "prune": pk.UnstructuredConfig(sparsity=0.75),
+              "schedule": pk.Cubic(end_step=12, every=2), "finetune": FinetuneConfig(epochs=2, lr=1e-2)}
+    return Recipe(**{**fields, **kw})
+
+
+def test_recipe_yaml_round_trip(tmp_path) -> None:
+    recipe = _recipe()
+    assert pk.load_recipe(pk.save_recipe(recipe, tmp_path / "r.yaml")) == recipe
+
+
+def test_cli_prune_runs_recipe(tmp_path) -> None:
+    path = pk.save_recipe(_recipe(), tmp_path / "r.yaml")
+    result = CliRunner().invoke(app, ["prune", "--recipe", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["pruned"]["sparsity"] == pytest.approx(0.75, abs=0.01)
+    from tests.recipe_entry_points import build_model
+
+    model = pk.load(tmp_path / "out" / "pruned.safetensors", build_model())
+    assert pk.sparsity(model).total == pytest.approx(0.75, abs=0.01)
+
+
+def test_one_shot_recipe_without_data(tmp_path) -> None:
+    result = run_recipe(_recipe(data=None, schedule=None, finetune=None), tmp_path, progress=False)
+    assert result["pruned"]["size_bytes"] == (tmp_path / "pruned.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [({"model": f"{EP}:nope"}, "no callable 'nope'"), ({"model": "no_such_pkg.x:f"}, "cannot import 'no_such_pkg.x'"),
+     ({"model": f"{EP}:broken"}, "raised RuntimeError: no GPU here")],
+)
+def test_bad_entry_points_are_named(tmp_path, override: dict, needle: str) -> None:
+    with pytest.raises(pk.ConfigError, match=needle):
+        run_recipe(_recipe(**override), tmp_path, progress=False)
+
+
+def test_entry_point_form_is_validated() -> None:
+    with pytest.raises(pk.ConfigError, match="Recipe.model"):
+        _recipe(model="just_a_module")
+
+
+def test_misspelt_recipe_key_fails_in_cli(tmp_path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(f"_type: Recipe\nmodel: {EP}:build_model\nprune: {{_type: UnstructuredConfig, sparsity: 0.5}}\n"
+                    "finetun: {_type: FinetuneConfig}\n")
+    result = CliRunner().invoke(app, ["prune", "--recipe", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "finetun" in result.output
