@@ -9,13 +9,15 @@ self-contained report.html.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import lzma
 import os
 import platform
+import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,13 +124,27 @@ def _batch_of(data: Iterable[tuple[Tensor, Tensor]], n: int) -> Tensor:
     return batch
 
 
+@contextlib.contextmanager
+def _quiet_fd2() -> Iterator[None]:
+    """Silence C++ writes to stderr (the profiler's start/stop lines); Python errors still raise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @torch.no_grad()
 def _peak_activation_bytes(model: nn.Module, x: Tensor) -> int:
     """Peak bytes allocated during one forward, from the PyTorch profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile
 
     model.eval()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(x)
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
