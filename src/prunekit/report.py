@@ -384,40 +384,41 @@ def render_html(d: dict[str, Any]) -> str:
         f'{base64.b64encode(png).decode()}"></figure>'
         for name, png in plots(d).items()
     )
-    body = []
+    body: list[str] = []
+    header = False
     for line in render_markdown(d).splitlines():
+        if line.startswith("|---"):
+            continue
+        is_row = line.startswith("|")
+        if is_row and (not body or not body[-1].startswith(("<table>", "<tr>"))):
+            body.append("<table>")
+            header = True
+        elif not is_row and body and body[-1].startswith("<tr>"):
+            body.append("</table>")
+        if line.startswith("- ") and not (body and body[-1].startswith(("<ul>", "<li>"))):
+            body.append("<ul>")
+        elif not line.startswith("- ") and body and body[-1].startswith("<li>"):
+            body.append("</ul>")
         if line.startswith("# "):
             body.append(f"<h1>{html.escape(line[2:])}</h1>")
         elif line.startswith("## "):
             body.append(f"<h2>{html.escape(line[3:])}</h2>")
         elif line.startswith("- "):
             body.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.startswith("|") and not line.startswith("|---"):
-            cells = "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|"))
+        elif is_row:
+            tag = "th" if header else "td"
+            cells = "".join(f"<{tag}>{html.escape(c.strip().strip('`'))}</{tag}>" for c in line.strip("|").split("|"))
             body.append(f"<tr>{cells}</tr>")
+            header = False
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
-    content = "\n".join(body).replace("</tr>\n<tr>", "</tr><tr>")
-    style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
-             "td{border:1px solid #ddd;padding:2px 8px}figure{display:inline-block;margin:4px}img{max-width:470px}")
+    if body and body[-1].startswith("<tr>"):
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}th{background:#f4f4f4}"
+             "figure{display:inline-block;margin:4px}img{max-width:470px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(d['title'])}</title>"
-            f"<style>{style}</style></head><body>{_tables(content)}<h2>Plots</h2>{images}</body></html>")
-
-
-def _tables(content: str) -> str:
-    """Wrap runs of <tr> rows in <table> elements."""
-    out, in_table = [], False
-    for line in content.split("\n"):
-        is_row = line.startswith("<tr>")
-        if is_row and not in_table:
-            out.append("<table>")
-        if not is_row and in_table:
-            out.append("</table>")
-        in_table = is_row
-        out.append(line)
-    if in_table:
-        out.append("</table>")
-    return "\n".join(out)
+            f"<style>{style}</style></head><body>{''.join(body)}<h2>Plots</h2>{images}</body></html>")
 
 
 def write_report(report: Report, out: str | Path) -> Path:
