@@ -32,8 +32,8 @@ def load_mnist(split: Literal["train", "test"] = "train") -> TensorDataset:
         ) from None
     with zarr.storage.ZipStore(str(path), mode="r") as store:
         group = zarr.open_group(store, mode="r")
-        images = torch.from_numpy(group[f"{split}_images"][:])
-        labels = torch.from_numpy(group[f"{split}_labels"][:])
+        images = torch.from_numpy(group[f"{split}_images"][...])  # type: ignore[index]
+        labels = torch.from_numpy(group[f"{split}_labels"][...])  # type: ignore[index]
     return TensorDataset(images.unsqueeze(1).float().div_(255.0), labels.long())
 
 

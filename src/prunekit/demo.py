@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from prunekit.config import UnstructuredConfig
 from prunekit.data import load_mnist
@@ -53,7 +53,8 @@ class DemoSettings:
 
 
 def _loaders(settings: DemoSettings) -> tuple[DataLoader, DataLoader]:
-    train, test = load_mnist("train"), load_mnist("test")
+    train: Dataset = load_mnist("train")
+    test: Dataset = load_mnist("test")
     if settings.quick:
         train, test = Subset(train, range(6000)), Subset(test, range(2000))
     generator = torch.Generator().manual_seed(settings.seed)

@@ -97,10 +97,10 @@ def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dic
     loaders = load_entry_point(recipe.data, "data") if recipe.data else None
     if loaders is not None and not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
         raise ConfigError(f"data entry point {recipe.data!r} must return (train_loader, eval_loader)")
-    train, evaluate = loaders if loaders is not None else (None, None)
+    train, evaluate = loaders if loaders is not None else ([], None)
     baseline = copy.deepcopy(model).eval()
     tune = recipe.finetune
-    if (recipe.schedule is not None or tune is not None) and train is None:
+    if (recipe.schedule is not None or tune is not None) and loaders is None:
         raise ConfigError("recipe.schedule/finetune need training data: set recipe.data")
 
     if recipe.schedule is not None:

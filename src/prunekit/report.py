@@ -80,7 +80,7 @@ def _accuracy_block(base: Tensor, pruned: Tensor, labels: Tensor, class_names: S
     top1 = {n: float((o.argmax(1) == labels).float().mean()) for n, o in (("baseline", base), ("pruned", pruned))}
     top5 = {n: float((o.topk(k, 1).indices == labels[:, None]).any(1).float().mean())
             for n, o in (("baseline", base), ("pruned", pruned))}
-    per_class = []
+    per_class: list[dict[str, Any]] = []
     for c in range(classes):
         sel = labels == c
         if not sel.any():
@@ -190,7 +190,7 @@ def compare(
     repeats: int = 50,
     warmup: int = 10,
     class_names: Sequence[str] | None = None,
-    curve: Sequence[dict[str, float]] | None = None,
+    curve: Sequence[dict[str, Any]] | None = None,
     seed: int | None = None,
     title: str = "prunekit validation report",
 ) -> Report:
