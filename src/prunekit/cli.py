@@ -61,11 +61,18 @@ def demo(
 
 
 @app.command()
-def inspect(path: Annotated[Path, typer.Argument(help="A checkpoint written by prunekit.save.")]) -> None:
-    """Print the tensors of a checkpoint with their shapes and sparsity, and the file size."""
+def inspect(
+    target: Annotated[str, typer.Argument(help="A checkpoint written by prunekit.save, or a model entry point "
+                                                "'module:function'.")],
+) -> None:
+    """Print a checkpoint's tensors (shape, sparsity, file size) or a model's prunable layers."""
     from prunekit.export import read_checkpoint
 
+    path = Path(target)
     try:
+        if not path.exists() and ":" in target:
+            _inspect_model(target)
+            return
         state, _ = read_checkpoint(path)
     except PrunekitError as err:
         _fail(err)
@@ -106,6 +113,21 @@ def export(
         _fail(err)
         return
     typer.echo(report.summary())
+
+def _inspect_model(entry_point: str) -> None:
+    from prunekit.masks import sparsity
+    from prunekit.recipe import load_entry_point
+    from prunekit.targets import prunable_layers
+
+    model = load_entry_point(entry_point, "model")
+    measured = sparsity(model)
+    typer.echo(f"{'prunable layer':<40} {'type':<10} {'weight shape':<20} {'params':>10}  sparsity")
+    for fqn, module in prunable_layers(model).items():
+        shape = str(tuple(module.weight.shape))
+        typer.echo(f"{fqn:<40} {type(module).__name__:<10} {shape:<20} {module.weight.numel():>10,}  "
+                   f"{measured.layers.get(fqn, 0.0):7.2%}")
+    typer.echo(f"{len(measured.layers)} prunable layers, {measured.total_numel:,} prunable weights")
+
 
 @app.command("prune")
 def prune_command(
