@@ -56,16 +56,29 @@ def global_topk_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, T
 
 
 class Mask(nn.Module):
-    """Parametrization `w -> w * mask`; the bool mask is a buffer, saved with the model."""
+    """Parametrization `w -> w * mask`; the bool mask is a buffer, saved with the model.
+
+    The multiply uses a copy of the mask in the weight's dtype, cached until the mask changes:
+    float * bool takes a slow casting path that made masked training steps ~1.5x a dense step.
+    """
 
     mask: Tensor
 
     def __init__(self, mask: Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
+        self._cache: tuple[int, int, Tensor] | None = None  # (id, version) of `mask`, and its copy
+
+    def _dense_mask(self, like: Tensor) -> Tensor:
+        key = (id(self.mask), self.mask._version)
+        cache = self._cache
+        if cache is None or cache[:2] != key or cache[2].dtype != like.dtype or cache[2].device != like.device:
+            cache = (*key, self.mask.to(like.dtype))
+            self._cache = cache
+        return cache[2]
 
     def forward(self, weight: Tensor) -> Tensor:
-        return weight * self.mask
+        return weight * self._dense_mask(weight)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mask.shape)}, sparsity={1 - self.mask.float().mean():.4f}"
