@@ -78,3 +78,14 @@ def test_finalize_is_noop_on_dense_model() -> None:
     pk.finalize(model)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_mask_update_in_place_is_seen_by_forward() -> None:
+    layer = nn.Linear(6, 6)
+    pk.prune(layer, pk.UnstructuredConfig(sparsity=0.5))
+    x = torch.randn(2, 6)
+    layer(x)  # fills the cached dense mask
+    from prunekit.masks import get_mask
+
+    get_mask(layer).mask.zero_()
+    torch.testing.assert_close(layer(x), layer.bias.expand(2, 6))

@@ -67,13 +67,15 @@ class Mask(nn.Module):
     def __init__(self, mask: Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
-        self._cache: tuple[int, int, Tensor] | None = None  # (id, version) of `mask`, and its copy
+        # (the mask tensor, its version counter, its copy); holding the tensor itself keeps its
+        # identity check sound, and the version counter sees in-place updates (set_mask, load).
+        self._cache: tuple[Tensor, int, Tensor] | None = None
 
     def _dense_mask(self, like: Tensor) -> Tensor:
-        key = (id(self.mask), self.mask._version)
         cache = self._cache
-        if cache is None or cache[:2] != key or cache[2].dtype != like.dtype or cache[2].device != like.device:
-            cache = (*key, self.mask.to(like.dtype))
+        if (cache is None or cache[0] is not self.mask or cache[1] != self.mask._version
+                or cache[2].dtype != like.dtype or cache[2].device != like.device):
+            cache = (self.mask, self.mask._version, self.mask.to(like.dtype))
             self._cache = cache
         return cache[2]
 
