@@ -109,3 +109,11 @@ def test_random_criterion_is_seeded() -> None:
 def test_unknown_config_type_names_known_methods() -> None:
     with pytest.raises(pk.ConfigError, match="UnstructuredConfig"):
         pk.prune(_mlp(), pk.Cubic(end_step=3))
+
+
+def test_global_pruning_warns_when_it_empties_a_layer() -> None:
+    model = _mlp()
+    with torch.no_grad():
+        model[4].weight.mul_(1e-6)
+    with pytest.warns(UserWarning, match="4.weight"):
+        pk.prune(model, pk.UnstructuredConfig(sparsity=0.9))

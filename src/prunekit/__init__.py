@@ -5,6 +5,20 @@ Public surface only; heavy optional back ends (onnx, matplotlib, optuna) load la
 
 from __future__ import annotations
 
+from prunekit import sparsegpt as _sparsegpt  # noqa: F401  (registers the criterion)
+from prunekit import wanda as _wanda  # noqa: F401  (registers the criterion)
+from prunekit.allocate import (
+    Allocation,
+    AllocationError,
+    FlopsTarget,
+    LatencyTarget,
+    SizeTarget,
+    SparsityTarget,
+    Target,
+    allocate,
+)
+from prunekit.bench import compare, count_flops, count_params, measure_latency
+from prunekit.calibration import CalibrationError
 from prunekit.config import PerLayer, UnstructuredConfig, load_recipe, save_recipe
 from prunekit.distill import KDLoss, accuracy, finetune
 from prunekit.errors import (
@@ -17,13 +31,38 @@ from prunekit.errors import (
     UnsupportedLayerError,
 )
 from prunekit.export import SaveReport, load, save
+from prunekit.latency_table import LatencyTable, measure_latency_table
 from prunekit.masks import SparsityReport, finalize, sparsity
+from prunekit.nm import NMConfig, NMReport, check_nm
+from prunekit.onnx_export import ExportReport, export_onnx
 from prunekit.plan import MaskPlan, plan, prune, register_method
+from prunekit.quantize import DynamicInt8Config, OrtModule, StaticInt8Config, quantize
 from prunekit.schedule import Cubic, GradualPruner, Iterative, OneShot, Polynomial
+from prunekit.search import SearchConfig, SearchError, SearchRecipe, SearchResult, search
+from prunekit.sensitivity import SensitivityError, SensitivityTable, proxy_loss, sensitivity
+from prunekit.structured import ChannelConfig, ChannelPlan, bn_scale_penalty, prune_iteratively
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelConfig",
+    "ChannelPlan",
+    "bn_scale_penalty",
+    "prune_iteratively",
+    "compare",
+    "count_flops",
+    "count_params",
+    "measure_latency",
+    "DynamicInt8Config",
+    "ExportReport",
+    "OrtModule",
+    "StaticInt8Config",
+    "export_onnx",
+    "quantize",
+    "CalibrationError",
+    "NMConfig",
+    "NMReport",
+    "check_nm",
     "CheckpointError",
     "ConfigError",
     "Cubic",
@@ -42,6 +81,25 @@ __all__ = [
     "TraceError",
     "UnstructuredConfig",
     "UnsupportedLayerError",
+    "Allocation",
+    "AllocationError",
+    "FlopsTarget",
+    "LatencyTarget",
+    "LatencyTable",
+    "SearchConfig",
+    "SearchError",
+    "SearchRecipe",
+    "SearchResult",
+    "SensitivityError",
+    "SensitivityTable",
+    "SizeTarget",
+    "SparsityTarget",
+    "Target",
+    "allocate",
+    "measure_latency_table",
+    "search",
+    "proxy_loss",
+    "sensitivity",
     "__version__",
     "accuracy",
     "finalize",

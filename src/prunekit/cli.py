@@ -180,5 +180,79 @@ def report(
     typer.echo(f"report: {out / 'report.html'}")
 
 
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PrunekitError(f"{option} must be numbers separated by commas, got {text!r}") from None
+
+
+@app.command("sensitivity")
+def sensitivity_command(
+    recipe: Annotated[Path, typer.Option(help="YAML recipe (model, data, prune = the config family).")],
+    out: Annotated[Path, typer.Option(help="Folder for sensitivity.json/.png and allocation.yaml.")] = Path(
+        "out/sensitivity"
+    ),
+    levels: Annotated[str, typer.Option(help="Sparsities (or channel ratios) to probe, comma-separated.")] = (
+        "0.5,0.7,0.8,0.9,0.95"
+    ),
+    metric: Annotated[str, typer.Option(help="'accuracy' on the eval loader, or 'loss' on a few batches.")] = (
+        "accuracy"
+    ),
+    input_shape: Annotated[str, typer.Option(help="Example input shape for FLOPs/tracing, e.g. 1,1,28,28.")] = "",
+    target_sparsity: Annotated[float, typer.Option(help="If > 0, allocate levels for this global sparsity.")] = 0.0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Prune each layer alone at each level, measure it, and (optionally) allocate a budget."""
+    from prunekit.allocate import SparsityTarget, run_sensitivity_recipe
+    from prunekit.config import load_recipe
+    from prunekit.recipe import Recipe
+
+    try:
+        if metric not in ("accuracy", "loss"):
+            raise PrunekitError(f"--metric must be 'accuracy' or 'loss', got {metric!r}")
+        loaded = load_recipe(recipe)
+        if not isinstance(loaded, Recipe):
+            raise PrunekitError(f"{recipe}: top-level _type must be Recipe, got {type(loaded).__name__}")
+        shape = tuple(int(v) for v in _floats(input_shape, "--input-shape")) or None
+        target = SparsityTarget(sparsity=target_sparsity) if target_sparsity > 0 else None
+        result = run_sensitivity_recipe(loaded, out, levels=_floats(levels, "--levels"), metric=metric,  # type: ignore[arg-type]
+                                        input_shape=shape, target=target, progress=progress)
+    except PrunekitError as err:
+        _fail(err)
+        return
+    typer.echo(result["table"].summary())
+    if result["allocation"] is not None:
+        typer.echo(result["allocation"].summary())
+    for name, path in result["files"].items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command("search")
+def search_command(
+    recipe: Annotated[Path, typer.Option(help="YAML SearchRecipe (model, data, prune family, search space).")],
+    out: Annotated[Path, typer.Option(help="Folder for search.db (default storage) and best_recipe.yaml.")] = Path(
+        "out/search"
+    ),
+    storage: Annotated[str, typer.Option(help="Optuna storage URL; a shared postgresql:// URL for workers.")] = "",
+    trials: Annotated[int, typer.Option(help="Finished trials wanted in the study (overrides the recipe).")] = 0,
+) -> None:
+    """Search per-layer levels, schedule and distillation weight with Optuna, measuring each trial."""
+    from prunekit.config import load_recipe
+    from prunekit.search import SearchRecipe, run_search_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+        if not isinstance(loaded, SearchRecipe):
+            raise PrunekitError(f"{recipe}: top-level _type must be SearchRecipe, got {type(loaded).__name__}")
+        result = run_search_recipe(loaded, out, storage=storage or None, trials=trials or None)
+    except PrunekitError as err:
+        _fail(err)
+        return
+    typer.echo(result.summary())
+    if result.best:
+        typer.echo(f"best rules: {out / 'best_recipe.yaml'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,12 @@ from prunekit.masks import get_mask, set_mask
 FORMAT = "prunekit.sparse"
 FORMAT_VERSION = 1
 _META_KEY = "prunekit"
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+# Below this share of zeros a bitmask saves too little to give up a plain, mmap-able tensor.
+MIN_SPARSITY_TO_ENCODE = 0.1
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8)  # int8: INT8 weights
+}
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,9 @@ def effective_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if rest == "original":  # one entry per parametrized tensor; masks are implied by zeros
             fqn = head.removesuffix(".")
             out[f"{fqn}.{name}" if fqn else name] = getattr(modules[fqn], name).detach()
-    return out
+    from prunekit.quantize import int8_state  # INT8 layers: packed params -> plain int8 + scales
+
+    return int8_state(model, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,6 +92,8 @@ def _shuffle_bytes(values: Tensor) -> bytes:
 
 def _unshuffle_bytes(data: bytes, dtype: torch.dtype, count: int) -> Tensor:
     size = torch.empty((), dtype=dtype).element_size()
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
     planes = np.frombuffer(data, dtype=np.uint8).reshape(size, count)
     return torch.from_numpy(np.ascontiguousarray(planes.T).reshape(-1).copy()).view(dtype)
 
@@ -94,6 +104,8 @@ def _encode(tensor: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
         return None
     flat = tensor.detach().cpu().reshape(-1)
     nonzero = flat != 0
+    if 1.0 - float(nonzero.float().mean()) < MIN_SPARSITY_TO_ENCODE:
+        return None
     mask_bytes = zlib.compress(np.packbits(nonzero.numpy()).tobytes(), 9)
     value_bytes = zlib.compress(_shuffle_bytes(flat[nonzero]), 9)
     if len(mask_bytes) + len(value_bytes) >= flat.numel() * flat.element_size():
@@ -131,7 +143,8 @@ def _decode(key: str, parts: dict[str, Tensor], info: dict[str, Any]) -> Tensor:
     nonzero = torch.from_numpy(bits.astype(bool))
     if int(nonzero.sum()) != nnz:
         raise CheckpointError(f"tensor {key!r}: mask has {int(nonzero.sum())} non-zeros, header says {nnz}")
-    values = _unshuffle_bytes(_inflate(parts["values"], nnz * torch.empty((), dtype=dtype).element_size(), key), dtype, nnz)
+    value_bytes = _inflate(parts["values"], nnz * torch.empty((), dtype=dtype).element_size(), key)
+    values = _unshuffle_bytes(value_bytes, dtype, nnz)
     out = torch.zeros(numel, dtype=dtype)
     out[nonzero] = values
     return out.view(shape)
@@ -141,7 +154,9 @@ def _decode(key: str, parts: dict[str, Tensor], info: dict[str, Any]) -> Tensor:
 # Public API.
 
 
-def save(model: nn.Module, path: str | Path, *, metadata: dict[str, Any] | None = None) -> SaveReport:
+def save(
+    model: nn.Module, path: str | Path, *, metadata: dict[str, Any] | None = None, plan: Any = None
+) -> SaveReport:
     """Write `model`'s weights to a safetensors file, sparse tensors compressed; atomic.
 
     Masked (not yet finalized) models are saved as their effective weights. `metadata` is
@@ -164,6 +179,8 @@ def save(model: nn.Module, path: str | Path, *, metadata: dict[str, Any] | None 
             header["encoded"][key] = info
             for part, t in parts.items():
                 tensors[f"{key}::{part}"] = t
+    if plan is not None:  # a structured `ChannelPlan`: `load` replays it on a dense model
+        metadata = {**(metadata or {}), "channel_plan": plan.to_dict()}
     if metadata:
         header["user"] = metadata
     blob = st_save(tensors, metadata={_META_KEY: json.dumps(header)})
@@ -205,13 +222,21 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     return state, header.get("user", {})
 
 
-def load(path: str | Path, model: nn.Module) -> nn.Module:
+def load(path: str | Path, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
     """Load a `save`d checkpoint into `model` (mutates, returns); checked before any copy.
 
     Keys, shapes and dtypes must match the model exactly; otherwise `CheckpointError` names the
     tensor and the model is untouched. A masked model gets masks from the loaded zeros.
+    `model` may be a build function. A checkpoint saved with `plan=` (structured pruning)
+    is loaded into a freshly built dense model: the plan is replayed on it first.
     """
-    state, _ = read_checkpoint(path)
+    state, user = read_checkpoint(path)
+    if not isinstance(model, nn.Module):
+        model = model()  # a build function: a fresh dense model
+    if "channel_plan" in user:  # structurally pruned: rebuild the shapes first (no pickle)
+        from prunekit.structured.plan import replay
+
+        model = replay(user["channel_plan"], model)
     expected = effective_state_dict(model)
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
@@ -229,6 +254,9 @@ def load(path: str | Path, model: nn.Module) -> nn.Module:
     modules = dict(model.named_modules())
     plain = {k: v for k, v in state.items() if not _is_masked(modules, k)}
     with torch.no_grad():
+        from prunekit.quantize import load_int8_state
+
+        plain = load_int8_state(model, plain)  # INT8 layers are set from int8 weights + scales
         # Keys were checked exactly above; strict=False only skips the masked tensors handled below.
         model.load_state_dict(plain, strict=False)
         for key, value in state.items():

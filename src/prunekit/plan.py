@@ -8,6 +8,7 @@ Each method registers how to plan it with `register_method(ConfigType)`. Mask me
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -90,16 +91,27 @@ def list_methods() -> list[str]:
 
 @dataclass
 class MaskPlan:
-    """Bool masks keyed by the FQN of the weight they mask ("fc1.weight"); True = keep."""
+    """Bool masks keyed by the FQN of the weight they mask ("fc1.weight"); True = keep.
+
+    `weights` optionally holds new values for some masked tensors (methods that reconstruct
+    the kept weights, like SparseGPT); `apply` writes them together with the masks, all or
+    nothing. `skipped` names layers the method left dense on purpose, with the reason.
+    """
 
     masks: dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, Tensor] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def merge(self, other: MaskPlan) -> MaskPlan:
         """A plan holding both plans' masks; the layers must not overlap."""
         overlap = self.masks.keys() & other.masks.keys()
         if overlap:
             raise PlanError(f"two rules prune the same tensors: {sorted(overlap)}")
-        return MaskPlan({**self.masks, **other.masks})
+        return MaskPlan(
+            {**self.masks, **other.masks},
+            {**self.weights, **other.weights},
+            {**self.skipped, **other.skipped},
+        )
 
     def summary(self) -> str:
         """One line per tensor: shape and planned sparsity; then the total."""
@@ -110,6 +122,9 @@ class MaskPlan:
         for key, m in self.masks.items():
             rows.append(f"{key:<{width}}  {str(tuple(m.shape)):<16}  {1 - m.float().mean():8.2%}")
         rows.append(f"{'total':<{width}}  {total:<16}  {zeros / max(total, 1):8.2%}")
+        rows += [f"skipped {fqn}: {why}" for fqn, why in self.skipped.items()]
+        if self.weights:
+            rows.append(f"{len(self.weights)} tensors also get reconstructed weights")
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -131,21 +146,40 @@ class MaskPlan:
                 raise PlanError(f"plan names {key!r}, which is not a tensor of this model")
             if weight.shape != mask.shape:
                 raise PlanError(f"{key!r}: mask shape {tuple(mask.shape)} != weight {tuple(weight.shape)}")
+            new = self.weights.get(key)
+            if new is not None and new.shape != weight.shape:
+                raise PlanError(f"{key!r}: new weight shape {tuple(new.shape)} != weight {tuple(weight.shape)}")
             previous = get_mask(module, name)  # type: ignore[arg-type]
-            targets.append((module, name, mask, None if previous is None else previous.mask.clone()))
+            targets.append((module, name, mask, None if previous is None else previous.mask.clone(), new))
         done = []
         try:
-            for module, name, mask, previous in targets:
+            for module, name, mask, previous, new in targets:
+                old = None
+                if new is not None:
+                    base = _base_tensor(module, name)
+                    old = base.detach().clone()
+                    with torch.no_grad():
+                        base.copy_(new)
+                done.append((module, name, previous, old))
                 set_mask(module, mask, name)
-                done.append((module, name, previous))
         except Exception as err:
-            for module, name, previous in reversed(done):
+            for module, name, previous, old in reversed(done):
+                if old is not None:
+                    with torch.no_grad():
+                        _base_tensor(module, name).copy_(old)
                 if previous is None:
                     remove_mask(module, name, bake=False)
                 else:
                     set_mask(module, previous, name)
             raise PlanError(f"applying the mask plan failed and was rolled back: {err}") from err
         return model
+
+
+def _base_tensor(module: nn.Module, name: str) -> Tensor:
+    """The stored tensor behind `module.<name>`: the parametrization's original if masked."""
+    if get_mask(module, name) is not None:
+        return module.parametrizations[name].original  # type: ignore[union-attr, index]
+    return getattr(module, name)
 
 
 def score_layers(
@@ -173,9 +207,19 @@ def score_layers(
 def _plan_unstructured(
     model: nn.Module, config: UnstructuredConfig, fqns: list[str] | None, ctx: PlanContext
 ) -> MaskPlan:
+    if get_criterion(config.criterion).needs_data:
+        # Calibration criteria (Wanda, SparseGPT) run layer by layer over the data.
+        from prunekit.calibration import plan_unstructured_with_data
+
+        return plan_unstructured_with_data(model, config, fqns or [], ctx)
     scores = score_layers(model, fqns or [], config.criterion, ctx, config.seed)
     if config.scope == "global":
-        return MaskPlan(global_topk_masks(scores, config.sparsity))
+        masks = global_topk_masks(scores, config.sparsity)
+        emptied = [k for k, m in masks.items() if not m.any()]
+        if emptied:  # global ranking can starve a small layer whose weights are all small
+            warnings.warn(f"global pruning to {config.sparsity:.0%} removes every weight of {emptied}; "
+                          "exclude them or use scope='layer'", stacklevel=3)
+        return MaskPlan(masks)
     return MaskPlan({k: topk_mask(s, config.sparsity) for k, s in scores.items()})
 
 

@@ -1,0 +1,439 @@
+"""Calibration: batches, activation statistics, and the sequential block runner.
+
+Criteria such as Wanda (Sun et al. 2023) and SparseGPT (Frantar & Alistarh 2023) look at the
+inputs each Linear layer sees on a little calibration data. For a stack of repeated blocks
+(an LLM's decoder layers) prunekit follows the papers' sequential recipe: capture the inputs
+of block 0 once, then for each block collect statistics, solve its layers, and feed the
+*pruned* block's outputs to the next one, so memory stays near one block of activations and
+later blocks adapt to the errors of earlier ones. Layers outside the blocks (or every layer
+of a model without repeated blocks) are calibrated in one full forward pass.
+
+`plan` must not mutate: solved weights are written into the model only while the later
+blocks are calibrated, and restored afterwards (in a `finally`); `MaskPlan.apply` then
+writes masks and weights together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.config import UnstructuredConfig
+from prunekit.errors import ConfigError, PlanError, PrunekitError, UnsupportedLayerError
+from prunekit.masks import get_mask, global_topk_masks, n_pruned
+from prunekit.nm import nm_mask
+from prunekit.plan import MaskPlan, PlanContext, _base_tensor, score_layers
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationError(PrunekitError, ValueError):
+    """Calibration data is missing, empty, malformed, too short, or produces NaN/Inf."""
+
+
+Batch = Any  # a Tensor, a tuple/list of positional args, or a dict of keyword args
+
+
+def as_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
+    """Materialise calibration data as a list of batches, validating each one.
+
+    A bare tensor is taken as one batch (not iterated row by row).
+
+    Raises:
+        CalibrationError: no data, no batches, an empty batch, or a batch of another type.
+    """
+    if data is None:
+        raise CalibrationError("this criterion needs calibration data: pass data=[batch, ...]")
+    batches = [data] if isinstance(data, Tensor) else list(data)
+    if not batches:
+        raise CalibrationError("calibration data is empty: pass at least one batch")
+    for i, batch in enumerate(batches):
+        if isinstance(batch, dict):
+            tensors = [v for v in batch.values() if isinstance(v, Tensor)]
+        elif isinstance(batch, (tuple, list)):
+            tensors = [v for v in batch if isinstance(v, Tensor)]
+        elif isinstance(batch, Tensor):
+            tensors = [batch]
+        else:
+            raise CalibrationError(
+                f"calibration batch {i} is a {type(batch).__name__}; use a tensor, a tuple of "
+                "positional arguments or a dict of keyword arguments"
+            )
+        if not tensors or any(t.numel() == 0 for t in tensors):
+            raise CalibrationError(f"calibration batch {i} is empty (no elements)")
+    return batches
+
+
+def call_model(model: nn.Module, batch: Batch) -> Any:
+    """Run `model` on one batch: `model(x)`, `model(*args)` or `model(**kwargs)`."""
+    device = next((p.device for p in model.parameters()), None)
+
+    def move(v: Any) -> Any:
+        return v.to(device) if isinstance(v, Tensor) and device is not None else v
+
+    if isinstance(batch, dict):
+        return model(**{k: move(v) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return model(*[move(v) for v in batch])
+    return model(move(batch))
+
+
+# --------------------------------------------------------------------------------------------
+# Patterns and solvers.
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """The sparsity pattern a solver must produce for one layer.
+
+    `unstructured` prunes `sparsity` of every output row (Wanda's per-output comparison group);
+    `nm` keeps `n` of every `m` along the input dimension.
+    """
+
+    kind: Literal["unstructured", "nm"]
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+
+    def select(self, scores: Tensor) -> Tensor:
+        """Keep mask (True = keep) for `scores` of shape (out, in)."""
+        if self.kind == "nm":
+            return nm_mask(scores, self.n, self.m)
+        cols = scores.shape[1]
+        keep = cols - n_pruned(cols, self.sparsity)
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        mask.scatter_(1, torch.topk(scores.float(), keep, dim=1).indices, True)
+        return mask
+
+
+@dataclass
+class LayerStats:
+    """What a Linear layer's inputs looked like on the calibration data.
+
+    `sq_norm[j]` is the sum of squares of input feature j (so Wanda's ||X_j||_2 is its root);
+    `xtx` is the sum of x x^T over all rows (only kept when a solver needs the Hessian).
+    """
+
+    fqn: str
+    sq_norm: Tensor
+    xtx: Tensor | None = None
+    rows: int = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise CalibrationError(f"layer {self.fqn!r}: its calibration inputs contain NaN/Inf")
+        self.sq_norm += x.pow(2).sum(dim=0)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.T, x)
+        self.rows += x.shape[0]
+
+    def hessian(self) -> Tensor:
+        """SparseGPT's layer Hessian H = 2 X^T X / rows of the squared reconstruction error."""
+        if self.xtx is None:
+            raise PlanError(f"layer {self.fqn!r}: Hessian statistics were not collected")
+        return self.xtx * (2.0 / max(self.rows, 1))
+
+
+SolverFn = Callable[[Tensor, "Tensor | None", LayerStats, Pattern, str], "tuple[Tensor, Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """A calibration solver: maps (weight, previous keep mask, stats, pattern, fqn) to
+    (keep mask, new weight or None). `hessian` says whether it needs X^T X."""
+
+    name: str
+    fn: SolverFn
+    hessian: bool = False
+    updates_weights: bool = False
+
+
+_SOLVERS: dict[str, SolverInfo] = {}
+
+
+def register_solver(
+    name: str, *, hessian: bool = False, updates_weights: bool = False
+) -> Callable[[SolverFn], SolverFn]:
+    """Decorator: register the layer solver behind a data-driven criterion `name`."""
+
+    def wrap(fn: SolverFn) -> SolverFn:
+        if name in _SOLVERS:
+            raise ConfigError(f"solver {name!r} is already registered")
+        _SOLVERS[name] = SolverInfo(name, fn, hessian, updates_weights)
+        return fn
+
+    return wrap
+
+
+def get_solver(name: str) -> SolverInfo:
+    """The solver for criterion `name`; the error lists the known ones."""
+    try:
+        return _SOLVERS[name]
+    except KeyError:
+        raise ConfigError(f"criterion {name!r} has no calibration solver; known: {sorted(_SOLVERS)}") from None
+
+
+def list_solvers() -> list[str]:
+    """Names of the registered calibration solvers, sorted."""
+    return sorted(_SOLVERS)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics capture.
+
+
+def collect_stats(
+    modules: dict[str, nn.Module], run: Callable[[], None], *, hessian: bool
+) -> dict[str, LayerStats]:
+    """Hook the given Linear layers, call `run()` (which feeds data), return their stats."""
+    stats, handles = {}, []
+    for fqn, module in modules.items():
+        n_in = int(module.weight.shape[1])  # type: ignore[index]
+        st = LayerStats(fqn, torch.zeros(n_in), torch.zeros(n_in, n_in) if hessian else None)
+        stats[fqn] = st
+        handles.append(module.register_forward_hook(lambda _m, inp, _out, st=st: st.add(inp[0].cpu())))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    for fqn, st in stats.items():
+        if st.rows == 0:
+            raise CalibrationError(f"layer {fqn!r} saw no calibration inputs (is it used in forward?)")
+    return stats
+
+
+class _Stop(Exception):
+    """Raised by a pre-hook to stop a forward pass once the wanted inputs are captured."""
+
+
+def find_blocks(model: nn.Module, fqns: list[str]) -> list[tuple[str, nn.Module]] | None:
+    """The repeated blocks (an `nn.ModuleList`) holding the most target layers, or None.
+
+    None when no ModuleList has at least two children containing target layers.
+    """
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        children = [(f"{name}.{c}" if name else c, m) for c, m in module.named_children()]
+        counts = [sum(f.startswith(c + ".") for f in fqns) for c, _ in children]
+        if sum(1 for k in counts if k) >= 2 and sum(counts) > best_count:
+            best, best_count = children, sum(counts)
+    return best
+
+
+def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # A KV cache would grow with every re-run of a block and attend to stale keys.
+    out = dict(kwargs)
+    if "past_key_values" in out:
+        out["past_key_values"] = None
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def _capture_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[tuple[tuple, dict]]:
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, _clean_kwargs(kwargs)))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                call_model(model, batch)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise CalibrationError(f"only {len(captured)} of {len(batches)} calibration batches reached the blocks")
+    return captured
+
+
+def _feed(fn: Callable[[Any], Any], items: list[Any]) -> None:
+    """Call `fn` on each item, dropping the outputs at once (memory stays one batch)."""
+    for item in items:
+        fn(item)
+
+
+def _call_block(block: nn.Module, args_kwargs: tuple[tuple, dict]) -> Any:
+    return block(*args_kwargs[0], **args_kwargs[1])
+
+
+def _hidden(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _blocks_chain(model: nn.Module, blocks: list[tuple[str, nn.Module]], batch: Batch, first: tuple) -> bool:
+    """Check the assumption the runner rests on: block 1's input is block 0's output."""
+    seen: list[tuple] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args, kwargs))
+        raise _Stop
+
+    handle = blocks[1][1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        call_model(model, batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        return False
+    args, kwargs = seen[0]
+    actual = args[0] if args else kwargs.get("hidden_states")
+    expected = _hidden(blocks[0][1](*first[0], **first[1]))
+    return isinstance(actual, Tensor) and actual.shape == expected.shape and torch.allclose(actual, expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The runner.
+
+
+def _check_layers(modules: dict[str, nn.Module], fqns: list[str], criterion: str) -> None:
+    for fqn in fqns:
+        module = modules[fqn]
+        if not isinstance(module, nn.Linear):
+            raise UnsupportedLayerError(
+                f"layer {fqn!r} is a {type(module).__name__}; criterion {criterion!r} prunes nn.Linear "
+                "layers only: exclude it or use criterion='l1'"
+            )
+        if not torch.isfinite(module.weight).all():
+            raise PlanError(f"layer {fqn!r}: weight has NaN/Inf; cannot prune it with {criterion!r}")
+
+
+class _Runner:
+    """Solves layers one group at a time, keeping solved weights in the model until `restore`."""
+
+    def __init__(self, modules: dict[str, nn.Module], solver: SolverInfo, pattern: Pattern) -> None:
+        self.modules, self.solver, self.pattern = modules, solver, pattern
+        self.plan = MaskPlan()
+        self._saved: list[tuple[Tensor, Tensor]] = []
+
+    def solve(self, stats: dict[str, LayerStats]) -> None:
+        for fqn, st in stats.items():
+            module = self.modules[fqn]
+            weight = module.weight.detach().float().cpu().clone()  # type: ignore[operator]
+            prev = get_mask(module)
+            keep_prev = None if prev is None else prev.mask.cpu()
+            keep, new = self.solver.fn(weight, keep_prev, st, self.pattern, fqn)
+            base = _base_tensor(module, "weight")
+            key = f"{fqn}.weight"
+            self.plan.masks[key] = keep.to(base.device)
+            if new is not None:
+                self.plan.weights[key] = new.to(base.device, base.dtype)
+            self._saved.append((base, base.detach().clone()))
+            with torch.no_grad():  # later layers calibrate through this pruned one
+                base.copy_(((new if new is not None else weight) * keep).to(base.device, base.dtype))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for base, old in reversed(self._saved):
+                base.copy_(old)
+        self._saved.clear()
+
+
+def plan_with_data(
+    model: nn.Module, fqns: list[str], ctx: PlanContext, criterion: str, pattern: Pattern
+) -> MaskPlan:
+    """Plan `pattern` on the Linear layers `fqns` with a calibration solver, block by block.
+
+    Does not mutate `model` (solved weights are restored before returning).
+
+    Raises:
+        CalibrationError: missing/empty data, a layer that saw no inputs, NaN/Inf activations.
+        UnsupportedLayerError: a target is not nn.Linear.
+        PlanError: a target's weight has NaN/Inf, or its Hessian stays singular.
+    """
+    from tqdm.auto import tqdm
+
+    solver = get_solver(criterion)
+    modules = dict(model.named_modules())
+    _check_layers(modules, fqns, criterion)
+    batches = as_batches(ctx.data)
+    runner = _Runner(modules, solver, pattern)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            rest = list(fqns)
+            blocks = find_blocks(model, fqns)
+            inputs = _capture_inputs(model, blocks[0][1], batches) if blocks else []
+            if blocks and not _blocks_chain(model, blocks, batches[0], inputs[0]):
+                log.warning("blocks under %r are not chained output-to-input; calibrating in one pass",
+                            blocks[0][0].rpartition(".")[0])
+                blocks = None
+            if blocks:
+                last = max(i for i, (b, _) in enumerate(blocks) if any(f.startswith(b + ".") for f in fqns))
+                bar = tqdm(blocks[: last + 1], desc=f"{criterion} blocks", disable=not ctx.progress)
+                for i, (bname, block) in enumerate(bar):
+                    names = [f for f in fqns if f.startswith(bname + ".")]
+                    if names:
+                        stats = collect_stats(
+                            {f: modules[f] for f in names},
+                            partial(_feed, partial(_call_block, block), inputs),
+                            hessian=solver.hessian,
+                        )
+                        runner.solve(stats)
+                        rest = [f for f in rest if f not in names]
+                    if i < last:
+                        inputs = [_with_hidden(a, k, _hidden(block(*a, **k))) for a, k in inputs]
+                del inputs
+            if rest:
+                log.info("calibrating %d layers outside repeated blocks in one full pass", len(rest))
+                stats = collect_stats(
+                    {f: modules[f] for f in rest},
+                    lambda: _feed(lambda b: call_model(model, b), batches),
+                    hessian=solver.hessian,
+                )
+                runner.solve(stats)
+    finally:
+        runner.restore()
+        model.train(was_training)
+    return runner.plan
+
+
+def plan_unstructured_with_data(
+    model: nn.Module, config: UnstructuredConfig, fqns: list[str], ctx: PlanContext
+) -> MaskPlan:
+    """`UnstructuredConfig` with a calibration criterion: per layer (sequential) or global.
+
+    `scope="layer"` prunes `sparsity` of every output row of every layer, block by block.
+    `scope="global"` ranks the criterion's scores over all layers from one dense pass; it
+    is refused for SparseGPT, whose weight updates only make sense layer by layer.
+    """
+    if config.scope == "layer":
+        return plan_with_data(model, fqns, ctx, config.criterion, Pattern("unstructured", config.sparsity))
+    solver = get_solver(config.criterion)
+    if solver.updates_weights:
+        raise ConfigError(
+            f"UnstructuredConfig.scope: criterion {config.criterion!r} reconstructs each layer on its "
+            "own; use scope='layer'"
+        )
+    modules = dict(model.named_modules())
+    _check_layers(modules, fqns, config.criterion)
+    batches = as_batches(ctx.data)
+    with torch.no_grad():
+        stats = collect_stats(
+            {f: modules[f] for f in fqns}, lambda: _feed(lambda b: call_model(model, b), batches), hessian=False
+        )
+    ctx.stats.update({f: {"sq_norm": st.sq_norm} for f, st in stats.items()})
+    return MaskPlan(global_topk_masks(score_layers(model, fqns, config.criterion, ctx), config.sparsity))

@@ -1,0 +1,243 @@
+"""A per-layer latency lookup table measured on this device, for `LatencyTarget` allocations.
+
+The approach of NetAdapt (Yang et al. 2018, "NetAdapt: platform-aware neural network
+adaptation for mobile applications") and AMC (He et al. 2018): time each layer alone, on the
+input it really receives, at every candidate width or sparsity, and predict the model's latency
+as the measured dense latency minus the per-layer savings. Each layer's variants are timed
+interleaved call by call (`prunekit.bench.measure_latency`), so drift on a shared machine hits
+them alike.
+
+Mask configs keep dense shapes, so with dense kernels their rows show what they really buy
+on this device (usually nothing); channel configs time a genuinely narrower layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.config import FrozenConfig, MaskConfig, PerLayer
+from prunekit.errors import ConfigError
+from prunekit.files import atomic_write_text
+
+FORMAT = "prunekit.latency_table"
+
+
+@dataclass
+class LatencyTable:
+    """Measured per-unit latency at each level, and the whole model's dense latency.
+
+    Attributes:
+        units: layer FQNs (mask configs) or channel-group names (channel configs).
+        levels: the levels timed.
+        dense_ms: unit -> median latency of its dense layer(s), in ms.
+        latency_ms: unit -> median latency at each level, in ms.
+        model_ms: median latency of the whole dense model on the example inputs, in ms.
+        kind: "layer" or "group".
+        threads: torch threads used for the timing.
+    """
+
+    units: list[str]
+    levels: list[float]
+    dense_ms: dict[str, float]
+    latency_ms: dict[str, list[float]]
+    model_ms: float
+    kind: Literal["layer", "group"] = "layer"
+    threads: int = 1
+
+    def budget(self, table: Any, target: Any) -> Any:
+        """The allocation budget of a `LatencyTarget` over a sensitivity table's units and levels."""
+        from prunekit.allocate import _Budget
+
+        missing = [u for u in table.units if u not in self.latency_ms]
+        if missing:
+            raise ConfigError(f"latency table has no timing for {missing[:4]}: measure it with the scan's config")
+        index = {round(lv, 9): i for i, lv in enumerate(self.levels)}
+        absent = [lv for lv in table.levels if round(lv, 9) not in index]
+        if absent:
+            raise ConfigError(f"latency table has no timing at levels {absent}: measure it at the scan's levels")
+        total = self.model_ms
+
+        def saving(u: str, lv: float) -> float:
+            dense, pruned = self.dense_ms[u], self.latency_ms[u][index[round(lv, 9)]]
+            if self.kind == "group":  # whole-model timings: the relative gain, drift cancels out
+                return max(0.0, total * (1.0 - pruned / dense))
+            return max(0.0, dense - pruned)
+
+        savings = {u: [saving(u, lv) for lv in table.levels] for u in table.units}
+        required = total * (1.0 - 1.0 / target.speedup)
+        return _Budget(savings, required, lambda s: total / max(total - s, 1e-12), "measured-LUT speed-up", "speedup")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": 1, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as JSON, atomically."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        """Read a table written by `save`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"latency table {str(path)!r} cannot be read: {err}") from None
+        if data.pop("format", None) != FORMAT or data.pop("version", None) != 1:
+            raise ConfigError(f"{str(path)!r} is not a version-1 prunekit latency table")
+        return cls(**data)
+
+    def summary(self) -> str:
+        """Dense and per-level median latency of each unit, in ms."""
+        width = max([len(u) for u in self.units] + [5])
+        rows = [f"model {self.model_ms:.4f} ms ({self.threads} threads)",
+                f"{'unit':<{width}}  {'dense':>8}  " + "  ".join(f"{lv:>8.3g}" for lv in self.levels)]
+        for u in self.units:
+            cells = "  ".join(f"{v:8.4f}" for v in self.latency_ms[u])
+            rows.append(f"{u:<{width}}  {self.dense_ms[u]:8.4f}  {cells}")
+        return "\n".join(rows)
+
+
+def _layer_inputs(model: nn.Module, example_inputs: Any, fqns: Sequence[str]) -> dict[str, Tensor]:
+    """The input each named layer receives on `example_inputs` (first call), via forward hooks."""
+    from prunekit.bench import _call
+
+    modules = dict(model.named_modules())
+    seen: dict[str, Tensor] = {}
+
+    def hook(fqn: str) -> Callable[..., None]:
+        def record(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            seen.setdefault(fqn, inputs[0].detach().clone())
+
+        return record
+
+    handles = [modules[f].register_forward_pre_hook(hook(f)) for f in fqns]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call(model, example_inputs)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def measure_latency_table(
+    model: nn.Module,
+    config: FrozenConfig,
+    levels: Sequence[float],
+    example_inputs: Any,
+    *,
+    repeats: int = 50,
+    warmup: int = 5,
+    threads: int | None = None,
+    progress: bool = False,
+) -> LatencyTable:
+    """Time every prunable unit of `model` alone at each level on this device; does not mutate.
+
+    Args:
+        model: the dense model.
+        config: the family the allocation will use: a mask config (units are layers, each
+            timed alone on its real input with its weights zeroed) or a `ChannelConfig` (units
+            are coupled channel groups; the whole model is timed with only that group removed,
+            so the narrower inputs of the layers it feeds count too).
+        levels: the levels of the sensitivity scan.
+        example_inputs: the inputs to serve (e.g. batch 1); each layer is timed on the input
+            it receives from them.
+        repeats, warmup, threads: as in `prunekit.bench.measure_latency`.
+        progress: show a progress bar over units.
+
+    Returns:
+        A `LatencyTable` to pass to `prunekit.allocate(..., latency=)`.
+    """
+    from prunekit.bench import measure_latency
+    from prunekit.sensitivity import _progress
+
+    levels = [float(lv) for lv in levels]
+    model_ms = measure_latency({"model": model}, example_inputs, repeats=repeats, warmup=warmup,
+                               threads=threads)["model"].latency_ms_p50
+    used = threads if threads is not None else torch.get_num_threads()
+    if not isinstance(config, (MaskConfig, PerLayer)):
+        group_ms, group_levels_ms = _time_groups(model, config, levels, example_inputs, repeats, warmup, threads,
+                                                 progress)
+        return LatencyTable(list(group_ms), levels, group_ms, group_levels_ms, model_ms, "group", used)
+    from prunekit.targets import resolve
+
+    units = {f: [f] for f in resolve(model, config)}
+    modules = dict(model.named_modules())
+    inputs = _layer_inputs(model, example_inputs, sorted({f for fs in units.values() for f in fs}))
+    dense_ms: dict[str, float] = {}
+    latency_ms: dict[str, list[float]] = {}
+    for unit, fqns in _progress(list(units.items()), progress):
+        totals = [0.0] * (len(levels) + 1)
+        for fqn in fqns:
+            # every variant of a layer timed together, interleaved, each bound to its own input
+            variants = {"dense": _Bound(modules[fqn], inputs[fqn])}
+            for i, level in enumerate(levels):
+                variants[str(i)] = _Bound(_variant(modules[fqn], level), inputs[fqn])
+            timed = measure_latency(variants, None, repeats=repeats, warmup=warmup, threads=threads)
+            for j, name in enumerate(variants):
+                totals[j] += timed[name].latency_ms_p50
+        dense_ms[unit], latency_ms[unit] = totals[0], totals[1:]
+    return LatencyTable(list(units), levels, dense_ms, latency_ms, model_ms, "layer", used)
+
+
+def _time_groups(
+    model: nn.Module, config: FrozenConfig, levels: list[float], example_inputs: Any, repeats: int, warmup: int,
+    threads: int | None, progress: bool,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Time the whole model with one channel group removed at each level, against the dense one.
+
+    A group's channels feed the next layers too, so its layers alone would miss the savings of
+    their consumers' narrower inputs; the whole model with only that group pruned sees both.
+    """
+    from prunekit.bench import measure_latency
+    from prunekit.plan import plan
+    from prunekit.sensitivity import _progress
+    from prunekit.sensitivity_groups import channel_groups
+
+    groups = channel_groups(model, config, example_inputs)
+    everyone = {layer for g in groups.values() for layer in g.layers} | set(getattr(config, "exclude", ()))
+    dense_ms: dict[str, float] = {}
+    latency_ms: dict[str, list[float]] = {}
+    for name, group in _progress(list(groups.items()), progress):
+        others = tuple(sorted(everyone - set(group.layers)))
+        variants = {"dense": model}
+        for i, level in enumerate(levels):
+            probe = config.model_copy(update={"ratio": level, "exclude": others})
+            variants[str(i)] = plan(model, probe, example_inputs).apply(copy.deepcopy(model))
+        timed = measure_latency(variants, example_inputs, repeats=repeats, warmup=warmup, threads=threads)
+        dense_ms[name] = timed["dense"].latency_ms_p50
+        latency_ms[name] = [timed[str(i)].latency_ms_p50 for i in range(len(levels))]
+    return dense_ms, latency_ms
+
+
+class _Bound(nn.Module):
+    """A layer bound to its own input, so variants with different input widths time together."""
+
+    def __init__(self, layer: nn.Module, x: Tensor) -> None:
+        super().__init__()
+        self.layer, self.x = layer, x  # measure_latency passes None as the input
+
+    def forward(self, _ignored: Any = None) -> Tensor:
+        return self.layer(self.x)
+
+
+def _variant(layer: nn.Module, level: float) -> nn.Module:
+    """A copy of `layer` with its smallest-magnitude `level` fraction of weights zeroed."""
+    pruned = copy.deepcopy(layer)
+    weight = cast(Tensor, pruned.weight)
+    with torch.no_grad():
+        flat = weight.abs().flatten()
+        k = round(level * flat.numel())
+        if k:
+            weight.mul_(weight.abs() > flat.kthvalue(k).values)
+    return pruned

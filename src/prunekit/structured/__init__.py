@@ -1,0 +1,47 @@
+"""Structured pruning: physically remove channels, neurons and attention heads.
+
+`trace` exports the model to an ATen graph, `analyze` finds coupled channel groups with the
+op-rule table (`ops.py`), `select` scores and picks units, and `ChannelPlan` removes them
+atomically through per-layer handlers (`layers.py`). `prunekit.plan(model, ChannelConfig(...),
+example_inputs)` drives all of it.
+"""
+
+from __future__ import annotations
+
+from prunekit.structured.config import ChannelConfig
+from prunekit.structured.groups import DependencyGraph, Group, analyze
+from prunekit.structured.iterative import prune_iteratively
+from prunekit.structured.layers import get_layer_handler, list_layer_handlers, register_layer_handler
+from prunekit.structured.mha import PrunedMultiheadAttention
+from prunekit.structured.ops import get_op_rule, list_op_rules, register_op_rule
+from prunekit.structured.plan import ChannelPlan, plan_channels
+from prunekit.structured.select import (
+    bn_scale_penalty,
+    get_group_criterion,
+    list_group_criteria,
+    register_group_criterion,
+)
+from prunekit.structured.trace import TracedModel, trace
+
+__all__ = [
+    "ChannelConfig",
+    "ChannelPlan",
+    "DependencyGraph",
+    "Group",
+    "PrunedMultiheadAttention",
+    "TracedModel",
+    "analyze",
+    "bn_scale_penalty",
+    "get_group_criterion",
+    "get_layer_handler",
+    "get_op_rule",
+    "list_group_criteria",
+    "list_layer_handlers",
+    "list_op_rules",
+    "plan_channels",
+    "prune_iteratively",
+    "register_group_criterion",
+    "register_layer_handler",
+    "register_op_rule",
+    "trace",
+]

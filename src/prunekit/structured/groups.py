@@ -1,0 +1,227 @@
+"""Coupled channel groups from a traced graph (Torch-Pruning's dependency graph, as data).
+
+`analyze` walks the ATen graph once, applying the op-rule table (`ops.py`) to move channel
+labels forward and couple what must be removed together. Connected components of coupled
+atoms are *units* (one channel, one neuron, one attention head with all its rows). Units
+that touch exactly the same parameter dimensions form a `Group`: the thing a ratio applies
+to and a criterion ranks. Units touching a frozen atom, an excluded layer's outputs, or a
+parameter dimension no layer handler can shrink are not prunable.
+
+An op without a rule is a barrier: nothing is pruned across it and one warning lists every
+such op with its layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+from torch.fx import Node
+
+from prunekit.structured.labels import AtomGraph, Entry, Labels
+from prunekit.structured.layers import get_layer_handler, owner_of
+from prunekit.structured.ops import get_op_rule
+from prunekit.structured.trace import TracedModel
+
+log = logging.getLogger(__name__)
+Member = tuple[str, int]  # (parameter/buffer FQN, dim)
+
+
+@dataclass
+class Group:
+    """Coupled units that one ratio prunes: each unit removes `positions[m][u]` from member m.
+
+    Attributes:
+        members: parameter dims the group shrinks, e.g. ("conv1.weight", 0).
+        positions: per member, per unit, the indices along that dim (a head has many rows).
+        layers: FQNs of the layers whose outputs the group prunes (for printing and exclude).
+    """
+
+    members: list[Member]
+    positions: dict[Member, list[np.ndarray]]
+    layers: list[str]
+    kind: str = "channel"  # or "head": units are attention heads
+
+    @property
+    def size(self) -> int:
+        """Number of units (channels, neurons or heads)."""
+        return len(next(iter(self.positions.values())))
+
+    @property
+    def name(self) -> str:
+        names = self.layers or sorted({fqn.rpartition(".")[0] for fqn, _ in self.members})
+        by_parent: dict[str, list[str]] = defaultdict(list)
+        for n in names:
+            parent, _, leaf = n.rpartition(".")
+            by_parent[parent].append(leaf)
+        parts = [
+            (f"{p}." if p else "") + (leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}")
+            for p, leaves in by_parent.items()
+        ]
+        return ", ".join(parts[:3]) + (f" (+{len(parts) - 3})" if len(parts) > 3 else "")
+
+    def __str__(self) -> str:
+        width = min(len(self.positions[m][0]) for m in self.members)
+        unit = "channels" if width == 1 else f"units of {width}"
+        return f"Group[{self.name}]: {self.size} {unit} across {len(self.members)} tensors"
+
+
+@dataclass
+class DependencyGraph:
+    """The result of `analyze`: prunable groups, and what could not be pruned and why."""
+
+    groups: list[Group]
+    sizes: dict[str, tuple[int, ...]]
+    barriers: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line per prunable group, then the barriers (unknown ops) that stopped coupling."""
+        lines = [str(g) for g in self.groups] or ["no prunable groups"]
+        lines += [f"barrier: {op} in {layer or '<root>'!r}" for op, layer in self.barriers]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+class _Context:
+    """Implements `ops.OpContext` over one traced graph."""
+
+    def __init__(self, traced: TracedModel, tensors: dict[str, Tensor]) -> None:
+        self.atoms = AtomGraph()
+        self.traced = traced
+        self.tensors = tensors
+        self.env: dict[Node, Any] = {}
+
+    def shape(self, arg: Any) -> tuple[int, ...] | None:
+        val = arg.meta.get("val") if isinstance(arg, Node) else None
+        shape = getattr(val, "shape", None)
+        if shape is None:
+            return None
+        try:
+            return tuple(int(s) for s in shape)
+        except TypeError:  # symbolic sizes: treat as unknown
+            return None
+
+    def param_fqn(self, arg: Any) -> str | None:
+        if isinstance(arg, Node) and arg.op == "placeholder":
+            return self.traced.tensor_of.get(arg.name)
+        return None
+
+    def labels(self, arg: Any) -> Labels:
+        if not isinstance(arg, Node):
+            return []
+        fqn = self.param_fqn(arg)
+        if fqn is not None:  # parameters get atoms lazily, for each dim that is not 1
+            shape = self.shape(arg) or ()
+            return [Entry((d,), self.atoms.param(fqn, d, n)) for d, n in enumerate(shape) if n > 1]
+        return self.env.get(arg, [])
+
+
+def analyze(model: nn.Module, traced: TracedModel, exclude: list[str] | None = None) -> DependencyGraph:
+    """Find the prunable channel groups of `model` from its traced graph (no mutation).
+
+    Args:
+        model: the model that was traced (its modules own the parameters the graph names).
+        traced: `trace(model, example_inputs)`.
+        exclude: layer FQNs whose output channels must stay (their inputs may still shrink).
+
+    Returns:
+        A `DependencyGraph`.
+    """
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    ctx = _Context(traced, tensors)
+    barriers: list[tuple[str, str]] = []
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            continue  # model inputs carry no labels: whatever they feed cannot shrink
+        if node.op == "output":
+            for arg in node.all_input_nodes:
+                _freeze_labels(ctx, ctx.env.get(arg, []))
+            continue
+        if node.op != "call_function":
+            continue
+        rule = get_op_rule(node.target)
+        if rule is None:
+            ctx.env[node] = _barrier(ctx, node, barriers)
+        else:
+            ctx.env[node] = rule(ctx, node)
+    if barriers:
+        listed = "; ".join(f"{op} in {layer or '<root>'!r}" for op, layer in barriers)
+        warnings.warn(
+            f"structured pruning treats ops it does not know as barriers (nothing is pruned across them): {listed}",
+            stacklevel=3,
+        )
+    groups = _groups(model, ctx.atoms, exclude or [])
+    sizes = {fqn: tuple(t.shape) for fqn, t in tensors.items()}
+    return DependencyGraph(groups, sizes, barriers)
+
+
+def _freeze_labels(ctx: _Context, labels: Any) -> None:
+    for item in labels:
+        if isinstance(item, list):
+            _freeze_labels(ctx, item)
+        else:
+            ctx.atoms.freeze(item.atoms)
+
+
+def _barrier(ctx: _Context, node: Node, barriers: list[tuple[str, str]]) -> Labels:
+    touched = False
+    for arg in node.all_input_nodes:
+        labels = ctx.labels(arg)
+        _freeze_labels(ctx, labels)
+        if ctx.param_fqn(arg) is None and any(
+            (e.atoms >= 0).any() for item in labels for e in (item if isinstance(item, list) else [item])
+        ):
+            touched = True
+    if touched:
+        entry = (str(node.target), TracedModel.layer_of(node))
+        if entry not in barriers:
+            barriers.append(entry)
+    return []
+
+
+def _groups(model: nn.Module, atoms: AtomGraph, exclude: list[str]) -> list[Group]:
+    comp, frozen = atoms.components()
+    head_comps = set(comp[np.concatenate(atoms.heads)].tolist()) if atoms.heads else set()
+    modules = dict(model.named_modules())
+    # Positions no layer handler can shrink, and excluded layers' outputs, freeze their units.
+    for (fqn, dim), arr in atoms.params.items():
+        layer, name = owner_of(fqn)
+        module = modules.get(layer)
+        handler = get_layer_handler(module) if module is not None else None
+        shrinkable = handler.shrinkable(module).get(name, ()) if handler is not None else ()
+        is_output = handler is not None and handler.outputs(module).get(name) == dim
+        if dim not in shrinkable or (is_output and layer in exclude):
+            frozen[comp[arr]] = True
+    units: dict[int, dict[Member, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for member, arr in atoms.params.items():
+        ids = comp[arr]
+        for pos in np.flatnonzero(~frozen[ids]):
+            units[int(ids[pos])][member].append(int(pos))
+    by_signature: dict[tuple[Member, ...], list[dict[Member, list[int]]]] = defaultdict(list)
+    unit_ids = {id(unit): cid for cid, unit in units.items()}
+    for unit in units.values():
+        by_signature[tuple(sorted(unit))].append(unit)
+    groups = []
+    for signature, unit_list in by_signature.items():
+        kind = "head" if unit_ids[id(unit_list[0])] in head_comps else "channel"
+        unit_list.sort(key=lambda u: min(u[signature[0]]))
+        positions = {m: [np.asarray(u[m], dtype=np.int64) for u in unit_list] for m in signature}
+        layers = sorted(
+            {
+                owner_of(fqn)[0]
+                for fqn, dim in signature
+                if (h := get_layer_handler(modules.get(owner_of(fqn)[0])))
+                and h.outputs(modules[owner_of(fqn)[0]]).get(owner_of(fqn)[1]) == dim
+            }
+        )
+        groups.append(Group(list(signature), positions, layers, kind))
+    order = {fqn: i for i, fqn in enumerate(modules)}
+    groups.sort(key=lambda g: min(order.get(owner_of(fqn)[0], 0) for fqn, _ in g.members))
+    return groups

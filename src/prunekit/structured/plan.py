@@ -1,0 +1,327 @@
+"""`ChannelPlan`: which rows/columns of which tensors go; printable, JSON-serialisable, atomic.
+
+The plan is pure data (tensor FQN -> dim -> kept indices, plus what it removes and saves), so
+it replays on a freshly built dense model: that is how a structurally pruned checkpoint is
+reloaded without pickling the module (timm's `_prune.py` manifest, as a plan).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from prunekit.config import config_from_dict, config_to_dict
+from prunekit.errors import ConfigError, PlanError
+from prunekit.plan import PlanContext, register_method
+from prunekit.structured.config import ChannelConfig
+from prunekit.structured.groups import DependencyGraph, Group, analyze
+from prunekit.structured.hf import update_config
+from prunekit.structured.layers import get_layer_handler, is_attention_holder, owner_of
+from prunekit.structured.select import ScoreInputs, get_group_criterion, select_units, taylor_grads
+from prunekit.structured.trace import trace
+from prunekit.targets import matches
+
+log = logging.getLogger(__name__)
+PLAN_FORMAT = "prunekit.channel_plan"
+PLAN_VERSION = 1
+
+
+@dataclass
+class ChannelPlan:
+    """A structured pruning plan: per tensor, per dim, the indices kept.
+
+    Attributes:
+        config: the config it was planned from.
+        keep: tensor FQN -> {dim: kept indices}.
+        shapes: tensor FQN -> shape before pruning (checked before anything is changed).
+        groups: one row per pruned group: name, units, units removed, unit width.
+        stats: params/FLOPs before and after (filled by the planner when inputs are known).
+    """
+
+    config: ChannelConfig
+    keep: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- describe
+
+    def summary(self) -> str:
+        """Groups, units removed, and params/FLOPs before -> after."""
+        rows = [f"ChannelPlan: ratio {self.config.ratio}, criterion {self.config.criterion}, scope {self.config.scope}"]
+        width = max([len(g["name"]) for g in self.groups] + [5])
+        rows.append(f"  {'group':<{width}}  units  removed  unit")
+        for g in self.groups:
+            unit = "head" if g.get("kind") == "head" else "channel" if g["width"] == 1 else f"{g['width']} rows"
+            rows.append(f"  {g['name']:<{width}}  {g['units']:>5}  {g['removed']:>7}  {unit}")
+        removed = sum(g["removed"] for g in self.groups)
+        rows.append(f"  {len(self.groups)} groups, {removed} units removed")
+        s = self.stats
+        if "params_before" in s:
+            rows.append(
+                f"  params {s['params_before']:,} -> {s['params_after']:,} "
+                f"({s['params_after'] / max(s['params_before'], 1):.1%})"
+            )
+        if "flops_before" in s:
+            rows.append(
+                f"  FLOPs  {s['flops_before']:,} -> {s['flops_after']:,} "
+                f"({s['flops_after'] / max(s['flops_before'], 1):.1%})"
+            )
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    # ---------------------------------------------------------------- serialise
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data, tagged with format and version."""
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "config": config_to_dict(self.config),
+            "tensors": {
+                k: {"shape": self.shapes[k], "keep": {str(d): v for d, v in dims.items()}}
+                for k, dims in self.keep.items()
+            },
+            "groups": self.groups,
+            "stats": self.stats,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChannelPlan:
+        """Rebuild a plan from `to_dict` output; raises `PlanError` on anything malformed."""
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION:
+            raise PlanError(f"not a {PLAN_FORMAT} v{PLAN_VERSION} document")
+        try:
+            config = config_from_dict(data["config"], "plan.config")
+            keep = {k: {int(d): [int(i) for i in v] for d, v in t["keep"].items()} for k, t in data["tensors"].items()}
+            shapes = {k: [int(s) for s in t["shape"]] for k, t in data["tensors"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise PlanError(f"malformed channel plan: {err!r}") from None
+        if not isinstance(config, ChannelConfig):
+            raise PlanError(f"plan.config is a {type(config).__name__}, not a ChannelConfig")
+        return cls(config, keep, shapes, list(data.get("groups", [])), dict(data.get("stats", {})))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON, atomically."""
+        from prunekit.files import atomic_write_text
+
+        return atomic_write_text(Path(path), json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ChannelPlan:
+        """Read a plan written by `save`."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise PlanError(f"cannot read channel plan {str(path)!r}: {err}") from None
+
+    # ---------------------------------------------------------------- apply
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Remove the planned channels from `model` (mutates, returns it); all or nothing.
+
+        Raises:
+            PlanError: a tensor is missing or has another shape than planned (e.g. the model
+                is already pruned), or a layer cannot be updated; the model is left unchanged.
+        """
+        tensors = _tensors_by_fqn(model)
+        new = self._sliced(tensors)
+        modules = dict(model.named_modules())
+        touched = {owner_of(k)[0] for k in new}
+        holders = [m for m in modules.values() if is_attention_holder(m)]
+        snapshot = _snapshot([modules[t] for t in touched] + holders, model)
+        try:
+            with torch.no_grad():
+                for key, value in new.items():
+                    _assign(model, key, value)
+                for fqn in sorted(touched):
+                    handler = get_layer_handler(modules[fqn])
+                    if handler is None:
+                        raise PlanError(f"layer {fqn!r} ({type(modules[fqn]).__name__}) has no structured handler")
+                    handler.update(modules[fqn])
+                for holder in holders:
+                    get_layer_handler(holder).update(holder)  # type: ignore[union-attr]
+                update_config(model)
+        except Exception as err:
+            _restore(snapshot)
+            if isinstance(err, PlanError):
+                raise
+            raise PlanError(f"applying the channel plan failed and was rolled back: {err}") from err
+        return model
+
+    def _sliced(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The new tensors, computed and checked before anything is mutated."""
+        out = {}
+        for key, dims in self.keep.items():
+            t = tensors.get(key)
+            if t is None:
+                raise PlanError(f"plan names tensor {key!r}, which this model does not have")
+            if list(t.shape) != self.shapes[key]:
+                raise PlanError(
+                    f"tensor {key!r} is {tuple(t.shape)}, the plan expects {tuple(self.shapes[key])} "
+                    "(already pruned, or another model?)"
+                )
+            value = t.detach()
+            for dim, idx in dims.items():
+                if idx and (min(idx) < 0 or max(idx) >= t.shape[dim]):
+                    raise PlanError(f"tensor {key!r}: kept index out of range on dim {dim}")
+                value = value.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device))
+            out[key] = value.clone()
+        return out
+
+
+def replay(plan_data: dict[str, Any], model: nn.Module) -> nn.Module:
+    """Apply a saved plan to `model` unless it already has the pruned shapes (mutates, returns).
+
+    Raises:
+        PlanError: the model has neither the dense nor the pruned shapes the plan describes.
+    """
+    plan = ChannelPlan.from_dict(plan_data)
+    tensors = _tensors_by_fqn(model)
+    key = next(iter(plan.keep), None)
+    if key is None or key not in tensors or list(tensors[key].shape) != plan.shapes[key]:
+        return model  # already pruned (or not this model): load's shape check says which
+    return plan.apply(model)
+
+
+def _tensors_by_fqn(model: nn.Module) -> dict[str, Tensor]:
+    return dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+
+
+def _assign(model: nn.Module, key: str, value: Tensor) -> None:
+    layer, name = owner_of(key)
+    module = model.get_submodule(layer)
+    if name in module._parameters:
+        old = module._parameters[name]
+        param = nn.Parameter(value, requires_grad=old.requires_grad)  # type: ignore[union-attr]
+        if old is not None and old.grad is not None:
+            param.grad = None  # gradients of removed channels are meaningless; start clean
+        # Tied weights (GPT-2's lm_head and wte): every module holding the same tensor gets it.
+        for other in model.modules():
+            for pname, p in other._parameters.items():
+                if p is old:
+                    other._parameters[pname] = param
+    else:
+        module._buffers[name] = value
+
+
+def _snapshot(modules: list[nn.Module], model: nn.Module) -> list[tuple[Any, dict[str, Any]]]:
+    out = []
+    for m in {id(m): m for m in model.modules()}.values():  # tied tensors may live anywhere
+        out.append((m, {"_parameters": dict(m._parameters), "_buffers": dict(m._buffers)}))
+    for m in modules:
+        out.append((m, {k: copy.copy(v) for k, v in vars(m).items() if not k.startswith("_")}))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        out.append((config, dict(vars(config))))
+    return out
+
+
+def _restore(snapshot: list[tuple[Any, dict[str, Any]]]) -> None:
+    for obj, state in snapshot:
+        for key, value in state.items():
+            if key in ("_parameters", "_buffers"):
+                getattr(obj, key).clear()
+                getattr(obj, key).update(value)
+            else:
+                object.__setattr__(obj, key, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning.
+
+
+def _excluded(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    out = []
+    for pattern in patterns:
+        hits = [n for n in names if matches(pattern, n)]
+        if not hits:
+            sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ConfigError(f"ChannelConfig.exclude: {pattern!r} matches no layer (layers: {sample})")
+        out += hits
+    return out
+
+
+def build_plan(
+    model: nn.Module, config: ChannelConfig, graph: DependencyGraph, removed: list[np.ndarray]
+) -> ChannelPlan:
+    """Turn per-group removed unit indices into per-tensor kept indices."""
+    drop: dict[tuple[str, int], set[int]] = {}
+    rows = []
+    for group, gone in zip(graph.groups, removed, strict=True):
+        width = min(len(group.positions[m][0]) for m in group.members)
+        rows.append(
+            {"name": group.name, "units": group.size, "removed": int(len(gone)), "width": width, "kind": group.kind}
+        )
+        for member in group.members:
+            for u in gone:
+                drop.setdefault(member, set()).update(int(i) for i in group.positions[member][u])
+    plan = ChannelPlan(config, groups=rows)
+    for (fqn, dim), dropped in sorted(drop.items()):
+        if not dropped:
+            continue
+        size = graph.sizes[fqn][dim]
+        plan.keep.setdefault(fqn, {})[dim] = [i for i in range(size) if i not in dropped]
+        plan.shapes[fqn] = list(graph.sizes[fqn])
+    return plan
+
+
+def _scores(model: nn.Module, config: ChannelConfig, groups: list[Group], ctx: PlanContext) -> list[np.ndarray]:
+    info = get_group_criterion(config.criterion)
+    tensors = _tensors_by_fqn(model)
+    grads = None
+    if info.needs_data:
+        if ctx.data is None:
+            raise ConfigError(f"criterion {config.criterion!r} needs a few batches of data: pass data=...")
+        grads = taylor_grads(model, ctx.data, tensors)
+    generator = ctx.generator or torch.Generator().manual_seed(config.seed)
+    inputs = ScoreInputs(tensors, dict(model.named_modules()), grads, generator)
+    return [np.asarray(info.fn(g, inputs), dtype=np.float64) for g in groups]
+
+
+@register_method(ChannelConfig, per_layer=False)
+def plan_channels(model: nn.Module, config: ChannelConfig, fqns: list[str] | None, ctx: PlanContext) -> ChannelPlan:
+    """Trace, find coupled groups, score, select: a `ChannelPlan` (the model is not mutated)."""
+    from prunekit.bench import count_flops, count_params
+
+    if any(hasattr(m, "parametrizations") for m in model.modules()):
+        raise ConfigError("the model has masks attached: call prunekit.finalize(model) before structured pruning")
+    excluded = _excluded(model, config.exclude)
+    was_training = model.training
+    model.eval()
+    try:
+        graph = analyze(model, trace(model, ctx.example_inputs), excluded)
+    finally:
+        model.train(was_training)
+    removed = select_units(
+        graph.groups,
+        _scores(model, config, graph.groups, ctx),
+        config.ratio,
+        config.scope,
+        config.round_to,
+        config.head_ratio,
+    )
+    plan = build_plan(model, config, graph, removed)
+    pruned = plan.apply(copy.deepcopy(model))
+    try:
+        plan.stats = {
+            "params_before": count_params(model),
+            "params_after": count_params(pruned),
+            "flops_before": count_flops(model, ctx.example_inputs),
+            "flops_after": count_flops(pruned, ctx.example_inputs),
+        }
+    except Exception as err:  # the analysis promised a runnable model; say so if it is not
+        raise PlanError(f"the pruned model fails to run on the example inputs ({err}); please report it") from err
+    log.info("%s", plan.summary())
+    return plan

@@ -1,0 +1,43 @@
+"""Wanda: prune by weight magnitude times input activation norm (Sun et al. 2023).
+
+"A Simple and Effective Pruning Approach for Large Language Models" scores each weight as
+|W_ij| * ||X_j||_2, where X_j is input feature j over all calibration tokens, and compares
+weights within each output row. It needs no weight update and no second-order information,
+yet matches SparseGPT at 50 % on LLaMA because a few input features carry outsized
+activations that magnitude pruning ignores.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from prunekit.calibration import LayerStats, Pattern, register_solver
+from prunekit.criteria import ScoreContext, register_criterion
+from prunekit.errors import ConfigError
+
+_REF = "Sun et al. 2023, A Simple and Effective Pruning Approach for Large Language Models"
+
+
+def wanda_scores(weight: Tensor, sq_norm: Tensor) -> Tensor:
+    """|W| * ||X_j||_2 for a (out, in) weight and the per-input-feature sum of squares."""
+    return weight.detach().abs().float() * sq_norm.to(weight.device).float().sqrt().unsqueeze(0)
+
+
+@register_criterion("wanda", needs_data=True, reference=_REF)
+def wanda(weight: Tensor, ctx: ScoreContext) -> Tensor:
+    """Element-wise Wanda score from calibration stats in `ctx.stats["sq_norm"]`."""
+    sq_norm = ctx.stats.get("sq_norm")
+    if sq_norm is None:
+        raise ConfigError(f"layer {ctx.fqn!r}: criterion 'wanda' needs calibration data: pass data=...")
+    return wanda_scores(weight, sq_norm)
+
+
+@register_solver("wanda")
+def solve_wanda(
+    weight: Tensor, keep: Tensor | None, stats: LayerStats, pattern: Pattern, fqn: str
+) -> tuple[Tensor, None]:
+    """Wanda's mask for one layer: per-row (or per N:M group) top scores; weights unchanged."""
+    scores = wanda_scores(weight, stats.sq_norm)
+    if keep is not None:  # weights a previous round pruned stay pruned
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return pattern.select(scores), None
