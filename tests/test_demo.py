@@ -36,5 +36,7 @@ def test_quick_demo_writes_report_plot_and_models(tmp_path) -> None:
     assert "fits the 1 MB budget: yes" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == 4
     assert [r["batch_size"] for r in on_disk["latency"]["by_batch"]] == [1, 4, 8, 32]
+    assert on_disk["pruned_int8"]["size_bytes"] == (tmp_path / "pruned_int8.safetensors").stat().st_size
+    assert on_disk["pruned_int8"]["size_bytes"] < 0.6 * on_disk["pruned"]["size_bytes"]
     model = pk.load(tmp_path / "pruned.safetensors", lenet_300_100())
     assert pk.sparsity(model).total == pytest.approx(on_disk["pruned"]["sparsity"])

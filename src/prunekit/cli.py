@@ -57,7 +57,10 @@ def demo(
         f"pruned: accuracy {p['accuracy']:.2%}  file {p['size_bytes']:>9,} B  ({p['size_ratio']:.1%} of dense)  "
         f"sparsity {p['sparsity']:.2%}"
     )
-    typer.echo(f"1 MB budget: {'fits' if report['budget']['fits'] else 'does NOT fit'}; report in {out}/report.md")
+    q = report["pruned_int8"]
+    typer.echo(f"+ INT8: accuracy {q['accuracy']:.2%}  file {q['size_bytes']:>9,} B  "
+               f"({q['compression_vs_dense']:.1f}x smaller than dense)")
+    typer.echo(f"1 MB budget: {'fits' if report['budget']['fits'] else 'does NOT fit'}; report in {out}/report.html")
 
 
 @app.command()
