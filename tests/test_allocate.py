@@ -159,6 +159,7 @@ def test_measured_latency_table_for_masks_says_dense_shapes_do_not_speed_up() ->
     x = torch.randn(1, 1, 8, 8)
     lut = measure_latency_table(model, pk.UnstructuredConfig(sparsity=0.5), LEVELS, x, repeats=3, warmup=1)
     assert lut.units == ["1", "3", "5"] and lut.model_ms > 0
+    assert all(m.training for m in model.modules())  # a model in training mode stays so
     assert all(v > 0 for u in lut.units for v in [lut.dense_ms[u], *lut.latency_ms[u]])
     assert "model" in lut.summary()
     table = sensitivity(model, pk.UnstructuredConfig(sparsity=0.5), lambda m: 1.0, LEVELS)
@@ -183,3 +184,4 @@ def test_channel_groups_allocate_flops_and_apply_on_a_copy() -> None:
     assert measured >= 0.3 - 0.05  # additive prediction vs the measured FLOPs of the pruned copy
     lut = measure_latency_table(model, family, table.levels, x, repeats=2, warmup=1)
     assert lut.kind == "group" and set(lut.units) == set(table.units)
+    assert not any(m.training for m in model.modules())  # timing left the eval model in eval mode

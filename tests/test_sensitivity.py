@@ -10,6 +10,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.sensitivity import SensitivityError, SensitivityTable, proxy_loss, sensitivity
+from prunekit.sensitivity_groups import channel_groups
 from tests.models import ResidualCNN, mlp
 
 
@@ -143,6 +144,12 @@ def test_channel_group_scan_on_residual_cnn() -> None:
                         levels=[0.25, 0.5], higher_is_better=False, example_inputs=x)
     assert table.kind == "group" and len(table.units) >= 2
     assert all(r[0] < r[1] for r in table.removed["params"].values())  # more ratio, more removed
+    # the trace-once scan removes what a plan with every other group excluded removes
+    name = table.units[0]
+    others = [layer for n, g in channel_groups(model, pk.ChannelConfig(ratio=0.5), x).items() if n != name
+              for layer in g.layers]
+    stats = pk.plan(model, pk.ChannelConfig(ratio=0.5, exclude=others), x).stats
+    assert table.removed["params"][name][1] == stats["params_before"] - stats["params_after"]
     assert all(math.isfinite(v) for vs in table.values.values() for v in vs)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

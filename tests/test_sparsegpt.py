@@ -98,3 +98,15 @@ def test_too_little_data_is_logged(caplog) -> None:
     pk.prune(model, NMConfig(n=2, m=4, criterion="sparsegpt"), data=[torch.randn(4, 16)])
     assert "'0': 4 calibration rows for 16 inputs" in caplog.text
     assert check_nm(model, 2, 4).ok
+
+
+def test_solver_runs_in_float32_under_autocast() -> None:
+    """Forwards may run under bf16 autocast; the Hessian and OBS updates must not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    data = [_correlated_inputs(128, 64)]
+    reference = pk.plan(model, NMConfig(n=2, m=4, criterion="sparsegpt"), data=data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pk.plan(model, NMConfig(n=2, m=4, criterion="sparsegpt"), data=data)
+    assert torch.equal(mixed.masks["0.weight"], reference.masks["0.weight"])
+    torch.testing.assert_close(mixed.weights["0.weight"], reference.weights["0.weight"])

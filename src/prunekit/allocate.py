@@ -12,12 +12,14 @@ for a model that is itself an approximation; the greedy walk over each curve's l
 is optimal at every budget the hulls' vertices reach (Shoham & Gersho, Thm. 1), runs in
 O(units x levels x log), and never prefers a noisy, non-convex point whose neighbours say it is
 a fluke. Curves are made monotone first (a level is never predicted less damaging than a lower
-one), and levels that failed to evaluate are never chosen.
+one), and levels that failed to evaluate are never chosen. The walk's last step can overshoot
+the budget, so units then step back down their curves while the budget holds, and (with
+`exact=True`) one unit gets a level between two scanned ones so the target is met exactly:
+the continuous relaxation's optimum, which lies on a hull segment.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -123,31 +125,21 @@ class Allocation:
             rules[unit] = leaf_at_level(family, level) if level > 0 else None
         return PerLayer(rules)
 
-    def apply(self, model: nn.Module, example_inputs: Any = None) -> nn.Module:
+    def apply(self, model: nn.Module, example_inputs: Any = None, data: Any = None) -> nn.Module:
         """Prune as allocated. Layers: masks in place (mutates, returns `model`). Channel groups:
-        each group removed at its ratio with all other groups excluded, on a copy that is
-        returned (`model` is left intact, also on error).
+        one channel plan removing each group's lowest-scoring units at its own ratio, applied
+        to a copy that is returned (`model` is left intact, also on error); needs `example_inputs`.
         """
-        from prunekit.plan import plan, prune
+        from prunekit.plan import prune
 
         family = config_from_dict(self.family, where="Allocation.family")
         if self.kind == "layer":
-            return prune(model, self.to_config(family))
-        from prunekit.sensitivity_groups import channel_groups
+            return prune(model, self.to_config(family), data=data)
+        from prunekit.sensitivity_groups import GroupPruner
 
-        groups = channel_groups(model, family, example_inputs)
-        unknown = [u for u in self.levels if u not in groups]
-        if unknown:
-            raise ConfigError(f"Allocation names channel groups this model does not have: {unknown[:4]}")
-        everyone = {layer for g in groups.values() for layer in g.layers} | set(getattr(family, "exclude", ()))
-        pruned = copy.deepcopy(model)
-        for unit, level in self.levels.items():
-            if level <= 0:
-                continue
-            others = tuple(sorted(everyone - set(groups[unit].layers)))
-            config = family.model_copy(update={"ratio": level, "exclude": others})
-            plan(pruned, config, example_inputs).apply(pruned)
-        return pruned
+        return GroupPruner(model, family, example_inputs, data).pruned_many(
+            {u: lv for u, lv in self.levels.items() if lv > 0}
+        )
 
     def summary(self) -> str:
         """One line per unit with its level, then what the allocation predicts."""

@@ -15,6 +15,7 @@ writes masks and weights together.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -112,6 +113,16 @@ class Pattern:
         return mask
 
 
+def full_precision() -> contextlib.ExitStack:
+    """Turn autocast off: statistics and solvers (Cholesky, OBS updates) need float32 even
+    when the caller runs the forward passes under bf16/fp16 autocast."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
+
+
 @dataclass
 class LayerStats:
     """What a Linear layer's inputs looked like on the calibration data.
@@ -126,7 +137,10 @@ class LayerStats:
     rows: int = 0
 
     def add(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        with full_precision():
+            self._add(x.detach().reshape(-1, x.shape[-1]).float())
+
+    def _add(self, x: Tensor) -> None:
         if not torch.isfinite(x).all():
             raise CalibrationError(f"layer {self.fqn!r}: its calibration inputs contain NaN/Inf")
         self.sq_norm += x.pow(2).sum(dim=0)
@@ -334,7 +348,8 @@ class _Runner:
             weight = module.weight.detach().float().cpu().clone()  # type: ignore[operator]
             prev = get_mask(module)
             keep_prev = None if prev is None else prev.mask.cpu()
-            keep, new = self.solver.fn(weight, keep_prev, st, self.pattern, fqn)
+            with full_precision():
+                keep, new = self.solver.fn(weight, keep_prev, st, self.pattern, fqn)
             base = _base_tensor(module, "weight")
             key = f"{fqn}.weight"
             self.plan.masks[key] = keep.to(base.device)

@@ -118,6 +118,8 @@ def export(
     typer.echo(report.summary())
 
 def _inspect_model(entry_point: str) -> None:
+    import torch
+
     from prunekit.masks import sparsity
     from prunekit.recipe import load_entry_point
     from prunekit.targets import prunable_layers
@@ -126,8 +128,8 @@ def _inspect_model(entry_point: str) -> None:
     measured = sparsity(model)
     typer.echo(f"{'prunable layer':<40} {'type':<10} {'weight shape':<20} {'params':>10}  sparsity")
     for fqn, module in prunable_layers(model).items():
-        shape = str(tuple(module.weight.shape))
-        typer.echo(f"{fqn:<40} {type(module).__name__:<10} {shape:<20} {module.weight.numel():>10,}  "
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        typer.echo(f"{fqn:<40} {type(module).__name__:<10} {str(tuple(weight.shape)):<20} {weight.numel():>10,}  "
                    f"{measured.layers.get(fqn, 0.0):7.2%}")
     typer.echo(f"{len(measured.layers)} prunable layers, {measured.total_numel:,} prunable weights")
 

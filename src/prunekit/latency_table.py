@@ -42,6 +42,9 @@ class LatencyTable:
         model_ms: median latency of the whole dense model on the example inputs, in ms.
         kind: "layer" or "group".
         threads: torch threads used for the timing.
+        reference_ms: unit -> the whole dense model's median, timed interleaved with that
+            unit's variants. A unit's saving is taken as a share of this and then scaled to
+            `model_ms`, so load that changes between units (a shared machine) cancels out.
     """
 
     units: list[str]
@@ -51,6 +54,7 @@ class LatencyTable:
     model_ms: float
     kind: Literal["layer", "group"] = "layer"
     threads: int = 1
+    reference_ms: dict[str, float] | None = None
 
     def budget(self, table: Any, target: Any) -> Any:
         """The allocation budget of a `LatencyTarget` over a sensitivity table's units and levels."""
@@ -66,10 +70,8 @@ class LatencyTable:
         total = self.model_ms
 
         def saving(u: str, lv: float) -> float:
-            dense, pruned = self.dense_ms[u], self.latency_ms[u][index[round(lv, 9)]]
-            if self.kind == "group":  # whole-model timings: the relative gain, drift cancels out
-                return max(0.0, total * (1.0 - pruned / dense))
-            return max(0.0, dense - pruned)
+            gain = max(0.0, self.dense_ms[u] - self.latency_ms[u][index[round(lv, 9)]])
+            return gain if self.reference_ms is None else gain / self.reference_ms[u] * total
 
         savings = {u: [saving(u, lv) for lv in table.levels] for u in table.units}
         required = total * (1.0 - 1.0 / target.speedup)
@@ -147,8 +149,8 @@ def measure_latency_table(
         model: the dense model.
         config: the family the allocation will use: a mask config (units are layers, each
             timed alone on its real input with its weights zeroed) or a `ChannelConfig` (units
-            are coupled channel groups; the whole model is timed with only that group removed,
-            so the narrower inputs of the layers it feeds count too).
+            are coupled channel groups; every layer the group touches, including those whose
+            inputs it narrows, is timed on its real input with the group removed).
         levels: the levels of the sensitivity scan.
         example_inputs: the inputs to serve (e.g. batch 1); each layer is timed on the input
             it receives from them.
@@ -166,9 +168,9 @@ def measure_latency_table(
                                threads=threads)["model"].latency_ms_p50
     used = threads if threads is not None else torch.get_num_threads()
     if not isinstance(config, (MaskConfig, PerLayer)):
-        group_ms, group_levels_ms = _time_groups(model, config, levels, example_inputs, repeats, warmup, threads,
-                                                 progress)
-        return LatencyTable(list(group_ms), levels, group_ms, group_levels_ms, model_ms, "group", used)
+        group_ms, group_levels_ms, reference = _time_groups(model, config, levels, example_inputs, repeats, warmup,
+                                                            threads, progress)
+        return LatencyTable(list(group_ms), levels, group_ms, group_levels_ms, model_ms, "group", used, reference)
     from prunekit.targets import resolve
 
     units = {f: [f] for f in resolve(model, config)}
@@ -176,48 +178,83 @@ def measure_latency_table(
     inputs = _layer_inputs(model, example_inputs, sorted({f for fs in units.values() for f in fs}))
     dense_ms: dict[str, float] = {}
     latency_ms: dict[str, list[float]] = {}
+    reference_ms: dict[str, float] = {}
     for unit, fqns in _progress(list(units.items()), progress):
         totals = [0.0] * (len(levels) + 1)
+        references: list[float] = []
         for fqn in fqns:
             # every variant of a layer timed together, interleaved, each bound to its own input
-            variants = {"dense": _Bound(modules[fqn], inputs[fqn])}
+            variants = {"model": _Whole(model, example_inputs), "dense": _Bound(modules[fqn], inputs[fqn])}
             for i, level in enumerate(levels):
                 variants[str(i)] = _Bound(_variant(modules[fqn], level), inputs[fqn])
             timed = measure_latency(variants, None, repeats=repeats, warmup=warmup, threads=threads)
-            for j, name in enumerate(variants):
+            references.append(timed.pop("model").latency_ms_p50)
+            for j, name in enumerate(timed):
                 totals[j] += timed[name].latency_ms_p50
         dense_ms[unit], latency_ms[unit] = totals[0], totals[1:]
-    return LatencyTable(list(units), levels, dense_ms, latency_ms, model_ms, "layer", used)
+        reference_ms[unit] = sum(references) / len(references)
+    return LatencyTable(list(units), levels, dense_ms, latency_ms, model_ms, "layer", used, reference_ms)
 
 
 def _time_groups(
     model: nn.Module, config: FrozenConfig, levels: list[float], example_inputs: Any, repeats: int, warmup: int,
     threads: int | None, progress: bool,
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Time the whole model with one channel group removed at each level, against the dense one.
+) -> tuple[dict[str, float], dict[str, list[float]], dict[str, float]]:
+    """Time the layers a channel group touches, dense and with the group removed at each level.
 
-    A group's channels feed the next layers too, so its layers alone would miss the savings of
-    their consumers' narrower inputs; the whole model with only that group pruned sees both.
+    A group's channels narrow its own layers' outputs and the inputs of the layers it feeds;
+    all of them (every module owning a member tensor) are timed together on the inputs they
+    receive in the dense model and in each pruned copy. Timing only those layers, instead of
+    the whole model, keeps a small group's saving above the timer's noise.
     """
     from prunekit.bench import measure_latency
-    from prunekit.plan import plan
     from prunekit.sensitivity import _progress
-    from prunekit.sensitivity_groups import channel_groups
+    from prunekit.sensitivity_groups import GroupPruner
 
-    groups = channel_groups(model, config, example_inputs)
-    everyone = {layer for g in groups.values() for layer in g.layers} | set(getattr(config, "exclude", ()))
+    pruner = GroupPruner(model, config, example_inputs)
     dense_ms: dict[str, float] = {}
     latency_ms: dict[str, list[float]] = {}
-    for name, group in _progress(list(groups.items()), progress):
-        others = tuple(sorted(everyone - set(group.layers)))
-        variants = {"dense": model}
+    reference_ms: dict[str, float] = {}
+    for name, group in _progress(list(pruner.groups.items()), progress):
+        touched = sorted({fqn.rpartition(".")[0] for fqn, _ in group.members})
+        variants = {"model": _Whole(model, example_inputs), "dense": _Layers(model, example_inputs, touched)}
         for i, level in enumerate(levels):
-            probe = config.model_copy(update={"ratio": level, "exclude": others})
-            variants[str(i)] = plan(model, probe, example_inputs).apply(copy.deepcopy(model))
-        timed = measure_latency(variants, example_inputs, repeats=repeats, warmup=warmup, threads=threads)
+            variants[str(i)] = _Layers(pruner.pruned(name, level), example_inputs, touched)
+        timed = measure_latency(variants, None, repeats=repeats, warmup=warmup, threads=threads)
+        reference_ms[name] = timed["model"].latency_ms_p50
         dense_ms[name] = timed["dense"].latency_ms_p50
         latency_ms[name] = [timed[str(i)].latency_ms_p50 for i in range(len(levels))]
-    return dense_ms, latency_ms
+    return dense_ms, latency_ms, reference_ms
+
+
+class _Whole(nn.Module):
+    """The whole model on its example inputs, timed beside a unit's variants as the reference."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any) -> None:
+        super().__init__()
+        self.model, self.example_inputs = model, example_inputs
+        self.training = model.training  # restored recursively after timing: keep the model's
+
+    def forward(self, _ignored: Any = None) -> Any:
+        from prunekit.bench import _call
+
+        return _call(self.model, self.example_inputs)
+
+
+class _Layers(nn.Module):
+    """Some layers of a model, each run on the input it receives from the model's example inputs."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, fqns: list[str]) -> None:
+        super().__init__()
+        modules = dict(model.named_modules())
+        inputs = _layer_inputs(model, example_inputs, fqns)
+        self.calls = [(modules[f], inputs[f]) for f in fqns if f in inputs]
+        self.held = nn.ModuleList(m for m, _ in self.calls)  # so eval()/parameters() reach them
+        # measure_latency restores *our* mode recursively afterwards: make it the model's mode
+        self.training = model.training
+
+    def forward(self, _ignored: Any = None) -> Any:
+        return [layer(x) for layer, x in self.calls]
 
 
 class _Bound(nn.Module):
@@ -226,6 +263,7 @@ class _Bound(nn.Module):
     def __init__(self, layer: nn.Module, x: Tensor) -> None:
         super().__init__()
         self.layer, self.x = layer, x  # measure_latency passes None as the input
+        self.training = layer.training  # restored recursively after timing: keep the layer's
 
     def forward(self, _ignored: Any = None) -> Tensor:
         return self.layer(self.x)

@@ -457,7 +457,8 @@ def _plot_table(table: SensitivityTable, path: str | Path) -> Path:
     from prunekit.files import atomic_write_bytes
 
     grid = np.array([[table.degradation(u, i) for i in range(len(table.levels))] for u in table.units])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(table.levels), 1.2 + 0.35 * len(table.units)))
+    width = 2.5 + 0.9 * len(table.levels) + 0.06 * max(len(u) for u in table.units)
+    fig, ax = plt.subplots(figsize=(width, 1.5 + 0.35 * len(table.units)))
     try:
         image = ax.imshow(np.ma.masked_invalid(grid), cmap="magma_r", aspect="auto")
         ax.set_xticks(range(len(table.levels)), [f"{lv:g}" for lv in table.levels])
@@ -466,8 +467,8 @@ def _plot_table(table: SensitivityTable, path: str | Path) -> Path:
         for (r, c), v in np.ndenumerate(grid):
             ax.text(c, r, "fail" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize=7, color="gray")
         worse = "baseline - metric" if table.higher_is_better else "metric - baseline"
-        fig.colorbar(image, ax=ax, label=f"degradation ({worse})")
-        ax.set_title(f"sensitivity (baseline {table.baseline:.4g})")
+        fig.colorbar(image, ax=ax, label="degradation")
+        ax.set_title(f"degradation = {worse} (baseline {table.baseline:.4g})", fontsize=9)
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110)
