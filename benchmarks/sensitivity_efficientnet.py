@@ -6,7 +6,7 @@
 2. Measure a latency lookup table on this device at batch 1 (each group removed alone at each
    ratio, whole model timed interleaved with the dense one).
 3. Allocate per-group ratios for a 1.6x speed-up, apply them, and measure the real speed-up
-   (dense and pruned interleaved, `prunekit.compare`); if it misses by more than 5 %, re-aim
+   (dense and pruned interleaved, `prunekit.compare_speed`); if it misses by more than 5 %, re-aim
    the allocation by the measured shortfall and measure again (up to --rounds times).
 
     OMP_NUM_THREADS=1 python benchmarks/sensitivity_efficientnet.py
@@ -73,7 +73,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         allocation = pk.allocate(table, pk.LatencyTarget(speedup=goal), latency=lut)
         pruned = allocation.apply(dense, x1).eval()
-        result = pk.compare(dense, pruned, x1, repeats=30, warmup=3)
+        result = pk.compare_speed(dense, pruned, x1, repeats=30, warmup=3)
         measured = 1 / result.latency_ratio
         print(f"round {round_ + 1}: aimed {goal:.2f}x, predicted {allocation.achieved:.2f}x, measured "
               f"{measured:.2f}x ({(measured / args.speedup - 1):+.1%} vs target)", flush=True)

@@ -57,7 +57,7 @@ def main() -> None:
         print(f"== {name}: {config}")
         print(f"planning {plan_s:.2f} s (warm), {torch.get_num_threads()} threads")
         for batch, x in inputs.items():
-            c = prunekit.compare(model, pruned, x, repeats=args.repeats, warmup=3, threads=args.threads)
+            c = prunekit.compare_speed(model, pruned, x, repeats=args.repeats, warmup=3, threads=args.threads)
             ok = c.speedup_vs_flops >= 0.7
             print(f"-- batch {batch}\n{c.summary()}\n   latency gain >= 70% of FLOPs gain: {ok}")
 

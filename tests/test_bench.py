@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.bench import Comparison, Latency, compare, count_flops, count_params, measure_latency
+from prunekit.bench import Comparison, Latency, compare_speed, count_flops, count_params, measure_latency
 
 
 def test_count_params_counts_shared_once_and_nonzero() -> None:
@@ -40,7 +40,7 @@ def test_measure_latency_rejects_bad_arguments() -> None:
 
 
 def test_compare_reports_ratios_and_says_when_not_faster() -> None:
-    c = compare(nn.Linear(32, 32), nn.Linear(32, 16), torch.randn(1, 32), repeats=5, warmup=1)
+    c = compare_speed(nn.Linear(32, 32), nn.Linear(32, 16), torch.randn(1, 32), repeats=5, warmup=1)
     assert c.params_ratio == pytest.approx((32 * 16 + 16) / (32 * 32 + 32))
     assert c.flops_ratio == pytest.approx(0.5)
     slow = Comparison((10, 5), (10, 5), (Latency(1.0, 1.0, 3), Latency(1.2, 1.3, 3)), 1)

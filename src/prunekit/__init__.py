@@ -17,7 +17,7 @@ from prunekit.allocate import (
     Target,
     allocate,
 )
-from prunekit.bench import compare, count_flops, count_params, measure_latency
+from prunekit.bench import compare_speed, count_flops, count_params, measure_latency
 from prunekit.calibration import CalibrationError
 from prunekit.config import PerLayer, UnstructuredConfig, load_recipe, save_recipe
 from prunekit.distill import KDLoss, accuracy, finetune
@@ -37,6 +37,8 @@ from prunekit.nm import NMConfig, NMReport, check_nm
 from prunekit.onnx_export import ExportReport, export_onnx
 from prunekit.plan import MaskPlan, plan, prune, register_method
 from prunekit.quantize import DynamicInt8Config, OrtModule, StaticInt8Config, quantize
+from prunekit.recipe import FinetuneConfig, Recipe
+from prunekit.report import Report, compare, write_report
 from prunekit.schedule import Cubic, GradualPruner, Iterative, OneShot, Polynomial
 from prunekit.search import SearchConfig, SearchError, SearchRecipe, SearchResult, search
 from prunekit.sensitivity import SensitivityError, SensitivityTable, proxy_loss, sensitivity
@@ -50,6 +52,11 @@ __all__ = [
     "bn_scale_penalty",
     "prune_iteratively",
     "compare",
+    "compare_speed",
+    "FinetuneConfig",
+    "Recipe",
+    "Report",
+    "write_report",
     "count_flops",
     "count_params",
     "measure_latency",

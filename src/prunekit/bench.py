@@ -193,13 +193,13 @@ class Comparison:
         return self.summary()
 
 
-def compare(
+def compare_speed(
     dense: nn.Module, pruned: nn.Module, inputs: Any, *, repeats: int = 50, warmup: int = 5, threads: int | None = None
 ) -> Comparison:
     """Params, FLOPs and interleaved latency of `dense` vs `pruned` on `inputs`.
 
     Example:
-        >>> c = compare(nn.Linear(8, 8), nn.Linear(8, 4), torch.randn(1, 8), repeats=3, warmup=1)
+        >>> c = compare_speed(nn.Linear(8, 8), nn.Linear(8, 4), torch.randn(1, 8), repeats=3, warmup=1)
         >>> c.params_ratio < 1
         True
     """
