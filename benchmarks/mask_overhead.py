@@ -28,16 +28,21 @@ def step_time(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
 
 
 def measure(name: str, dense: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, warmup: int) -> float:
-    masked = pk.prune(copy.deepcopy(dense), pk.UnstructuredConfig(sparsity=0.9))
-    opts = {m: torch.optim.Adam(m.parameters(), lr=1e-4) for m in (dense, masked)}
-    times: dict[nn.Module, list[float]] = {dense: [], masked: []}
+    config = pk.UnstructuredConfig(sparsity=0.9, scope="layer")
+    masked = copy.deepcopy(dense)
+    pk.GradualPruner(masked, config, pk.OneShot()).step(0)
+    ste = copy.deepcopy(dense)
+    pk.GradualPruner(ste, config, pk.OneShot(), straight_through=True).step(0)
+    models = [dense, masked, ste]
+    opts = {m: torch.optim.Adam(m.parameters(), lr=1e-4) for m in models}
+    times: dict[nn.Module, list[float]] = {m: [] for m in models}
     for i in range(warmup + repeats):
-        for model in (dense, masked) if i % 2 == 0 else (masked, dense):
+        for model in models if i % 2 == 0 else models[::-1]:
             t = step_time(model, opts[model], x, y)
             if i >= warmup:
                 times[model].append(t)
-    d, m = statistics.median(times[dense]), statistics.median(times[masked])
-    print(f"| {name} | {x.shape[0]} | {1e3 * d:.3f} | {1e3 * m:.3f} | {m / d:.3f}x |")
+    d, m, s = (statistics.median(times[k]) for k in models)
+    print(f"| {name} | {x.shape[0]} | {1e3 * d:.3f} | {1e3 * m:.3f} | {m / d:.3f}x | {1e3 * s:.3f} | {s / d:.3f}x |")
     return m / d
 
 
@@ -48,8 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats} steps")
-    print("| model | batch | dense step ms | masked step ms | masked / dense |")
-    print("|---|---|---|---|---|")
+    print("| model | batch | dense step ms | masked step ms | masked / dense | straight-through ms | ST / dense |")
+    print("|---|---|---|---|---|---|---|")
     for batch in (128, 512):
         x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
         measure("LeNet-300-100", lenet_300_100(), x, y, args.repeats, args.warmup)

@@ -66,6 +66,23 @@ def test_masks_survive_optimizer_steps() -> None:
         assert (layer.weight[~zeros] != 0).all()
 
 
+def test_straight_through_masks_keep_weights_dead_but_pass_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 2))
+    pruner = pk.GradualPruner(model, pk.UnstructuredConfig(sparsity=0.7), pk.OneShot(), straight_through=True)
+    pruner.step(0)
+    dead = model[0].weight == 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = model(torch.randn(8, 20)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        original = model[0].parametrizations.weight.original
+        assert (original.grad[dead] != 0).any()  # the estimator passes gradients through
+        opt.step()
+    assert (model[0].weight[dead] == 0).all()
+
+
 def test_sparsity_report_str_lists_layers() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     text = str(pk.sparsity(pk.prune(model, pk.UnstructuredConfig(sparsity=0.5))))

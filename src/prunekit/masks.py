@@ -9,6 +9,7 @@ but a pruned weight reads as zero until a schedule recomputes the mask (torchao'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,18 +56,36 @@ def global_topk_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, T
 # The parametrization.
 
 
+class _StraightThrough(torch.autograd.Function):
+    """w * mask forward; the gradient passes to every original weight unmasked (STE)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, mask: Tensor) -> Tensor:
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 class Mask(nn.Module):
     """Parametrization `w -> w * mask`; the bool mask is a buffer, saved with the model.
 
     The multiply uses a copy of the mask in the weight's dtype, cached until the mask changes:
     float * bool takes a slow casting path that made masked training steps ~1.5x a dense step.
+
+    With `straight_through=True` the backward pass skips the gradient's multiply by the mask
+    (Bengio et al. 2013's straight-through estimator, as SR-STE uses for N:M): the effective
+    weights are the same, pruned *originals* receive gradients but stay masked, and a step
+    costs one element-wise pass less. Global-norm gradient clipping then sees those gradients.
     """
 
     mask: Tensor
 
-    def __init__(self, mask: Tensor) -> None:
+    def __init__(self, mask: Tensor, straight_through: bool = False) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
+        self.straight_through = straight_through
         # (the mask tensor, its version counter, its copy); holding the tensor itself keeps its
         # identity check sound, and the version counter sees in-place updates (set_mask, load).
         self._cache: tuple[Tensor, int, Tensor] | None = None
@@ -80,6 +99,8 @@ class Mask(nn.Module):
         return cache[2]
 
     def forward(self, weight: Tensor) -> Tensor:
+        if self.straight_through:
+            return _StraightThrough.apply(weight, self._dense_mask(weight))
         return weight * self._dense_mask(weight)
 
     def extra_repr(self) -> str:
@@ -96,14 +117,17 @@ def get_mask(module: nn.Module, name: str = "weight") -> Mask | None:
     return None
 
 
-def set_mask(module: nn.Module, mask: Tensor, name: str = "weight") -> None:
-    """Attach a mask to `module.<name>`, or overwrite the one already there (mutates)."""
+def set_mask(module: nn.Module, mask: Tensor, name: str = "weight", *, straight_through: bool = False) -> None:
+    """Attach a mask to `module.<name>`, or overwrite the one already there (mutates).
+
+    `straight_through` applies to a new mask only; an existing mask keeps its own setting.
+    """
     existing = get_mask(module, name)
     if existing is not None:
         existing.mask.copy_(mask)
         return
     weight = getattr(module, name)
-    parametrize.register_parametrization(module, name, Mask(mask.to(weight.device)))
+    parametrize.register_parametrization(module, name, Mask(mask.to(weight.device), straight_through))
 
 
 def remove_mask(module: nn.Module, name: str = "weight", *, bake: bool = True) -> None:

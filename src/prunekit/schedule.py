@@ -127,6 +127,9 @@ class GradualPruner:
 
     Call `step(step)` after each optimizer step with the global step: the pruner has no hidden
     counter, so a run resumed from `state_dict()` continues exactly where it stopped.
+    `straight_through=True` makes the masks pass gradients unmasked to the stored originals
+    (see `prunekit.masks.Mask`): the same effective weights for a cheaper step. Masks only
+    grow here, so a pruned weight stays pruned either way.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -145,6 +148,7 @@ class GradualPruner:
         *,
         data: Iterable[Any] | None = None,
         seed: int = 0,
+        straight_through: bool = False,
     ) -> None:
         self.model = model
         self.config = config
@@ -159,7 +163,7 @@ class GradualPruner:
         modules = dict(model.named_modules())
         for fqn in self._fqns:
             weight = modules[fqn].weight
-            set_mask(modules[fqn], torch.ones_like(weight, dtype=torch.bool))
+            set_mask(modules[fqn], torch.ones_like(weight, dtype=torch.bool), straight_through=straight_through)
 
     def step(self, step: int) -> bool:
         """Update the masks if the schedule's sparsity at `step` differs; True if it did."""
