@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,25 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+@torch.no_grad()
+def run_with_hooks(
+    model: nn.Module, inputs: Any, hooks: Mapping[str, Callable[..., Any]], *, pre: bool = False
+) -> None:
+    """One eval-mode forward on `inputs` with a hook on each named module (a forward-pre hook
+    if `pre`); the hooks are removed and the train/eval mode restored afterwards."""
+    modules = dict(model.named_modules())
+    register = "register_forward_pre_hook" if pre else "register_forward_hook"
+    handles = [getattr(modules[fqn], register)(hook) for fqn, hook in hooks.items()]
+    training = model.training
+    try:
+        model.eval()
+        _call(model, inputs)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()

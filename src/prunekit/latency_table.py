@@ -108,9 +108,8 @@ class LatencyTable:
 
 def _layer_inputs(model: nn.Module, example_inputs: Any, fqns: Sequence[str]) -> dict[str, Tensor]:
     """The input each named layer receives on `example_inputs` (first call), via forward hooks."""
-    from prunekit.bench import _call
+    from prunekit.bench import run_with_hooks
 
-    modules = dict(model.named_modules())
     seen: dict[str, Tensor] = {}
 
     def hook(fqn: str) -> Callable[..., None]:
@@ -119,16 +118,7 @@ def _layer_inputs(model: nn.Module, example_inputs: Any, fqns: Sequence[str]) ->
 
         return record
 
-    handles = [modules[f].register_forward_pre_hook(hook(f)) for f in fqns]
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            _call(model, example_inputs)
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, example_inputs, {f: hook(f) for f in fqns}, pre=True)
     return seen
 
 

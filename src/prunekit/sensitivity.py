@@ -308,9 +308,8 @@ def layer_flops(model: nn.Module, example_inputs: Any, fqns: Sequence[str]) -> d
     Counted from each layer's output size with forward hooks (no graph tracing), so it works
     on any model that runs: a conv costs 2 * (in/groups) * kernel elements per output.
     """
-    from prunekit.bench import _call
+    from prunekit.bench import run_with_hooks
 
-    modules = dict(model.named_modules())
     counts: dict[str, int] = {}
 
     def hook(fqn: str) -> Callable[..., None]:
@@ -321,16 +320,7 @@ def layer_flops(model: nn.Module, example_inputs: Any, fqns: Sequence[str]) -> d
 
         return record
 
-    handles = [modules[f].register_forward_hook(hook(f)) for f in fqns]
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            _call(model, example_inputs)
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, example_inputs, {f: hook(f) for f in fqns})
     return {f: counts.get(f, 0) for f in fqns}
 
 
