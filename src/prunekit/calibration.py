@@ -254,22 +254,30 @@ def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _capture_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[tuple[tuple, dict]]:
-    captured: list[tuple[tuple, dict]] = []
+def _inputs_to(model: nn.Module, block: nn.Module, batch: Batch) -> tuple[tuple, dict] | None:
+    """Run `model` on `batch` only as far as `block`: the (args, kwargs) it would receive."""
+    seen: list[tuple[tuple, dict]] = []
 
     def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, _clean_kwargs(kwargs)))
+        seen.append((args, kwargs))
         raise _Stop
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in batches:
-            try:
-                call_model(model, batch)
-            except _Stop:
-                pass
+        call_model(model, batch)
+    except _Stop:
+        pass
     finally:
         handle.remove()
+    return seen[0] if seen else None
+
+
+def _capture_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[tuple[tuple, dict]]:
+    captured = []
+    for batch in batches:
+        inputs = _inputs_to(model, block, batch)
+        if inputs is not None:
+            captured.append((inputs[0], _clean_kwargs(inputs[1])))
     if len(captured) != len(batches):
         raise CalibrationError(f"only {len(captured)} of {len(batches)} calibration batches reached the blocks")
     return captured
@@ -297,22 +305,10 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict
 
 def _blocks_chain(model: nn.Module, blocks: list[tuple[str, nn.Module]], batch: Batch, first: tuple) -> bool:
     """Check the assumption the runner rests on: block 1's input is block 0's output."""
-    seen: list[tuple] = []
-
-    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.append((args, kwargs))
-        raise _Stop
-
-    handle = blocks[1][1].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        call_model(model, batch)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
+    inputs = _inputs_to(model, blocks[1][1], batch)
+    if inputs is None:
         return False
-    args, kwargs = seen[0]
+    args, kwargs = inputs
     actual = args[0] if args else kwargs.get("hidden_states")
     expected = _hidden(blocks[0][1](*first[0], **first[1]))
     return isinstance(actual, Tensor) and actual.shape == expected.shape and torch.allclose(actual, expected, atol=1e-5)
