@@ -109,3 +109,10 @@ def test_masked_model_must_be_finalized_first() -> None:
     prunekit.prune(model, prunekit.UnstructuredConfig(sparsity=0.5))
     with pytest.raises(prunekit.ConfigError, match="finalize"):
         prunekit.plan(model, prunekit.ChannelConfig(ratio=0.5), torch.randn(1, 1, 8, 8))
+
+
+def test_model_with_nothing_to_prune_is_a_clear_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    # The only hidden layer is excluded and the output layer can never shrink: nothing is left.
+    with pytest.raises(prunekit.UnsupportedLayerError, match="no prunable channel group"):
+        prunekit.plan(model, prunekit.ChannelConfig(ratio=0.5, exclude=["0"]), torch.randn(1, 4))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.config import config_from_dict, config_to_dict
-from prunekit.errors import ConfigError, PlanError
+from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
 from prunekit.plan import PlanContext, register_method
 from prunekit.structured.config import ChannelConfig
 from prunekit.structured.groups import DependencyGraph, Group, analyze
@@ -304,6 +304,11 @@ def plan_channels(model: nn.Module, config: ChannelConfig, fqns: list[str] | Non
         graph = analyze(model, trace(model, ctx.example_inputs), excluded)
     finally:
         model.train(was_training)
+    if not graph.groups:
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} has no prunable channel group: no Linear/Conv output can shrink "
+            "(no such layer, every one excluded, or all behind ops prunekit does not understand)"
+        )
     removed = select_units(
         graph.groups,
         _scores(model, config, graph.groups, ctx),
