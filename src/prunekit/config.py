@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from prunekit.criteria import CriterionName
 from prunekit.errors import ConfigError
 
 RECIPE_VERSION = 1
@@ -82,17 +83,8 @@ class UnstructuredConfig(MaskConfig):
 
     sparsity: float = Field(ge=0.0, lt=1.0)
     scope: Literal["global", "layer"] = "global"
-    criterion: str = "l1"
+    criterion: CriterionName = "l1"
     seed: int = 0
-
-    @field_validator("criterion")
-    @classmethod
-    def _known_criterion(cls, name: str) -> str:
-        from prunekit.criteria import list_criteria
-
-        if name not in list_criteria():
-            raise ValueError(f"unknown criterion {name!r}; known: {', '.join(list_criteria())}")
-        return name
 
     def with_sparsity(self, sparsity: float) -> UnstructuredConfig:
         return self.model_copy(update={"sparsity": sparsity})

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import AfterValidator
 from torch import Tensor, nn
 
 from prunekit.errors import ConfigError
@@ -68,6 +69,15 @@ def get_criterion(name: str) -> CriterionInfo:
 def list_criteria() -> list[str]:
     """Names of all registered criteria, sorted."""
     return sorted(_CRITERIA)
+
+
+def _registered(name: str) -> str:
+    get_criterion(name)  # ConfigError is a ValueError: pydantic reports it under the field's name
+    return name
+
+
+CriterionName = Annotated[str, AfterValidator(_registered)]
+"""A config field holding the name of a registered element-wise criterion."""
 
 
 @register_criterion("l1", reference="Han et al. 2015, Learning both Weights and Connections")

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from prunekit.config import MaskConfig, recipe_type
-from prunekit.criteria import get_criterion, list_criteria
+from prunekit.criteria import CriterionName, get_criterion
 from prunekit.errors import ConfigError, PlanError
 from prunekit.plan import MaskPlan, PlanContext, register_method, score_layers
 
@@ -55,15 +55,8 @@ class NMConfig(MaskConfig):
 
     n: int = Field(ge=1)
     m: int = Field(ge=2)
-    criterion: str = "l1"
+    criterion: CriterionName = "l1"
     indivisible: Literal["skip", "error"] = "skip"
-
-    @field_validator("criterion")
-    @classmethod
-    def _known_criterion(cls, name: str) -> str:
-        if name not in list_criteria():
-            raise ValueError(f"unknown criterion {name!r}; known: {', '.join(list_criteria())}")
-        return name
 
     @model_validator(mode="after")
     def _n_below_m(self) -> NMConfig:
