@@ -14,27 +14,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _timing import timed  # benchmarks/ is on sys.path when a script runs
 
 import prunekit as pk
-
-
-def timed(fns: dict, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(3):
-        for f in fns.values():
-            f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: round(statistics.median(v), 2) for k, v in times.items()}
 
 
 def photo_batches(count: int, batch: int) -> list[torch.Tensor]:

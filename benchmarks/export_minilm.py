@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import statistics
 import tempfile
 import time
 import warnings
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _timing import timed  # benchmarks/ is on sys.path when a script runs
 from torch import nn
 
 import prunekit as pk
@@ -48,17 +48,6 @@ def sentences(count: int) -> list[str]:
     return [r.split("\t", 1)[-1][:600] for r in rows[:count]]
 
 
-def timed(fns: dict[str, Any], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(3):
-        for f in fns.values():
-            f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: round(statistics.median(v), 2) for k, v in times.items()}
 
 
 def main() -> None:
