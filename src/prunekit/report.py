@@ -43,11 +43,14 @@ class Report:
     data: dict[str, Any] = field(default_factory=dict)
 
     def save(self, out: str | Path) -> Path:
-        """Write report.json, report.md and report.html into folder `out` (atomically)."""
+        """Write report.json, report.md, report.html and each plot as PNG into `out` (atomically)."""
         out = Path(out)
+        images = plots(self.data)  # rendered once, for the HTML and the PNG files
         atomic_write_text(out / "report.json", json.dumps(self.data, indent=2))
         atomic_write_text(out / "report.md", render_markdown(self.data))
-        atomic_write_text(out / "report.html", render_html(self.data))
+        atomic_write_text(out / "report.html", render_html(self.data, images))
+        for name, png in images.items():
+            atomic_write_bytes(out / f"{name}.png", png)
         return out
 
     def summary(self) -> str:
@@ -374,15 +377,16 @@ def plots(d: dict[str, Any]) -> dict[str, bytes]:
     return out
 
 
-def render_html(d: dict[str, Any]) -> str:
-    """One self-contained HTML page: the Markdown tables as HTML plus embedded PNG plots."""
+def render_html(d: dict[str, Any], pngs: dict[str, bytes] | None = None) -> str:
+    """One self-contained HTML page: the Markdown tables as HTML plus the embedded PNG plots
+    (`pngs`, rendered from `d` when not given)."""
     import base64
     import html
 
     images = "".join(
         f'<figure><img id="plot-{name}" alt="{name}" src="data:image/png;base64,'
         f'{base64.b64encode(png).decode()}"></figure>'
-        for name, png in plots(d).items()
+        for name, png in (plots(d) if pngs is None else pngs).items()
     )
     body: list[str] = []
     header = False
@@ -422,8 +426,5 @@ def render_html(d: dict[str, Any]) -> str:
 
 
 def write_report(report: Report, out: str | Path) -> Path:
-    """Write report.json, report.md and report.html into `out`; also writes each plot as PNG."""
-    out = report.save(out)
-    for name, png in plots(report.data).items():
-        atomic_write_bytes(out / f"{name}.png", png)
-    return out
+    """Write report.json, report.md, report.html and the plots as PNG into `out` (`Report.save`)."""
+    return report.save(out)
