@@ -26,6 +26,7 @@ import torch
 
 import prunekit as pk
 from prunekit.data import mnist_loaders
+from prunekit.files import atomic_write_text
 from prunekit.zoo import lenet_300_100
 
 
@@ -126,7 +127,7 @@ def main() -> None:
     }
     text = json.dumps(result, indent=2)
     print(text)
-    (out / "export_mnist.json").write_text(text)
+    atomic_write_text(out / "export_mnist.json", text)
     print(f"\n90% + INT8 file is 1/{dense_bytes / int8_save.size_bytes:.1f} of dense fp32 "
           f"(target <= 1/20); accuracy {100 * acc_int8:.2f} vs {100 * acc_sparse:.2f} fp32 90%")
 

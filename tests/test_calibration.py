@@ -156,6 +156,26 @@ def test_later_blocks_calibrate_on_pruned_outputs() -> None:
         assert seen[q1] and not any(torch.allclose(t, dense1, atol=1e-4) for t in seen[q1])
 
 
+def test_per_layer_sparsities_are_solved_in_one_sequential_pass() -> None:
+    """PerLayer Wanda rules that differ only in sparsity (an allocation) prune like one config:
+    each layer at its own level, later blocks calibrated on the pruned earlier ones."""
+    model, data = _tiny_llama(), _token_batches(2)
+    wanda = lambda s: pk.UnstructuredConfig(sparsity=s, criterion="wanda", scope="layer")  # noqa: E731
+    other = wanda(0.5).model_copy(update={"seed": 1})  # a distinct leaf, which Wanda ignores
+    same = pk.plan(model, pk.PerLayer({r"re:model\.layers\.0\..*": wanda(0.5), r"re:model\.layers\.[12]\..*":
+                                       other, "_default": None}), data=data)
+    uniform = pk.plan(model, pk.UnstructuredConfig(sparsity=0.5, criterion="wanda", scope="layer",
+                                                   exclude=["lm_head"]), data=data)
+    assert same.masks.keys() == uniform.masks.keys()
+    assert all(torch.equal(same.masks[k], uniform.masks[k]) for k in uniform.masks)  # block 2 saw pruned inputs
+    mixed = pk.plan(model, pk.PerLayer({r"re:model\.layers\.0\..*": wanda(0.25), r"re:model\.layers\.1\..*":
+                                        wanda(0.75), "_default": None}), data=data)
+    kept = {k: float(m.float().mean()) for k, m in mixed.masks.items()}
+    assert kept["model.layers.0.mlp.up_proj.weight"] == pytest.approx(0.75)
+    assert kept["model.layers.1.mlp.up_proj.weight"] == pytest.approx(0.25)
+    assert not any(k.startswith("model.layers.2") for k in kept)
+
+
 def test_dict_batches_with_lm_head_use_a_full_pass_and_finalize_works() -> None:
     model, data = _tiny_llama(), _token_batches(2)
     cfg = pk.UnstructuredConfig(sparsity=0.5, criterion="wanda", scope="layer")

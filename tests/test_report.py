@@ -75,3 +75,14 @@ def test_empty_data_is_a_clear_error(models_and_data) -> None:
     baseline, pruned, _ = models_and_data
     with pytest.raises(pk.PrunekitError, match="no batches"):
         compare(baseline, pruned, [], batch_sizes=(1,))
+
+
+def test_report_states_how_stable_its_latency_ratios_are(models_and_data) -> None:
+    baseline, pruned, data = models_and_data
+    d = compare(baseline, pruned, data, batch_sizes=(1,), repeats=8, warmup=1).data
+    first, second = d["latency"]["by_batch"][0]["speedup_halves"]
+    assert d["latency"]["halves_spread"] == pytest.approx(abs(second / first - 1))
+    assert any(v.startswith("latency ratios stable within 10 %: ") for v in d["verdicts"])
+    short = compare(baseline, pruned, data, batch_sizes=(1,), repeats=4, warmup=0).data  # too few to split
+    assert short["latency"]["halves_spread"] is None
+    assert not any(v.startswith("latency ratios stable") for v in short["verdicts"])

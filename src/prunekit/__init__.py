@@ -18,6 +18,7 @@ from prunekit.allocate import (
     allocate,
 )
 from prunekit.bench import compare_speed, count_flops, count_params, measure_latency
+from prunekit.block import BlockConfig, BlockReport, check_blocks
 from prunekit.calibration import CalibrationError
 from prunekit.config import PerLayer, UnstructuredConfig, load_recipe, save_recipe
 from prunekit.distill import KDLoss, accuracy, finetune
@@ -25,6 +26,7 @@ from prunekit.errors import (
     CheckpointError,
     ConfigError,
     ExportCheckError,
+    MemoryBudgetError,
     PlanError,
     PrunekitError,
     TraceError,
@@ -39,6 +41,7 @@ from prunekit.plan import MaskPlan, plan, prune, register_method
 from prunekit.quantize import DynamicInt8Config, OrtModule, StaticInt8Config, quantize
 from prunekit.recipe import FinetuneConfig, Recipe
 from prunekit.report import Report, compare, write_report
+from prunekit.runtime import accelerate
 from prunekit.schedule import Cubic, GradualPruner, Iterative, OneShot, Polynomial
 from prunekit.search import SearchConfig, SearchError, SearchRecipe, SearchResult, search
 from prunekit.sensitivity import SensitivityError, SensitivityTable, proxy_loss, sensitivity
@@ -47,6 +50,7 @@ from prunekit.structured import ChannelConfig, ChannelPlan, bn_scale_penalty, pr
 __version__ = "0.1.0"
 
 __all__ = [
+    "accelerate",
     "ChannelConfig",
     "ChannelPlan",
     "bn_scale_penalty",
@@ -67,10 +71,14 @@ __all__ = [
     "export_onnx",
     "quantize",
     "CalibrationError",
+    "BlockConfig",
+    "BlockReport",
+    "check_blocks",
     "NMConfig",
     "NMReport",
     "check_nm",
     "CheckpointError",
+    "MemoryBudgetError",
     "ConfigError",
     "Cubic",
     "ExportCheckError",

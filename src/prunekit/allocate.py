@@ -243,6 +243,7 @@ def allocate(
     *,
     latency: Any = None,
     max_level: float | None = None,
+    min_level: float | None = None,
     exact: bool = True,
 ) -> Allocation:
     """Choose one level per unit that meets `target` with the least predicted degradation.
@@ -252,6 +253,9 @@ def allocate(
         target: `SparsityTarget`, `FlopsTarget`, `SizeTarget` or `LatencyTarget`.
         latency: a `LatencyTable` (from `measure_latency_table`), needed for `LatencyTarget`.
         max_level: never choose a level above this (e.g. to keep every layer trainable).
+        min_level: never choose a level below this: every unit starts at its lowest scanned
+            level >= `min_level` (with `max_level`, a band around the average as in OWL, Yin
+            et al. 2024, which keeps the additive prediction near where it was measured).
         exact: give one unit an interpolated level between two scanned ones so the target is
             met exactly instead of overshot (the continuous relaxation); False keeps scanned
             levels only.
@@ -277,6 +281,11 @@ def allocate(
     for unit in table.units:
         curve = _curve(table, unit, budget.savings[unit])
         points[unit] = [p for p in curve if max_level is None or p[2] <= max_level + 1e-12]
+        if min_level is not None:
+            points[unit] = [p for p in points[unit] if p[2] >= min_level - 1e-12]
+            if not points[unit]:
+                raise AllocationError(f"unit {unit!r} has no usable scanned level in [{min_level:g}, "
+                                      f"{max_level if max_level is not None else 1:g}]: widen the band or rescan")
     curves = {u: _hull(p) for u, p in points.items()}
     best = sum(c[-1][0] for c in curves.values())
     if best < budget.required - 1e-9:
@@ -290,7 +299,7 @@ def allocate(
             segments.append(((y1 - y0) / (x1 - x0), k, unit))
     segments.sort()
     position = {u: 0 for u in table.units}
-    saved = 0.0
+    saved = sum(c[0][0] for c in curves.values())  # each unit's starting point (dense, or min_level)
     for _, k, unit in segments:
         if saved >= budget.required - 1e-9:
             break

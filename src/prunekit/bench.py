@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -89,6 +89,7 @@ class Latency:
     latency_ms_p50: float
     latency_ms_p99: float
     repeats: int
+    times_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)  # per call, in call order
 
     def __str__(self) -> str:
         return f"p50 {self.latency_ms_p50:.3f} ms, p99 {self.latency_ms_p99:.3f} ms ({self.repeats} runs)"
@@ -141,8 +142,11 @@ def measure_latency(
         for _ in range(warmup):
             for m in models.values():
                 _call(m, inputs)
-        for _ in range(repeats):
-            for name, m in models.items():
+        order = list(models.items())
+        for i in range(repeats):
+            # Alternate the order (A B, B A, ...): the model called second always finding the
+            # caches and the allocator warm from the first would bias the ratio.
+            for name, m in order if i % 2 == 0 else order[::-1]:
                 device = _device(m)
                 _sync(device)
                 start = time.perf_counter()
@@ -153,7 +157,7 @@ def measure_latency(
         torch.set_num_threads(old_threads)
         for name, m in models.items():
             m.train(modes[name])
-    return {name: Latency(statistics.median(t), _percentile(t, 99.0), len(t)) for name, t in times.items()}
+    return {name: Latency(statistics.median(t), _percentile(t, 99.0), len(t), tuple(t)) for name, t in times.items()}
 
 
 def _percentile(values: list[float], q: float) -> float:

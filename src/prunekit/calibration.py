@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from prunekit.config import UnstructuredConfig
 from prunekit.errors import ConfigError, PlanError, PrunekitError, UnsupportedLayerError
 from prunekit.masks import get_mask, global_topk_masks, n_pruned
+from prunekit.memory import check_calibration_memory
 from prunekit.nm import nm_mask
 from prunekit.plan import MaskPlan, PlanContext, _base_tensor, score_layers
 
@@ -221,6 +222,9 @@ def collect_stats(
     for fqn, st in stats.items():
         if st.rows == 0:
             raise CalibrationError(f"layer {fqn!r} saw no calibration inputs (is it used in forward?)")
+        if not bool(st.sq_norm.any()):  # SparseGPT would zero the whole layer; Wanda would rank ties
+            raise CalibrationError(f"layer {fqn!r}: every calibration input it saw is zero, so there is nothing "
+                                   "to rank its weights by; use real calibration data or exclude the layer")
     return stats
 
 
@@ -333,7 +337,8 @@ def _check_layers(modules: dict[str, nn.Module], fqns: list[str], criterion: str
 class _Runner:
     """Solves layers one group at a time, keeping solved weights in the model until `restore`."""
 
-    def __init__(self, modules: dict[str, nn.Module], solver: SolverInfo, pattern: Pattern) -> None:
+    def __init__(self, modules: dict[str, nn.Module], solver: SolverInfo,
+                 pattern: Pattern | dict[str, Pattern]) -> None:
         self.modules, self.solver, self.pattern = modules, solver, pattern
         self.plan = MaskPlan()
         self._saved: list[tuple[Tensor, Tensor]] = []
@@ -345,7 +350,8 @@ class _Runner:
             prev = get_mask(module)
             keep_prev = None if prev is None else prev.mask.cpu()
             with full_precision():
-                keep, new = self.solver.fn(weight, keep_prev, st, self.pattern, fqn)
+                pattern = self.pattern[fqn] if isinstance(self.pattern, dict) else self.pattern
+                keep, new = self.solver.fn(weight, keep_prev, st, pattern, fqn)
             base = _base_tensor(module, "weight")
             key = f"{fqn}.weight"
             self.plan.masks[key] = keep.to(base.device)
@@ -363,9 +369,12 @@ class _Runner:
 
 
 def plan_with_data(
-    model: nn.Module, fqns: list[str], ctx: PlanContext, criterion: str, pattern: Pattern
+    model: nn.Module, fqns: list[str], ctx: PlanContext, criterion: str, pattern: Pattern | dict[str, Pattern]
 ) -> MaskPlan:
     """Plan `pattern` on the Linear layers `fqns` with a calibration solver, block by block.
+
+    `pattern` may be one per layer (FQN -> Pattern): per-layer sparsities, e.g. an allocation,
+    are then solved in the same single sequential pass as one uniform pattern.
 
     Does not mutate `model` (solved weights are restored before returning).
 
@@ -380,6 +389,7 @@ def plan_with_data(
     modules = dict(model.named_modules())
     _check_layers(modules, fqns, criterion)
     batches = as_batches(ctx.data)
+    check_calibration_memory(model, fqns, batches, solver, ctx.max_memory)
     runner = _Runner(modules, solver, pattern)
     was_training = model.training
     model.eval()
@@ -422,6 +432,36 @@ def plan_with_data(
     return runner.plan
 
 
+def plan_sparsities_together(
+    model: nn.Module, groups: dict[Any, list[str]], ctx: PlanContext
+) -> tuple[list[MaskPlan], dict[Any, list[str]]]:
+    """Solve `PerLayer` leaves that differ only in sparsity in one sequential calibration pass.
+
+    An allocation gives each layer (or block) its own sparsity with one calibration criterion
+    (Wanda, SparseGPT). Planned leaf by leaf, every distinct sparsity would run its own pass
+    over the blocks, with the other leaves' layers still dense; solved together, later blocks
+    calibrate through the pruned earlier ones exactly as with one uniform config, in one pass.
+
+    Args:
+        groups: leaf config -> the layer FQNs it prunes (`targets.group_by_config`).
+
+    Returns:
+        The plans of the merged leaves (`UnstructuredConfig`, scope "layer", a criterion
+        that needs data; one plan per criterion) and the leaves left for their own planners.
+    """
+    from prunekit.criteria import get_criterion
+
+    patterns: dict[str, dict[str, Pattern]] = {}
+    rest: dict[Any, list[str]] = {}
+    for leaf, fqns in groups.items():
+        if type(leaf) is UnstructuredConfig and leaf.scope == "layer" and get_criterion(leaf.criterion).needs_data:
+            patterns.setdefault(leaf.criterion, {}).update({f: Pattern("unstructured", leaf.sparsity) for f in fqns})
+        else:
+            rest[leaf] = fqns
+    plans = [plan_with_data(model, list(p), ctx, criterion, p) for criterion, p in patterns.items()]
+    return plans, rest
+
+
 def plan_unstructured_with_data(
     model: nn.Module, config: UnstructuredConfig, fqns: list[str], ctx: PlanContext
 ) -> MaskPlan:
@@ -442,6 +482,7 @@ def plan_unstructured_with_data(
     modules = dict(model.named_modules())
     _check_layers(modules, fqns, config.criterion)
     batches = as_batches(ctx.data)
+    check_calibration_memory(model, fqns, batches, solver, ctx.max_memory)
     with torch.no_grad():
         stats = collect_stats(
             {f: modules[f] for f in fqns}, lambda: _feed(lambda b: call_model(model, b), batches), hessian=False

@@ -67,14 +67,21 @@ def demo(
 def inspect(
     target: Annotated[str, typer.Argument(help="A checkpoint written by prunekit.save, or a model entry point "
                                                 "'module:function'.")],
+    input_shape: Annotated[str, typer.Option(help="Shape of a random float example input, e.g. 1,3,224,224: "
+                                                  "also trace the model and print its channel groups.")] = "",
+    example_inputs: Annotated[str, typer.Option(help="Entry point 'module:function' returning example inputs "
+                                                     "(tensor, tuple or dict); default: an 'example_inputs' "
+                                                     "function beside the model entry point, if any.")] = "",
+    exclude: Annotated[list[str] | None, typer.Option(help="Layer FQN or 're:regex' whose outputs must stay "
+                                                           "(repeatable).")] = None,
 ) -> None:
-    """Print a checkpoint's tensors (shape, sparsity, file size) or a model's prunable layers."""
+    """Print a checkpoint's tensors, or a model's prunable layers and structured channel groups."""
     from prunekit.export import read_checkpoint
 
     path = Path(target)
     try:
         if not path.exists() and ":" in target:
-            _inspect_model(target)
+            _inspect_model(target, input_shape, example_inputs, exclude or [])
             return
         state, _ = read_checkpoint(path)
     except PrunekitError as err:
@@ -117,7 +124,8 @@ def export(
         return
     typer.echo(report.summary())
 
-def _inspect_model(entry_point: str) -> None:
+def _inspect_model(entry_point: str, input_shape: str = "", example_inputs: str = "",
+                   exclude: list[str] | None = None) -> None:
     import torch
 
     from prunekit.masks import sparsity
@@ -125,6 +133,7 @@ def _inspect_model(entry_point: str) -> None:
     from prunekit.targets import prunable_layers
 
     model = load_entry_point(entry_point, "model")
+    inputs = _example_inputs(entry_point, input_shape, example_inputs)
     measured = sparsity(model)
     typer.echo(f"{'prunable layer':<40} {'type':<10} {'weight shape':<20} {'params':>10}  sparsity")
     for fqn, module in prunable_layers(model).items():
@@ -132,6 +141,54 @@ def _inspect_model(entry_point: str) -> None:
         typer.echo(f"{fqn:<40} {type(module).__name__:<10} {str(tuple(weight.shape)):<20} {weight.numel():>10,}  "
                    f"{measured.layers.get(fqn, 0.0):7.2%}")
     typer.echo(f"{len(measured.layers)} prunable layers, {measured.total_numel:,} prunable weights")
+    if inputs is None:
+        typer.echo("(give --input-shape or --example-inputs to also see the structured channel groups)")
+        return
+    _echo_groups(model, inputs, exclude or [])
+
+
+def _example_inputs(entry_point: str, input_shape: str, example_inputs: str) -> object:
+    """The inputs to trace with: --input-shape, --example-inputs, or `example_inputs` beside the model."""
+    import importlib
+
+    import torch
+
+    from prunekit.recipe import load_entry_point
+
+    if input_shape:
+        shape = [int(v) for v in _floats(input_shape, "--input-shape")]
+        if not shape or min(shape) < 1 or any(float(v) != int(float(v)) for v in input_shape.split(",")):
+            raise PrunekitError(f"--input-shape must be positive integers separated by commas, got {input_shape!r}")
+        return torch.randn(*shape)
+    if example_inputs:
+        return load_entry_point(example_inputs, "example inputs")
+    module = importlib.import_module(entry_point.partition(":")[0])
+    if callable(getattr(module, "example_inputs", None)):
+        return load_entry_point(f"{module.__name__}:example_inputs", "example inputs")
+    return None
+
+
+def _echo_groups(model: object, inputs: object, exclude: list[str]) -> None:
+    """Trace, then print each coupled channel group and each layer whose outputs cannot shrink."""
+    from prunekit.structured import analyze, trace
+    from prunekit.structured.layers import owner_of
+    from prunekit.structured.plan import _excluded
+
+    model.eval()  # type: ignore[attr-defined]
+    graph = analyze(model, trace(model, inputs), _excluded(model, tuple(exclude)))  # type: ignore[arg-type]
+    typer.echo(f"\nprunable channel groups: {len(graph.groups)} (units removed together; a ratio applies per group)")
+    for i, g in enumerate(graph.groups):
+        width = min(len(g.positions[m][0]) for m in g.members)
+        unit = "heads" if g.kind == "head" else "channels" if width == 1 else f"units of {width}"
+        coupled = sorted({owner_of(fqn)[0] for fqn, _ in g.members})
+        typer.echo(f"  [{i}] {g.size} {unit}: outputs of {', '.join(g.layers) or '-'}")
+        typer.echo(f"      coupled layers ({len(coupled)}): {', '.join(coupled)}")
+    if graph.blocked:
+        typer.echo(f"\nlayers whose output channels cannot be removed: {len(graph.blocked)}")
+        for layer, why in graph.blocked.items():
+            typer.echo(f"  {layer}: {'; '.join(why)}")
+    for op, layer in graph.barriers:
+        typer.echo(f"  barrier: unknown op {op} in {layer or '<root>'!r} (nothing is pruned across it)")
 
 
 @app.command("prune")
@@ -139,8 +196,15 @@ def prune_command(
     recipe: Annotated[Path, typer.Option(help="YAML/JSON recipe (see prunekit.recipe for the format).")],
     out: Annotated[Path, typer.Option(help="Folder for pruned.safetensors and the report.")] = Path("out/prune"),
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Folder for resumable fine-tuning checkpoints.")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Optimizer steps between checkpoints.")] = 100,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from --checkpoint-dir.")] = False,
 ) -> None:
-    """Run a pruning recipe on your own model: build, prune, fine-tune, save, report."""
+    """Run a pruning recipe on your own model: build, prune, fine-tune, save, report.
+
+    With --checkpoint-dir the fine-tuning state is saved as it goes; after a crash or a kill,
+    the same command with --resume continues from the last checkpoint.
+    """
     from prunekit.config import load_recipe
     from prunekit.recipe import Recipe, run_recipe
 
@@ -148,7 +212,8 @@ def prune_command(
         loaded = load_recipe(recipe)
         if not isinstance(loaded, Recipe):
             raise PrunekitError(f"{recipe}: top-level _type must be Recipe, got {type(loaded).__name__}")
-        result = run_recipe(loaded, out, progress=progress)
+        result = run_recipe(loaded, out, progress=progress, checkpoint_dir=checkpoint_dir,
+                            checkpoint_every=checkpoint_every, resume=resume)
     except PrunekitError as err:
         _fail(err)
         return
@@ -164,6 +229,10 @@ def report(
     baseline: Annotated[Path, typer.Option(help="Checkpoint of the baseline (prunekit.save).")],
     pruned: Annotated[Path, typer.Option(help="Checkpoint of the pruned model (prunekit.save).")],
     out: Annotated[Path, typer.Option(help="Folder for report.json, report.md and report.html.")] = Path("out/report"),
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to time, comma-separated.")] = "1,4,8,32",
+    repeats: Annotated[int, typer.Option(help="Timed calls per model and batch size (interleaved).")] = 50,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per model and batch size first.")] = 10,
+    threads: Annotated[int, typer.Option(help="torch threads while measuring (0: keep torch's default).")] = 0,
 ) -> None:
     """Measure a pruned checkpoint against its baseline and write the validation report."""
     from prunekit.export import load
@@ -173,10 +242,19 @@ def report(
     try:
         from functools import partial
 
+        import torch
+
+        sizes = [int(v) for v in _floats(batch_sizes, "--batch-sizes")]
+        if not sizes or min(sizes) < 1 or repeats < 1 or warmup < 0 or threads < 0:
+            raise PrunekitError(f"--batch-sizes must be positive integers, --repeats >= 1, --warmup and "
+                                f"--threads >= 0; got {batch_sizes!r}, {repeats}, {warmup}, {threads}")
+        if threads:
+            torch.set_num_threads(threads)  # the report records the thread count it ran with
         build = partial(load_entry_point, model, "model")
         dense, small = load(baseline, build()), load(pruned, build)
         _, evaluate = load_entry_point(data, "data")
-        result = compare(dense, small, evaluate, title=f"prunekit report: {pruned.name} vs {baseline.name}")
+        result = compare(dense, small, evaluate, batch_sizes=sizes, repeats=repeats, warmup=warmup,
+                         title=f"prunekit report: {pruned.name} vs {baseline.name}")
         write_report(result, out)
     except PrunekitError as err:
         _fail(err)

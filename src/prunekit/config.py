@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunekit.criteria import CriterionName
 from prunekit.errors import ConfigError
 
 RECIPE_VERSION = 1
+MAX_RECIPE_DEPTH = 64  # nesting levels `config_from_dict` follows; real recipes use fewer than 6
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what torch.Generator.manual_seed accepts
 _RECIPE_TYPES: dict[str, type[BaseModel]] = {}
 
 
@@ -47,6 +49,15 @@ class FrozenConfig(BaseModel):
             super().__init__(**data)
         except ValidationError as err:
             raise ConfigError(_format_validation_error(type(self).__name__, err)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _concrete(cls, data: Any) -> Any:
+        # A field typed with the base (Recipe.prune) would turn a plain mapping into an empty
+        # FrozenConfig that no method, schedule or recipe file understands.
+        if cls is FrozenConfig:
+            raise ValueError(f"needs a concrete config such as UnstructuredConfig(...) or a '_type' key, got {data!r}")
+        return data
 
 
 class MaskConfig(FrozenConfig):
@@ -84,7 +95,7 @@ class UnstructuredConfig(MaskConfig):
     sparsity: float = Field(ge=0.0, lt=1.0)
     scope: Literal["global", "layer"] = "global"
     criterion: CriterionName = "l1"
-    seed: int = 0
+    seed: Seed = 0
 
     def with_sparsity(self, sparsity: float) -> UnstructuredConfig:
         return self.model_copy(update={"sparsity": sparsity})
@@ -125,7 +136,7 @@ class PerLayer(FrozenConfig):
             if key.startswith("re:"):
                 try:
                     re.compile(key[3:])
-                except re.error as err:
+                except (re.error, OverflowError, RecursionError) as err:  # huge repeats, deep nesting
                     raise ValueError(f"rule {key!r} is not a valid regex: {err}") from None
             if value is not None and not isinstance(value, FrozenConfig):
                 raise ValueError(f"rule {key!r} must map to a config or None, not {value!r}")
@@ -158,8 +169,10 @@ def config_to_dict(value: Any) -> Any:
     return value
 
 
-def config_from_dict(data: Any, where: str = "recipe") -> Any:
+def config_from_dict(data: Any, where: str = "recipe", _depth: int = 0) -> Any:
     """Rebuild configs from `config_to_dict` output; only allow-listed `_type`s are built."""
+    if _depth > MAX_RECIPE_DEPTH:  # a hostile file must not reach Python's recursion limit
+        raise ConfigError(f"{where}: nested deeper than {MAX_RECIPE_DEPTH} levels")
     if isinstance(data, dict) and "_type" in data:
         name = data["_type"]
         cls = _RECIPE_TYPES.get(name) if isinstance(name, str) else None
@@ -169,14 +182,17 @@ def config_from_dict(data: Any, where: str = "recipe") -> Any:
         version = data.get("_version", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise ConfigError(f"{where}._version: {version!r} is not supported ({RECIPE_VERSION})")
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:  # YAML allows `1: x` or `null: x`; a field name is always a string
+            raise ConfigError(f"{where}: field names are strings, got {bad[0]!r}")
         fields = {
-            k: config_from_dict(v, f"{where}.{k}") for k, v in data.items() if not k.startswith("_")
+            k: config_from_dict(v, f"{where}.{k}", _depth + 1) for k, v in data.items() if not k.startswith("_")
         }
         return cls(**fields)
     if isinstance(data, dict):
-        return {k: config_from_dict(v, f"{where}.{k}") for k, v in data.items()}
+        return {k: config_from_dict(v, f"{where}.{k}", _depth + 1) for k, v in data.items()}
     if isinstance(data, list):
-        return [config_from_dict(v, f"{where}[{i}]") for i, v in enumerate(data)]
+        return [config_from_dict(v, f"{where}[{i}]", _depth + 1) for i, v in enumerate(data)]
     return data
 
 
@@ -199,14 +215,14 @@ def load_recipe(path: str | Path) -> Any:
     """Read a recipe written by `save_recipe` (safe YAML / JSON; allow-listed types only)."""
     import yaml
 
+    from prunekit.files import check_expanded_size, read_document
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"recipe {str(path)!r} cannot be read: {err.strerror}") from None
+    text = read_document(path, "recipe", ConfigError)
     try:
         data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        check_expanded_size(data, f"recipe {str(path)!r}", ConfigError)
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as err:
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML/JSON: {err}") from None
     if not isinstance(data, dict) or "_type" not in data:
         raise ConfigError(f"recipe {str(path)!r} has no top-level '_type' mapping")

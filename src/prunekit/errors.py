@@ -29,3 +29,7 @@ class CheckpointError(PrunekitError, ValueError):
 
 class ExportCheckError(PrunekitError):
     """An exported file lost what pruning bought (sparsity, shapes or outputs)."""
+
+
+class MemoryBudgetError(PrunekitError):
+    """A pass would need more memory than the user's `max_memory` (the message gives both)."""

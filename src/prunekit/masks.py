@@ -8,6 +8,7 @@ but a pruned weight reads as zero until a schedule recomputes the mask (torchao'
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,30 @@ from prunekit.errors import CheckpointError, ConfigError
 
 
 def n_pruned(numel: int, sparsity: float) -> int:
-    """How many of `numel` elements `sparsity` zeroes: round to nearest, so exact to one."""
-    return min(numel, max(0, round(sparsity * numel)))
+    """How many of `numel` elements `sparsity` zeroes: round to nearest, so exact to one.
+
+    A sparsity below 1 never zeroes all of them: on a tiny tensor (a layer of width 1) the
+    nearest count can be all, which would cut the signal; one element is kept instead.
+    """
+    return min(max(numel - 1, 0), max(0, round(sparsity * numel)))
+
+
+class SparsityRoundingWarning(UserWarning):
+    """A sparsity rounds to none or all of a tiny layer's weights (filterable on its own, e.g.
+    early in a gradual ramp where a small layer's first steps round to zero)."""
+
+
+def warn_rounding(fqn: str, numel: int, sparsity: float, what: str = "weights") -> None:
+    """Warn, naming the layer, when `sparsity` of `numel` rounds to none or all of them."""
+    if sparsity <= 0 or numel <= 0:
+        return
+    nearest = round(sparsity * numel)
+    if nearest == 0:
+        warnings.warn(f"layer {fqn!r}: sparsity {sparsity:g} of its {numel} {what} rounds to 0; nothing is "
+                      "pruned there (exclude it or raise the sparsity)", SparsityRoundingWarning, stacklevel=3)
+    elif nearest >= numel:
+        warnings.warn(f"layer {fqn!r}: sparsity {sparsity:g} of its {numel} {what} rounds to all of them; "
+                      "one is kept (exclude it or lower the sparsity)", SparsityRoundingWarning, stacklevel=3)
 
 
 def topk_mask(scores: Tensor, sparsity: float) -> Tensor:

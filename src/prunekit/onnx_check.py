@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.errors import ConfigError, ExportCheckError, PrunekitError
+from prunekit.files import sniff_format
 from prunekit.masks import PRUNABLE_TYPES, get_mask
 
 _NM_CANDIDATES = ((2, 4), (4, 8), (1, 4))
@@ -314,8 +316,7 @@ def check_onnx(
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else (
-        onnx.load_from_string(onnx_model) if isinstance(onnx_model, bytes) else onnx.load(str(onnx_model)))
+    proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else load_onnx(onnx_model)
     validate_nm(n, m)
     model.eval()
     used = _used_weights(model, _as_tuple(example_inputs))
@@ -346,6 +347,41 @@ def check_onnx(
     twin = float_twin(model) if is_int8(model) and not hasattr(model, "onnx_model_bytes") else None
     worst, count = compare_outputs(model, session, batches, atol, rtol, twin)
     return CheckResult(tuple(checks), tuple(unmapped), worst, count)
+
+
+def load_onnx(source: bytes | str | Path) -> Any:
+    """Parse an ONNX file or bytes (protobuf: data only, nothing is executed); errors name the file.
+
+    Raises:
+        ExportCheckError: the file is missing, another format (a pickle, a torch.save zip), or
+            not a parseable ONNX model.
+    """
+    onnx = require_onnx()
+    from google.protobuf.message import DecodeError
+
+    what = "the ONNX bytes" if isinstance(source, bytes) else repr(str(source))
+    try:
+        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as err:
+        raise ExportCheckError(f"ONNX file {what} cannot be read: {err.strerror}") from None
+    found = sniff_format(raw[:8])
+    if found is not None:
+        raise ExportCheckError(f"{what} is not an ONNX model: it is {found}, and prunekit never unpickles")
+    try:
+        proto = onnx.load_from_string(raw)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise ExportCheckError(f"{what} is not a valid ONNX model (protobuf): {err}") from None
+    if not proto.graph.node and not proto.graph.initializer:
+        raise ExportCheckError(f"{what} is not a valid ONNX model: it has an empty graph")
+    if not isinstance(source, bytes):
+        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+        if any(uses_external_data(t) for t in proto.graph.initializer):
+            try:  # onnx refuses locations outside the model's folder (path traversal)
+                load_external_data_for_model(proto, str(Path(source).resolve().parent))
+            except (OSError, ValueError, onnx.checker.ValidationError) as err:
+                raise ExportCheckError(f"{what}: its external tensor data cannot be loaded: {err}") from None
+    return proto
 
 
 def _used_weights(model: nn.Module, inputs: tuple[Tensor, ...]) -> set[str] | None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from prunekit.config import FrozenConfig, PerLayer, UnstructuredConfig
 from prunekit.criteria import ScoreContext, get_criterion
 from prunekit.errors import ConfigError, PlanError
-from prunekit.masks import get_mask, global_topk_masks, remove_mask, set_mask, topk_mask
+from prunekit.masks import get_mask, global_topk_masks, remove_mask, set_mask, topk_mask, warn_rounding
 from prunekit.targets import group_by_config, resolve
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class PlanContext:
     generator: torch.Generator | None = None
     progress: bool = False
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_memory: int | str | None = None  # bytes or "4GB": calibration passes refuse up front above it
 
 
 PlanFn = Callable[[nn.Module, Any, "list[str] | None", PlanContext], Plan]
@@ -194,6 +195,9 @@ def score_layers(
     scores = {}
     for fqn in fqns:
         module = modules[fqn]
+        if not torch.isfinite(module.weight).all():  # NaN ranks unpredictably, Inf always survives
+            raise PlanError(f"layer {fqn!r}: weight has NaN/Inf; cannot rank it with {criterion!r} "
+                            "(a diverged run or a corrupt checkpoint?)")
         with torch.no_grad():
             score = info.fn(module.weight, ScoreContext(fqn, module, generator, ctx.stats.get(fqn, {})))
             mask = get_mask(module)
@@ -220,6 +224,8 @@ def _plan_unstructured(
             warnings.warn(f"global pruning to {config.sparsity:.0%} removes every weight of {emptied}; "
                           "exclude them or use scope='layer'", stacklevel=3)
         return MaskPlan(masks)
+    for key, score in scores.items():
+        warn_rounding(key.removesuffix(".weight"), score.numel(), config.sparsity)
     return MaskPlan({k: topk_mask(s, config.sparsity) for k, s in scores.items()})
 
 
@@ -246,6 +252,7 @@ def plan(
     data: Iterable[Any] | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    max_memory: int | str | None = None,
 ) -> Any:
     """Compute what `config` would prune in `model`, without mutating it.
 
@@ -256,14 +263,24 @@ def plan(
         data: calibration batches for criteria that need activations.
         generator: RNG for random criteria (a `GradualPruner` passes its own to stay resumable).
         progress: show a progress bar on long planning work.
+        max_memory: memory budget of a calibration pass (Wanda, SparseGPT), in bytes or as
+            "4GB"/"512MiB"; the pass estimates its peak first and raises `MemoryBudgetError`
+            instead of starting when it would not fit (`prunekit.memory`).
 
     Returns:
         A plan with `summary()` and `apply(model)`.
     """
-    ctx = PlanContext(example_inputs, data, generator, progress)
+    from prunekit.memory import parse_memory
+
+    parse_memory(max_memory)  # a malformed budget fails here, whatever the method
+    ctx = PlanContext(example_inputs, data, generator, progress, max_memory=max_memory)
     if isinstance(config, PerLayer):
         groups = group_by_config(resolve(model, config))
-        return _merge([get_method(type(c)).plan_fn(model, c, fqns, ctx) for c, fqns in groups.items()])
+        from prunekit.calibration import plan_sparsities_together
+
+        # Per-layer sparsities with one calibration criterion: one sequential pass, not one each.
+        plans, groups = plan_sparsities_together(model, groups, ctx)
+        return _merge(plans + [get_method(type(c)).plan_fn(model, c, fqns, ctx) for c, fqns in groups.items()])
     method = get_method(type(config))
     fqns = list(resolve(model, config)) if method.per_layer else None
     return method.plan_fn(model, config, fqns, ctx)
@@ -276,6 +293,7 @@ def prune(
     *,
     data: Iterable[Any] | None = None,
     progress: bool = False,
+    max_memory: int | str | None = None,
 ) -> nn.Module:
     """Prune `model` in place as `config` says and return it; on error it is left unchanged.
 
@@ -285,4 +303,4 @@ def prune(
         >>> round(float(__import__("prunekit").sparsity(model)), 2)
         0.5
     """
-    return plan(model, config, example_inputs, data=data, progress=progress).apply(model)
+    return plan(model, config, example_inputs, data=data, progress=progress, max_memory=max_memory).apply(model)

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from torch import nn
 
-from prunekit.config import FrozenConfig, recipe_type
+from prunekit.config import FrozenConfig, Seed, recipe_type
 from prunekit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Recipe(FrozenConfig):
     prune: FrozenConfig
     schedule: FrozenConfig | None = None
     finetune: FinetuneConfig | None = None
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("model", "data")
     @classmethod
@@ -76,8 +76,28 @@ def load_entry_point(spec: str, what: str) -> Any:
         raise ConfigError(f"{what} entry point {spec!r} raised {type(err).__name__}: {err}") from err
 
 
-def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run `recipe`: build, prune (one-shot or gradually while fine-tuning), save, report."""
+def run_recipe(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run `recipe`: build, prune (one-shot or gradually while fine-tuning), save, report.
+
+    Args:
+        recipe: the run.
+        out: folder for `pruned.safetensors` and the report.
+        progress: show progress bars.
+        checkpoint_dir: folder for the fine-tuning checkpoint (see `prunekit.finetune`),
+            written every `checkpoint_every` steps and at each epoch's end. None: none.
+        checkpoint_every: optimizer steps between checkpoints.
+        resume: continue a killed run from `checkpoint_dir`; the pruned model is then
+            bit-identical to an uninterrupted run's on CPU (the report's latencies are
+            measured afresh).
+    """
     import torch
 
     from prunekit.distill import KDLoss, finetune
@@ -85,8 +105,11 @@ def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dic
     from prunekit.masks import finalize
     from prunekit.plan import prune
     from prunekit.report import compare, write_report
+    from prunekit.resume import Checkpointer
     from prunekit.schedule import GradualPruner, Schedule
 
+    Checkpointer(checkpoint_dir, "finetune", checkpoint_every, resume)  # bad settings fail before any work
+    saving: dict[str, Any] = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every, "resume": resume}
     out = Path(out)
     torch.manual_seed(recipe.seed)
     model = load_entry_point(recipe.model, "model")
@@ -109,12 +132,12 @@ def run_recipe(recipe: Recipe, out: str | Path, *, progress: bool = True) -> dic
         pruner = GradualPruner(model, recipe.prune, recipe.schedule, seed=recipe.seed)
         tune = tune or FinetuneConfig()
         finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=baseline if tune.alpha else None,
-                 kd=KDLoss(tune.temperature, tune.alpha), pruner=pruner, progress=progress)
+                 kd=KDLoss(tune.temperature, tune.alpha), pruner=pruner, progress=progress, **saving)
     else:
         prune(model, recipe.prune)
         if tune is not None and tune.epochs:
             finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=baseline if tune.alpha else None,
-                     kd=KDLoss(tune.temperature, tune.alpha), progress=progress)
+                     kd=KDLoss(tune.temperature, tune.alpha), progress=progress, **saving)
     finalize(model)
     saved = save(model, out / "pruned.safetensors")
     if evaluate is None:

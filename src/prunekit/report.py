@@ -15,6 +15,7 @@ import json
 import lzma
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -217,14 +218,16 @@ def compare(
     pruned_logits, _ = _logits(pruned, data)
     acc = _accuracy_block(base_logits, pruned_logits, labels, class_names)
 
-    latency = []
+    latency: list[dict[str, Any]] = []
+    halves: list[list[float]] = []
     for n in batch_sizes:
         x = _batch_of(data, n)
         res = measure_latency({"baseline": baseline, "pruned": pruned}, x, repeats=repeats, warmup=warmup)
         b, p = res["baseline"], res["pruned"]
+        halves.append(_speedup_halves(b.times_ms, p.times_ms))
         latency.append({"batch_size": n, "baseline_ms_p50": b.latency_ms_p50, "baseline_ms_p99": b.latency_ms_p99,
                         "pruned_ms_p50": p.latency_ms_p50, "pruned_ms_p99": p.latency_ms_p99,
-                        "speedup": b.latency_ms_p50 / p.latency_ms_p50})
+                        "speedup": b.latency_ms_p50 / p.latency_ms_p50, "speedup_halves": halves[-1]})
     example = _batch_of(data, 1)
     with tempfile.TemporaryDirectory() as tmp:
         disk = {n: _disk(m, Path(tmp), n) for n, m in (("baseline", baseline), ("pruned", pruned))}
@@ -247,11 +250,26 @@ def compare(
         "pruned": {**stats["pruned"], "sparsity": sparsity(pruned).total, "layers": sparsity(pruned).layers},
         "accuracy": acc,
         "latency": {"repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
-                    "interleaved": True, "by_batch": latency},
+                    "interleaved": True, "by_batch": latency,
+                    "halves_spread": max((abs(h[1] / h[0] - 1) for h in halves if h), default=None)},
         "curve": list(curve or []),
     }
     data_out["verdicts"] = verdicts(data_out)
     return Report(data_out)
+
+
+def _speedup_halves(base: Sequence[float], pruned: Sequence[float]) -> list[float]:
+    """Speed-up (median over median) in the first and in the second half of the timed calls.
+
+    How far the two halves disagree is the run's own estimate of how reproducible its ratios
+    are: load that drifts within a run drifts between runs too.
+    """
+    half = min(len(base), len(pruned)) // 2
+    if half < 3:
+        return []
+    first = statistics.median(base[:half]) / statistics.median(pruned[:half])
+    second = statistics.median(base[half:]) / statistics.median(pruned[half:])
+    return [first, second]
 
 
 def verdicts(d: dict[str, Any]) -> list[str]:
@@ -276,6 +294,11 @@ def verdicts(d: dict[str, Any]) -> list[str]:
         elif s <= 1.05:
             line += ": the smaller layers do not run faster at this batch size on this machine"
         out.append(line)
+    spread = d["latency"].get("halves_spread")
+    if spread is not None:
+        out.append(f"latency ratios stable within 10 %: {'yes' if spread <= 0.10 else 'no'} (the speed-ups of "
+                   f"the two halves of the run differ by up to {spread:.1%}"
+                   + ("" if spread <= 0.10 else "; the machine is probably busy: re-run on a quiet one") + ")")
     low = d["accuracy"]["low_margin"]
     out.append(f"near the decision boundary (baseline's least confident {low['quantile']:.0%}): "
                f"{100 * low['pruned']:.1f}% vs {100 * low['baseline']:.1f}%, agreement {100 * low['agreement']:.1f}%")

@@ -62,6 +62,12 @@ class SearchConfig(FrozenConfig):
         latency_repeats: timed forwards per trial on the example inputs (median reported).
         study_name: the study's name in the storage; workers sharing a study use the same name.
         seed: sampler seed (mixed with the worker's process id, so workers explore apart).
+        reproducible: instead, seed the sampler and each trial's training (torch, Python and
+            numpy RNGs, the loader's generator) from `seed` and the number of finished
+            trials, so one worker killed and resumed runs exactly the trials an uninterrupted
+            study would (bit-identical on CPU when the objectives are deterministic: accuracy
+            and sparsity, not latency). Leave it off for several workers sharing a study:
+            they would sample alike.
     """
 
     trials: int = Field(default=20, ge=1)
@@ -76,6 +82,7 @@ class SearchConfig(FrozenConfig):
     latency_repeats: int = Field(default=20, ge=1)
     study_name: str = "prunekit"
     seed: int = 0
+    reproducible: bool = False
 
     @model_validator(mode="after")
     def _ranges(self) -> SearchConfig:
@@ -278,15 +285,28 @@ def search(
     url = storage or "sqlite:///prunekit-search.db"
     rdb = open_storage(url)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    seed = (config.seed * 1_000_003 + os.getpid()) % 2**32
     native = hasattr(optuna.trial.Trial, "set_constraint")  # optuna >= 5; constraints_func before
     constraints = None
     if config.min_sparsity is not None and not native:
         constraints = lambda t: (t.user_attrs.get("constraint", 1.0),)  # noqa: E731
-    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, n_startup_trials=5)
-    study = optuna.create_study(storage=rdb, study_name=config.study_name, sampler=sampler, load_if_exists=True,
-                                directions=[_DIRECTIONS[o] for o in config.objectives])
+
+    def sampler(salt: int) -> Any:
+        seed = (config.seed * 1_000_003 + salt) % 2**32
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, n_startup_trials=5)
+
+    study = optuna.create_study(storage=rdb, study_name=config.study_name, sampler=sampler(os.getpid()),
+                                load_if_exists=True, directions=[_DIRECTIONS[o] for o in config.objectives])
     _fail_dead_local_trials(rdb, study)
+    finished = {"n": len(study.get_trials(deepcopy=False, states=states))}
+
+    def reseed(study: Any, _trial: Any = None) -> None:
+        # A fresh sampler per trial, seeded by how many trials are finished: a resumed worker
+        # then draws what the uninterrupted one drew, whatever its process id or history.
+        finished["n"] = len(study.get_trials(deepcopy=False, states=states))
+        study.sampler = sampler(finished["n"])
+
+    if config.reproducible:
+        reseed(study)
     units = list(resolve(model, family))
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -295,6 +315,8 @@ def search(
         levels = {u: trial.suggest_categorical(f"level/{u}", list(config.levels)) for u in units}
         end = trial.suggest_float("schedule_end", *config.schedule_end)
         alpha = trial.suggest_float("alpha", *config.alpha)
+        if config.reproducible:
+            _seed_everything((config.seed * 1_000_003 + finished["n"]) % 2**32, train)
         pruned = _trial_model(model, family, levels, config, end, alpha, train)
         measured = {
             "accuracy": float(evaluate(pruned)),
@@ -313,9 +335,26 @@ def search(
 
     done = len(study.get_trials(deepcopy=False, states=states))
     if done < config.trials:
-        callback = optuna.study.MaxTrialsCallback(config.trials, states=states)
-        study.optimize(objective, n_trials=config.trials - done, callbacks=[callback], gc_after_trial=False)
+        callbacks = [optuna.study.MaxTrialsCallback(config.trials, states=states)]
+        callbacks += [reseed] if config.reproducible else []
+        study.optimize(objective, n_trials=config.trials - done, callbacks=callbacks, gc_after_trial=False)
     return _result(study, config, url, states)
+
+
+def _seed_everything(seed: int, train: Iterable[Any]) -> None:
+    """Seed torch, Python and numpy and the loader's own generators (a reproducible trial)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from prunekit.resume import loader_generators
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    for gen in loader_generators(train):
+        gen.manual_seed(seed)
 
 
 def _result(study: Any, config: SearchConfig, url: str, states: tuple[Any, ...]) -> SearchResult:

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
+from pydantic import BaseModel
 from torch import Tensor, nn
 
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer, config_from_dict, config_to_dict
 from prunekit.errors import ConfigError, PrunekitError
-from prunekit.files import atomic_write_text
+from prunekit.files import atomic_write_text, read_document, validate_document
 from prunekit.masks import get_mask
+from prunekit.resume import Checkpointer
 from prunekit.targets import prunable_layers, resolve
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,26 @@ Evaluate = Callable[[nn.Module], float]
 
 class SensitivityError(PrunekitError):
     """The sensitivity scan could not measure a layer (the message names layer and level)."""
+
+
+class _TableDocument(BaseModel):
+    """The JSON schema of a saved `SensitivityTable` (unknown extra keys are ignored)."""
+
+    format: Literal["prunekit.sensitivity"]
+    version: Literal[1]
+    kind: Literal["layer", "group"] = "layer"
+    units: list[str]
+    levels: list[float]
+    values: dict[str, list[float | None]]
+    baseline: float
+    higher_is_better: bool
+    family: dict[str, Any]
+    params: dict[str, int]
+    flops: dict[str, int] | None = None
+    total_params: int
+    total_flops: int | None = None
+    failures: dict[str, str] = {}
+    removed: dict[str, dict[str, list[float]]] | None = None
 
 
 @dataclass
@@ -142,6 +164,7 @@ class SensitivityTable:
             raise ConfigError(f"not a sensitivity table: 'format' must be {TABLE_FORMAT!r}")
         if data.get("version") != TABLE_VERSION:
             raise ConfigError(f"sensitivity table version {data.get('version')!r} is not {TABLE_VERSION}")
+        validate_document(data, _TableDocument, "sensitivity table", ConfigError)
         try:
             values = {u: [math.nan if v is None else float(v) for v in vs] for u, vs in data["values"].items()}
             table = cls(
@@ -168,10 +191,8 @@ class SensitivityTable:
     def load(cls, path: str | Path) -> SensitivityTable:
         """Read a table written by `save`."""
         try:
-            data = json.loads(Path(path).read_text())
-        except OSError as err:
-            raise ConfigError(f"sensitivity table {str(path)!r} cannot be read: {err.strerror}") from None
-        except json.JSONDecodeError as err:
+            data = json.loads(read_document(path, "sensitivity table", ConfigError))
+        except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: absurdly deep nesting
             raise ConfigError(f"sensitivity table {str(path)!r} is not JSON: {err}") from None
         return cls.from_dict(data)
 
@@ -335,6 +356,10 @@ def sensitivity(
     data: Iterable[Any] | None = None,
     on_error: Literal["continue", "stop"] = "continue",
     progress: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    max_memory: int | str | None = None,
 ) -> SensitivityTable:
     """Prune each layer alone at each level and record `evaluate(model)`; the model ends unchanged.
 
@@ -352,6 +377,14 @@ def sensitivity(
         on_error: when `evaluate` raises or returns NaN/inf, "continue" records NaN and the
             reason in `failures` (and logs it), "stop" raises `SensitivityError`.
         progress: show a tqdm bar over the probes.
+        checkpoint_dir: folder for `sensitivity.ckpt.safetensors`: the cells measured so far
+            and the RNG states, written atomically every `checkpoint_every` cells. None: none.
+        checkpoint_every: measured cells (one `evaluate` each) between checkpoints.
+        resume: continue from the checkpoint in `checkpoint_dir`: cells already in it are not
+            measured again, so the table equals an uninterrupted scan's.
+        max_memory: memory budget in bytes or as "4GB"/"512MiB": the scan's peak (model, the
+            copies it restores from, a calibration pass per probe) is estimated first, and
+            `MemoryBudgetError` is raised before any probe when it would not fit.
 
     Returns:
         A `SensitivityTable` (save it as JSON, plot it, or pass it to `prunekit.allocate`).
@@ -373,13 +406,20 @@ def sensitivity(
         raise ConfigError(f"sensitivity: levels must be a non-empty list in [0, 1), got bad {bad or levels}")
     if on_error not in ("continue", "stop"):
         raise ConfigError(f"sensitivity: on_error must be 'continue' or 'stop', got {on_error!r}")
+    from prunekit.memory import check_sensitivity_memory, parse_memory
+
+    parse_memory(max_memory)
+    check_sensitivity_memory(model, config, data, max_memory)
     scan = _scan_layers
     if not isinstance(config, (MaskConfig, PerLayer)):
         from prunekit.sensitivity_groups import scan_groups as scan
     training = model.training  # evaluate functions switch to eval mode; give the caller's back
     try:
         return scan(model, config, evaluate, levels, higher_is_better=higher_is_better,
-                    example_inputs=example_inputs, data=data, on_error=on_error, progress=progress)
+                    example_inputs=example_inputs, data=data, on_error=on_error, progress=progress,
+                    cells=ScanCheckpoint(Checkpointer(checkpoint_dir, "sensitivity", checkpoint_every, resume),
+                                         {"config": config_to_dict(config), "levels": levels,
+                                          "higher_is_better": higher_is_better}))
     finally:
         model.train(training)
 
@@ -395,17 +435,19 @@ def _scan_layers(
     data: Iterable[Any] | None,
     on_error: str,
     progress: bool,
+    cells: ScanCheckpoint | None = None,
 ) -> SensitivityTable:
+    cells = cells or ScanCheckpoint()
     chosen = resolve(model, config)
     fqns = list(chosen)
-    baseline, why = _call_evaluate(evaluate, model)
+    baseline, why = cells.measure("baseline", _call_evaluate, evaluate, model)
     if why is not None:
         raise SensitivityError(f"evaluate fails on the unpruned model ({why}); fix it before scanning")
     probe = _LayerProbe(model, data)
     values: dict[str, list[float]] = {f: [] for f in fqns}
     failures: dict[str, str] = {}
     for fqn, level in _progress([(f, lv) for f in fqns for lv in levels], progress):
-        value, why = probe.run(fqn, leaf_at_level(chosen[fqn], level), evaluate)
+        value, why = cells.measure(f"{fqn}@{level!r}", probe.run, fqn, leaf_at_level(chosen[fqn], level), evaluate)
         values[fqn].append(value)
         if why is not None:
             failures[f"{fqn}@{level:g}"] = why
@@ -417,10 +459,58 @@ def _scan_layers(
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     flops = layer_flops(model, example_inputs, fqns) if example_inputs is not None else None
     family = config if isinstance(config, MaskConfig) else chosen[fqns[0]]
+    cells.finish()
     return SensitivityTable(
         fqns, levels, values, baseline, higher_is_better, config_to_dict(family), params, flops,
         total, None if flops is None else sum(flops.values()), failures, "layer",
     )
+
+
+class ScanCheckpoint:
+    """The cells of a scan measured so far ("unit@level" -> result), checkpointed as they come.
+
+    A resumed scan takes cells from the checkpoint instead of measuring them again. Before its
+    first new measurement it restores the RNG states saved with the last cell, so a metric
+    that draws random numbers sees the draws an uninterrupted scan would have made.
+    """
+
+    def __init__(self, saver: Checkpointer | None = None, run: dict[str, Any] | None = None) -> None:
+        from prunekit.resume import check_same_run
+
+        self.saver = saver or Checkpointer(None, "sensitivity")
+        self.run = run or {}
+        self.cells: dict[str, Any] = {}
+        self._rng: dict[str, Any] | None = None
+        self._new = 0
+        saved = self.saver.load()
+        if saved is not None:
+            check_same_run(saved["run"], self.run, "sensitivity")
+            self.cells, self._rng = saved["cells"], saved["rng"]
+
+    def measure(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)`, or the result the checkpoint holds for `key`."""
+        from prunekit.resume import set_rng_state
+
+        if key in self.cells:
+            return self.cells[key]
+        if self._rng is not None:
+            set_rng_state(self._rng)
+            self._rng = None
+        result = self.cells[key] = fn(*args)
+        self._new += 1
+        if self.saver.due(self._new):
+            self._save()
+        return result
+
+    def finish(self) -> None:
+        """Save every cell (the finished scan resumes instantly)."""
+        if self._new:
+            self._save()
+
+    def _save(self) -> None:
+        from prunekit.resume import rng_state
+
+        self.saver.save({"run": self.run, "cells": self.cells, "rng": rng_state()})
 
 
 def _progress(items: list[Any], enabled: bool) -> Iterable[Any]:

@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from prunekit.config import FrozenConfig, config_to_dict
 from prunekit.errors import ConfigError
-from prunekit.sensitivity import Evaluate, SensitivityError, SensitivityTable, _call_evaluate, _progress
+from prunekit.sensitivity import (
+    Evaluate,
+    ScanCheckpoint,
+    SensitivityError,
+    SensitivityTable,
+    _call_evaluate,
+    _progress,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,7 @@ def scan_groups(
     data: Iterable[Any] | None,
     on_error: str,
     progress: bool,
+    cells: ScanCheckpoint | None = None,
 ) -> SensitivityTable:
     """Scan coupled channel groups: each probe removes one group's channels on a copy.
 
@@ -43,7 +51,8 @@ def scan_groups(
     """
     from prunekit.bench import count_flops, count_params
 
-    baseline, why = _call_evaluate(evaluate, model)
+    cells = cells or ScanCheckpoint()
+    baseline, why = cells.measure("baseline", _call_evaluate, evaluate, model)
     if why is not None:
         raise SensitivityError(f"evaluate fails on the unpruned model ({why}); fix it before scanning")
     pruner = GroupPruner(model, config, example_inputs, data)
@@ -53,10 +62,10 @@ def scan_groups(
     removed: dict[str, dict[str, list[int]]] = {"params": {n: [] for n in groups}, "flops": {n: [] for n in groups}}
     failures: dict[str, str] = {}
     for name, level in _progress([(n, lv) for n in groups for lv in levels], progress):
-        pruned = pruner.pruned(name, level)
-        removed["params"][name].append(params_before - count_params(pruned))
-        removed["flops"][name].append(flops_before - count_flops(pruned, example_inputs))
-        value, why = _call_evaluate(evaluate, pruned)
+        value, why, gone_params, gone_flops = cells.measure(
+            f"{name}@{level!r}", _probe, pruner, name, level, evaluate, (params_before, flops_before, example_inputs))
+        removed["params"][name].append(gone_params)
+        removed["flops"][name].append(gone_flops)
         values[name].append(value)
         if why is not None:
             failures[f"{name}@{level:g}"] = why
@@ -64,8 +73,21 @@ def scan_groups(
             if on_error == "stop":
                 raise SensitivityError(f"group {name!r} at level {level:g}: {why} (use on_error='continue' to skip)")
     params = {n: sum(int(p.numel()) for p in _group_tensors(model, g)) for n, g in groups.items()}
+    cells.finish()
     return SensitivityTable(list(groups), levels, values, baseline, higher_is_better, config_to_dict(config),
                             params, None, params_before, flops_before, failures, "group", removed)
+
+
+def _probe(pruner: GroupPruner, name: str, level: float, evaluate: Evaluate,
+           before: tuple[int, int, Any]) -> tuple[float, str | None, int, int]:
+    """One cell: the metric of the copy without group `name` at `level`, and what it removed."""
+    from prunekit.bench import count_flops, count_params
+
+    params_before, flops_before, example_inputs = before
+    pruned = pruner.pruned(name, level)
+    gone_params = params_before - count_params(pruned)
+    gone_flops = flops_before - count_flops(pruned, example_inputs)
+    return (*_call_evaluate(evaluate, pruned), gone_params, gone_flops)
 
 
 class GroupPruner:

@@ -20,7 +20,10 @@ from prunekit.masks import PRUNABLE_TYPES
 def matches(pattern: str, fqn: str) -> bool:
     """True if `pattern` (exact FQN or "re:<regex>") names `fqn`."""
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], fqn) is not None
+        try:
+            return re.fullmatch(pattern[3:], fqn) is not None
+        except (re.error, OverflowError, RecursionError) as err:  # an `exclude` pattern is user input
+            raise ConfigError(f"pattern {pattern!r} is not a valid regex: {err}") from None
     return pattern == fqn
 
 

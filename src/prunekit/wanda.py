@@ -14,6 +14,7 @@ from torch import Tensor
 from prunekit.calibration import LayerStats, Pattern, register_solver
 from prunekit.criteria import ScoreContext, register_criterion
 from prunekit.errors import ConfigError
+from prunekit.masks import warn_rounding
 
 _REF = "Sun et al. 2023, A Simple and Effective Pruning Approach for Large Language Models"
 
@@ -38,6 +39,8 @@ def solve_wanda(
 ) -> tuple[Tensor, None]:
     """Wanda's mask for one layer: per-row (or per N:M group) top scores; weights unchanged."""
     scores = wanda_scores(weight, stats.sq_norm)
+    if pattern.kind == "unstructured":  # ranked per output row: a narrow input rounds hard
+        warn_rounding(fqn, weight.shape[1], pattern.sparsity, "weights per output row")
     if keep is not None:  # weights a previous round pruned stay pruned
         scores = scores.masked_fill(~keep, float("-inf"))
     return pattern.select(scores), None

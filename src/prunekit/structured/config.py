@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from prunekit.config import FrozenConfig, recipe_type
+from prunekit.config import FrozenConfig, Seed, recipe_type
 
 
 @recipe_type
@@ -41,7 +41,7 @@ class ChannelConfig(FrozenConfig):
     scope: Literal["layer", "global"] = "layer"
     round_to: int = Field(default=1, ge=1)
     exclude: tuple[str, ...] = ()
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("exclude", mode="before")
     @classmethod

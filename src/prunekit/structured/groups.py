@@ -78,10 +78,12 @@ class DependencyGraph:
     groups: list[Group]
     sizes: dict[str, tuple[int, ...]]
     barriers: list[tuple[str, str]] = field(default_factory=list)
+    blocked: dict[str, list[str]] = field(default_factory=dict)  # layer FQN -> why its outputs stay
 
     def summary(self) -> str:
-        """One line per prunable group, then the barriers (unknown ops) that stopped coupling."""
+        """One line per prunable group, then the blocked layers (and why), then the barriers."""
         lines = [str(g) for g in self.groups] or ["no prunable groups"]
+        lines += [f"blocked: {layer} ({'; '.join(why)})" for layer, why in self.blocked.items()]
         lines += [f"barrier: {op} in {layer or '<root>'!r}" for op, layer in self.barriers]
         return "\n".join(lines)
 
@@ -140,7 +142,10 @@ def analyze(model: nn.Module, traced: TracedModel, exclude: list[str] | None = N
     for node in traced.graph.nodes:
         if node.op == "placeholder":
             continue  # model inputs carry no labels: whatever they feed cannot shrink
+        layer = TracedModel.layer_of(node)
+        ctx.atoms.reason = f"{_op_name(node.target)} in {layer or '<root>'!r}"
         if node.op == "output":
+            ctx.atoms.reason = "feeds the model output"
             for arg in node.all_input_nodes:
                 _freeze_labels(ctx, ctx.env.get(arg, []))
             continue
@@ -148,6 +153,7 @@ def analyze(model: nn.Module, traced: TracedModel, exclude: list[str] | None = N
             continue
         rule = get_op_rule(node.target)
         if rule is None:
+            ctx.atoms.reason = f"op {_op_name(node.target)} in {layer or '<root>'!r} is unknown (a barrier)"
             ctx.env[node] = _barrier(ctx, node, barriers)
         else:
             ctx.env[node] = rule(ctx, node)
@@ -157,9 +163,14 @@ def analyze(model: nn.Module, traced: TracedModel, exclude: list[str] | None = N
             f"structured pruning treats ops it does not know as barriers (nothing is pruned across them): {listed}",
             stacklevel=3,
         )
-    groups = _groups(model, ctx.atoms, exclude or [])
+    blocked: dict[str, list[str]] = {}
+    groups = _groups(model, ctx.atoms, exclude or [], blocked)
     sizes = {fqn: tuple(t.shape) for fqn, t in tensors.items()}
-    return DependencyGraph(groups, sizes, barriers)
+    return DependencyGraph(groups, sizes, barriers, blocked)
+
+
+def _op_name(target: Any) -> str:
+    return str(target).removeprefix("aten.").removesuffix(".default")
 
 
 def _freeze_labels(ctx: _Context, labels: Any) -> None:
@@ -186,19 +197,31 @@ def _barrier(ctx: _Context, node: Node, barriers: list[tuple[str, str]]) -> Labe
     return []
 
 
-def _groups(model: nn.Module, atoms: AtomGraph, exclude: list[str]) -> list[Group]:
-    comp, frozen = atoms.components()
+def _groups(
+    model: nn.Module, atoms: AtomGraph, exclude: list[str], blocked: dict[str, list[str]] | None = None
+) -> list[Group]:
+    comp, graph_frozen = atoms.components()
+    frozen = graph_frozen.copy()
     head_comps = set(comp[np.concatenate(atoms.heads)].tolist()) if atoms.heads else set()
     modules = dict(model.named_modules())
+    outputs: list[tuple[str, np.ndarray]] = []  # (layer, output-dim atoms) for `blocked`
     # Positions no layer handler can shrink, and excluded layers' outputs, freeze their units.
+    held: dict[int, str] = {}
     for (fqn, dim), arr in atoms.params.items():
         layer, name = owner_of(fqn)
         module = modules.get(layer)
         handler = get_layer_handler(module) if module is not None else None
         shrinkable = handler.shrinkable(module).get(name, ()) if handler is not None else ()
         is_output = handler is not None and handler.outputs(module).get(name) == dim
+        if is_output:
+            outputs.append((layer, arr))
         if dim not in shrinkable or (is_output and layer in exclude):
             frozen[comp[arr]] = True
+            why = "excluded" if dim in shrinkable else f"{fqn} dim {dim} cannot shrink ({type(module).__name__})"
+            for c in set(comp[arr].tolist()):
+                held.setdefault(c, why)
+    if blocked is not None:
+        _explain_blocked(atoms, comp, graph_frozen, frozen, held, outputs, blocked)
     keys = list(atoms.params)
     comps, mems, poss = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for k, arr in enumerate(atoms.params.values()):
@@ -241,3 +264,25 @@ def _groups(model: nn.Module, atoms: AtomGraph, exclude: list[str]) -> list[Grou
     order = {fqn: i for i, fqn in enumerate(modules)}
     groups.sort(key=lambda g: min(order.get(owner_of(fqn)[0], 0) for fqn, _ in g.members))
     return groups
+
+
+def _explain_blocked(
+    atoms: AtomGraph,
+    comp: np.ndarray,
+    graph_frozen: np.ndarray,
+    frozen: np.ndarray,
+    held: dict[int, str],
+    outputs: list[tuple[str, np.ndarray]],
+    blocked: dict[str, list[str]],
+) -> None:
+    """Fill `blocked` with the layers none of whose output channels can go, and why."""
+    stuck = [(layer, set(comp[arr].tolist())) for layer, arr in outputs if frozen[comp[arr]].all()]
+    wanted = {c for _, comps in stuck for c in comps if graph_frozen[c]}
+    reasons = atoms.frozen_by(comp, wanted) if wanted else {}
+    for layer, comps in stuck:
+        why: list[str] = []
+        for c in sorted(comps):
+            for r in ([held[c]] if c in held else []) + reasons.get(c, []):
+                if r and r not in why:
+                    why.append(r)
+        blocked[layer] = why[:3] + ([f"+{len(why) - 3} more"] if len(why) > 3 else []) or ["frozen"]

@@ -55,6 +55,8 @@ class AtomGraph:
     _frozen: list[np.ndarray] = field(default_factory=list)
     params: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     heads: list[np.ndarray] = field(default_factory=list)  # one atom per attention head
+    reason: str = ""  # what is being analysed now; recorded with each freeze (for `blocked`)
+    _why: list[str] = field(default_factory=list)  # parallel to _frozen
 
     def new(self, shape: tuple[int, ...] | int) -> np.ndarray:
         """Fresh atoms shaped `shape`."""
@@ -84,6 +86,7 @@ class AtomGraph:
         """Never remove these atoms (nor anything coupled to them)."""
         flat = np.asarray(atoms).reshape(-1)
         self._frozen.append(flat[flat >= 0])
+        self._why.append(self.reason)
 
     def pin(self, entry: Entry, axis: int) -> None:
         """Keep the size of `entry`'s `axis`: pruning may remove whole slices along other axes only.
@@ -120,3 +123,13 @@ class AtomGraph:
         if self._frozen:
             frozen[comp[np.concatenate(self._frozen)]] = True
         return comp, frozen
+
+    def frozen_by(self, comp: np.ndarray, components: set[int]) -> dict[int, list[str]]:
+        """For each of `components` (ids from `components()`), the distinct reasons it was frozen."""
+        out: dict[int, list[str]] = {}
+        wanted = np.fromiter(components, dtype=np.int64)
+        for atoms, why in zip(self._frozen, self._why, strict=True):
+            for c in np.intersect1d(comp[atoms], wanted).tolist():
+                if why not in out.setdefault(c, []):
+                    out[c].append(why)
+        return out

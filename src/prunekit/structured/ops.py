@@ -421,7 +421,9 @@ def _barrier_like(ctx: OpContext, node: Node) -> Labels:
     return []
 
 
-# Shape ops, reductions and attention live in ops_shape.py to keep this file short.
+# Shape ops, reductions and attention live in ops_shape.py, activation @ activation matmuls
+# (eager attention) in ops_matmul.py, to keep this file short.
+from prunekit.structured import ops_matmul as _ops_matmul  # noqa: E402,F401
 from prunekit.structured import ops_shape as _ops_shape  # noqa: E402,F401
 
 __all__ = ["OpContext", "get_op_rule", "list_op_rules", "operator", "register_op_rule"]

@@ -12,14 +12,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, model_validator
 from torch import Tensor, nn
 
 from prunekit.config import config_from_dict, config_to_dict
 from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
+from prunekit.files import read_document, validate_document
 from prunekit.plan import PlanContext, register_method
 from prunekit.structured.config import ChannelConfig
 from prunekit.structured.groups import DependencyGraph, Group, analyze
@@ -32,6 +34,34 @@ from prunekit.targets import matches
 log = logging.getLogger(__name__)
 PLAN_FORMAT = "prunekit.channel_plan"
 PLAN_VERSION = 1
+
+
+class _PlanTensor(BaseModel):
+    """One tensor of a plan document: its dense shape and, per dim, the indices kept."""
+
+    model_config = ConfigDict(extra="forbid")
+    shape: list[NonNegativeInt]
+    keep: dict[NonNegativeInt, list[NonNegativeInt]]
+
+    @model_validator(mode="after")
+    def _indices_in_range(self) -> _PlanTensor:
+        for dim, kept in self.keep.items():
+            if dim >= len(self.shape):
+                raise ValueError(f"dim {dim} is outside shape {self.shape}")
+            if any(i >= self.shape[dim] for i in kept) or len(set(kept)) != len(kept):
+                raise ValueError(f"kept indices of dim {dim} must be distinct and below {self.shape[dim]}")
+        return self
+
+
+class _PlanDocument(BaseModel):
+    """The JSON schema of a saved `ChannelPlan` (checked before anything is built from it)."""
+
+    format: Literal["prunekit.channel_plan"]
+    version: Literal[1]
+    config: dict[str, Any]
+    tensors: dict[str, _PlanTensor]
+    groups: list[dict[str, Any]] = []
+    stats: dict[str, Any] = {}
 
 
 @dataclass
@@ -101,6 +131,7 @@ class ChannelPlan:
         """Rebuild a plan from `to_dict` output; raises `PlanError` on anything malformed."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION:
             raise PlanError(f"not a {PLAN_FORMAT} v{PLAN_VERSION} document")
+        validate_document(data, _PlanDocument, "channel plan", PlanError)
         try:
             config = config_from_dict(data["config"], "plan.config")
             keep = {k: {int(d): [int(i) for i in v] for d, v in t["keep"].items()} for k, t in data["tensors"].items()}
@@ -121,9 +152,9 @@ class ChannelPlan:
     def load(cls, path: str | Path) -> ChannelPlan:
         """Read a plan written by `save`."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as err:
-            raise PlanError(f"cannot read channel plan {str(path)!r}: {err}") from None
+            return cls.from_dict(json.loads(read_document(path, "channel plan", PlanError)))
+        except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: absurdly deep nesting
+            raise PlanError(f"channel plan {str(path)!r} is not JSON: {err}") from None
 
     # ---------------------------------------------------------------- apply
 
@@ -285,6 +316,11 @@ def _scores(model: nn.Module, config: ChannelConfig, groups: list[Group], ctx: P
         if ctx.data is None:
             raise ConfigError(f"criterion {config.criterion!r} needs a few batches of data: pass data=...")
         grads = taylor_grads(model, ctx.data, tensors)
+    members = {m[0] for g in groups for m in g.members}  # weights and norm statistics (running_var)
+    for key, tensor in tensors.items():
+        if key in members and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise PlanError(f"tensor {key!r} has NaN/Inf values; cannot rank channels of a corrupt model "
+                            "(a diverged run or a bad checkpoint?)")
     generator = ctx.generator or torch.Generator().manual_seed(config.seed)
     inputs = ScoreInputs(tensors, dict(model.named_modules()), grads, generator)
     return [np.asarray(info.fn(g, inputs), dtype=np.float64) for g in groups]

@@ -1,0 +1,224 @@
+"""The implementations `accelerate` chooses between for one nn.Linear, each a small nn.Module.
+
+Every candidate is built from the layer's effective weight (masks applied) and bias, takes any
+leading batch dimensions like `nn.Linear`, and is inference-only. A registry keyed by name says
+which candidates exist; a builder returns None where its candidate does not apply to a layer
+(e.g. BSR without a block structure, INT8 when not allowed).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from prunekit.errors import UnsupportedLayerError
+from prunekit.runtime import formats
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a builder may look at: the effective weight and bias, the block found, and options."""
+
+    fqn: str
+    weight: Tensor
+    bias: Tensor | None
+    block: tuple[int, int] | None
+    nm24: bool
+    allow_int8: bool
+
+
+Builder = Callable[[LayerInfo], nn.Module | None]
+_CANDIDATES: dict[str, Builder] = {}
+
+
+def register_candidate(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: add a candidate builder under `name` (an error if the name is taken)."""
+
+    def wrap(fn: Builder) -> Builder:
+        if name in _CANDIDATES:
+            raise ValueError(f"candidate {name!r} is already registered")
+        _CANDIDATES[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_candidate(name: str) -> Builder:
+    return _CANDIDATES[name]
+
+
+def list_candidates() -> list[str]:
+    return list(_CANDIDATES)
+
+
+def is_int8(name: str) -> bool:
+    return "int8" in name
+
+
+class _Flat(nn.Module):
+    """Shared plumbing: flatten leading dims to rows, run `_rows`, restore them."""
+
+    def __init__(self, fqn: str, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.fqn, self.in_features, self.out_features = fqn, in_features, out_features
+
+    def _rows(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise UnsupportedLayerError(
+                f"layer {self.fqn!r}: expected {self.in_features} input features, got shape {tuple(x.shape)}"
+            )
+        if x.requires_grad and torch.is_grad_enabled():
+            raise UnsupportedLayerError(
+                f"layer {self.fqn!r} was replaced by an inference-only kernel by prunekit.accelerate; "
+                "run it under torch.no_grad() or accelerate a copy for training"
+            )
+        lead = x.shape[:-1]
+        y = self._rows(x.reshape(-1, self.in_features))
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.fqn!r}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class NumbaSparseLinear(_Flat):
+    """prunekit's own kernel (`kernels_numba`) on a `formats.PackedWeight`."""
+
+    bias: Tensor
+
+    def __init__(self, fqn: str, packed: formats.PackedWeight, bias: Tensor | None, parallel: bool = True) -> None:
+        super().__init__(fqn, packed.shape[1], packed.shape[0])
+        self.packed, self.parallel = packed, parallel
+        b = torch.zeros(packed.shape[0]) if bias is None else bias.detach().float().clone()
+        self.register_buffer("bias", b.contiguous())
+
+    def _rows(self, x: Tensor) -> Tensor:
+        from prunekit.runtime.kernels_numba import sparse_linear
+
+        x32 = x.detach().to(torch.float32).contiguous()
+        y = sparse_linear(self.packed, x32.numpy(), self.bias.numpy(), parallel=self.parallel)
+        return torch.from_numpy(y).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        threads = "parallel" if self.parallel else "1 thread"
+        return f"{super().extra_repr()}, format={self.packed.describe()}, {threads}"
+
+
+class TorchSparseLinear(_Flat):
+    """torch's own sparse CSR or BSR matmul: y.T = W @ x.T (+ bias)."""
+
+    def __init__(self, fqn: str, weight: Tensor, bias: Tensor | None, block: tuple[int, int] | None) -> None:
+        super().__init__(fqn, weight.shape[1], weight.shape[0])
+        w = weight.detach().float()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            self.weight = w.to_sparse_bsr(block) if block else w.to_sparse_csr()
+        self.bias = None if bias is None else bias.detach().float().clone()
+
+    def _rows(self, x: Tensor) -> Tensor:
+        y = torch.sparse.mm(self.weight, x.t()).t()
+        return y if self.bias is None else y + self.bias
+
+
+class OneDnnLinear(_Flat):
+    """Dense oneDNN (mkldnn) linear with the weight pre-packed in oneDNN's layout."""
+
+    def __init__(self, fqn: str, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__(fqn, weight.shape[1], weight.shape[0])
+        self.weight = weight.detach().float().contiguous().to_mkldnn()
+        b = torch.zeros(weight.shape[0]) if bias is None else bias.detach().float()
+        self.bias = b.contiguous().to_mkldnn()
+
+    def _rows(self, x: Tensor) -> Tensor:
+        return torch._C._nn.mkldnn_linear(x.float().contiguous().to_mkldnn(), self.weight, self.bias).to_dense()
+
+
+class DenseLinear(_Flat):
+    """Plain `F.linear` on the effective weight (the dense baseline, masks baked in)."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def __init__(self, fqn: str, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__(fqn, weight.shape[1], weight.shape[0])
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _rows(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _dynamic_int8(fqn: str, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        qw = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+        q = QLinear(w.shape[1], w.shape[0], bias_=bias is not None, dtype=torch.qint8)
+        q.set_weight_bias(qw, None if bias is None else bias.detach().float())
+    return q
+
+
+@register_candidate("dense")
+def _dense(info: LayerInfo) -> nn.Module:
+    return DenseLinear(info.fqn, info.weight, info.bias)
+
+
+@register_candidate("onednn")
+def _onednn(info: LayerInfo) -> nn.Module | None:
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return OneDnnLinear(info.fqn, info.weight, info.bias)
+
+
+@register_candidate("torch_csr")
+def _torch_csr(info: LayerInfo) -> nn.Module:
+    return TorchSparseLinear(info.fqn, info.weight, info.bias, None)
+
+
+@register_candidate("torch_bsr")
+def _torch_bsr(info: LayerInfo) -> nn.Module | None:
+    # torch's CPU BSR matmul goes through MKL sparse, which takes square blocks only.
+    if info.block is None or info.block[0] != info.block[1]:
+        return None
+    return TorchSparseLinear(info.fqn, info.weight, info.bias, info.block)
+
+
+@register_candidate("dense_int8")
+def _dense_int8(info: LayerInfo) -> nn.Module | None:
+    return _dynamic_int8(info.fqn, info.weight, info.bias) if info.allow_int8 else None
+
+
+def _pack(info: LayerInfo, kind: str, int8: bool) -> formats.PackedWeight | None:
+    if int8 and not info.allow_int8:
+        return None
+    if kind == "csr":
+        return formats.pack_csr(info.weight, int8=int8)
+    if kind == "bsr":
+        return formats.pack_bsr(info.weight, info.block, int8=int8) if info.block else None
+    return formats.pack_nm24(info.weight, int8=int8) if info.nm24 else None
+
+
+def _register_numba(kind: str, int8: bool, parallel: bool) -> None:
+    name = f"numba_{kind}{'_int8' if int8 else ''}{'' if parallel else '_1t'}"
+
+    @register_candidate(name)
+    def build(info: LayerInfo) -> nn.Module | None:
+        packed = _pack(info, kind, int8)
+        return None if packed is None else NumbaSparseLinear(info.fqn, packed, info.bias, parallel)
+
+
+# prunekit's own kernels: numba_{csr,bsr,nm24}[_int8][_1t] ("_1t": single-threaded twin)
+for _kind in ("csr", "bsr", "nm24"):
+    for _int8 in (False, True):
+        for _parallel in (True, False):
+            _register_numba(_kind, _int8, _parallel)
