@@ -239,6 +239,7 @@ def accelerate(
     margin: float = 0.1,
     repeats: int = 15,
     warmup: int = 3,
+    tolerance: float | None = None,
     table_path: str | Path | None = None,
     verbose: bool = True,
 ) -> nn.Module:
@@ -267,6 +268,8 @@ def accelerate(
         candidates: names to consider (default: all registered); "dense" is always measured.
         min_sparsity: layers with fewer zeros are left alone.
         margin: how much faster (geometric mean over batch sizes) a candidate must be than dense.
+        tolerance: the relative output error accepted; default 1e-4, or 5e-2 once an INT8
+            kernel is installed (an LLM's logits may need more: measure dense INT8's drift first).
         repeats, warmup: timed and untimed forward passes per candidate and batch size.
         table_path: if given, the decision table is written there as JSON (atomically).
         verbose: print the decision table (rich).
@@ -285,6 +288,8 @@ def accelerate(
     """
     names = list(candidates) if candidates is not None else cand.list_candidates()
     _validate(batch_sizes, names, repeats, warmup, margin)
+    if tolerance is not None and not (tolerance > 0 and math.isfinite(tolerance)):
+        raise ConfigError(f"accelerate: tolerance must be a positive finite number, got {tolerance!r}")
     model.eval()
     layers = _eligible(model, min_sparsity)
     if not layers:
@@ -312,7 +317,8 @@ def accelerate(
             _set(model, d.fqn, built[d.fqn][d.choice] if d.choice != "dense" else layers[d.fqn])
         with torch.no_grad():
             error = _rel_error(reference, _call(model, example_inputs))
-        tolerance = TOLERANCE_INT8 if any(cand.is_int8(d.choice) for d in decisions) else TOLERANCE_FP32
+        if tolerance is None:
+            tolerance = TOLERANCE_INT8 if any(cand.is_int8(d.choice) for d in decisions) else TOLERANCE_FP32
         if not error <= tolerance:
             changed = [f"{d.fqn} ({d.choice})" for d in decisions if d.choice != "dense"]
             raise PrunekitError(
