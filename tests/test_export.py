@@ -125,3 +125,17 @@ def test_failed_save_leaves_previous_file_intact(tmp_path, monkeypatch) -> None:
         pk.save(_pruned(0.9), path)
     assert path.read_bytes() == previous
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_tied_weights_are_stored_once_and_stay_tied_on_load(tmp_path) -> None:
+    def build() -> nn.Module:
+        model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 50, bias=False))
+        model[1].weight = model[0].weight  # tied, as in a language model's embedding and head
+        return model
+
+    model = build()
+    report = pk.save(model, tmp_path / "tied.safetensors")
+    again = pk.load(tmp_path / "tied.safetensors", build)
+    assert again[1].weight is again[0].weight
+    assert torch.equal(again[0].weight, model[0].weight)
+    assert report.params == 50 * 16

@@ -171,8 +171,14 @@ def save(
 
     state = effective_state_dict(model)
     tensors: dict[str, Tensor] = {}
-    header: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION, "encoded": {}}
+    header: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION, "encoded": {}, "aliases": {}}
+    first_of: dict[tuple, str] = {}  # tied weights (one tensor under two names) are stored once
     for key, value in state.items():
+        view = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape, value.stride(), value.dtype)
+        if view in first_of:
+            header["aliases"][key] = first_of[view]
+            continue
+        first_of[view] = key
         encoded = _encode(value)
         if encoded is None:
             tensors[key] = value.detach().cpu().contiguous()
@@ -187,8 +193,9 @@ def save(
         header["user"] = metadata
     blob = st_save(tensors, metadata={_META_KEY: json.dumps(header)})
     path = atomic_write_bytes(path, blob)
-    params = sum(v.numel() for v in state.values())
-    dense = sum(v.numel() * v.element_size() for v in state.values())
+    stored = [v for k, v in state.items() if k not in header["aliases"]]
+    params = sum(v.numel() for v in stored)
+    dense = sum(v.numel() * v.element_size() for v in stored)
     return SaveReport(path, len(blob), params, dense)
 
 
@@ -206,6 +213,7 @@ class _Header(BaseModel):
     format: Literal["prunekit.sparse"]
     version: Literal[1]
     encoded: dict[str, _EncodedInfo] = {}
+    aliases: dict[str, str] = {}  # tied weights: name -> the name it is stored under
     user: dict[str, Any] = {}
 
 
@@ -299,6 +307,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
         if any(v is None for v in parts.values()):
             raise CheckpointError(f"{str(path)!r}: tensor {key!r} is missing its encoded parts")
         state[key] = _decode(key, parts, info)  # type: ignore[arg-type]
+    for alias, key in header.get("aliases", {}).items():
+        if key not in state:
+            raise CheckpointError(f"{str(path)!r}: tensor {alias!r} is tied to {key!r}, which the file lacks")
+        state[alias] = state[key]
     return state, header.get("user", {})
 
 
