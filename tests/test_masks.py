@@ -107,3 +107,13 @@ def test_mask_update_in_place_is_seen_by_forward() -> None:
 
     get_mask(layer).mask.zero_()
     torch.testing.assert_close(layer(x), layer.bias.expand(2, 6))
+
+
+def test_finalizing_a_deep_copy_leaves_the_original_masked_and_working() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    pk.prune(model, pk.UnstructuredConfig(sparsity=0.5))
+    x = torch.randn(3, 8)
+    before = model(x)
+    copy_ = pk.finalize(copy.deepcopy(model))
+    assert torch.equal(model(x), before) and torch.equal(copy_(x), before)
+    assert pk.sparsity(model).total == pytest.approx(0.5, abs=0.02)

@@ -157,6 +157,11 @@ def remove_mask(module: nn.Module, name: str = "weight", *, bake: bool = True) -
     """Remove the mask from `module.<name>`; `bake=True` keeps the zeros in the weight."""
     if get_mask(module, name) is None:
         return
+    # parametrize gives the module a generated class that `copy.deepcopy` shares with the
+    # original, and removal deletes a property from that class: give this module its own
+    # class first, so finalizing a copy never breaks the model it was copied from.
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     parametrize.remove_parametrizations(module, name, leave_parametrized=bake)
 
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from prunekit.config import FrozenConfig, recipe_type
 from prunekit.errors import ConfigError, PrunekitError
-from prunekit.masks import finalize, masked_modules
+from prunekit.masks import finalize
 from prunekit.targets import matches
 
 log = logging.getLogger(__name__)
@@ -117,17 +117,8 @@ def quantize(
 
 
 def finalized_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` with masks baked into plain weights (`model` is untouched).
-
-    `torch.nn.utils.parametrize` gives each parametrized module a generated class that a
-    deep copy shares, and removing a parametrization deletes a property from that class; so
-    each copied module gets its own class first, or finalizing the copy breaks the original.
-    """
-    clone = copy.deepcopy(model)
-    for module in masked_modules(clone).values():
-        cls = type(module)
-        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-    return finalize(clone)
+    """A deep copy of `model` with masks baked into plain weights (`model` is untouched)."""
+    return finalize(copy.deepcopy(model))
 
 
 # --------------------------------------------------------------------------------------------
