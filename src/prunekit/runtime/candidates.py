@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prunekit.errors import UnsupportedLayerError
+from prunekit.errors import ConfigError, UnsupportedLayerError
 from prunekit.runtime import formats
 
 
@@ -41,7 +41,7 @@ def register_candidate(name: str) -> Callable[[Builder], Builder]:
 
     def wrap(fn: Builder) -> Builder:
         if name in _CANDIDATES:
-            raise ValueError(f"candidate {name!r} is already registered")
+            raise ConfigError(f"candidate {name!r} is already registered")
         _CANDIDATES[name] = fn
         return fn
 
