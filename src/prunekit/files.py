@@ -105,6 +105,16 @@ def read_document(path: str | Path, what: str, error: type[PrunekitError] = Prun
         raise error(f"{what} {str(path)!r} is not UTF-8 text (byte {err.start}): a binary file?") from None
 
 
+def read_json_document(path: str | Path, what: str, error: type[PrunekitError] = PrunekitError) -> Any:
+    """`read_document`, parsed as JSON; malformed or absurdly deep JSON raises `error` naming the file."""
+    import json
+
+    try:
+        return json.loads(read_document(path, what, error))
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nesting deeper than Python's stack
+        raise error(f"{what} {str(path)!r} is not JSON: {err}") from None
+
+
 def validate_document(data: Any, schema: type[_Model], what: str, error: type[PrunekitError]) -> _Model:
     """Check parsed JSON/YAML `data` against a pydantic `schema`; errors name each bad field."""
     from pydantic import ValidationError

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer
 from prunekit.errors import ConfigError
-from prunekit.files import atomic_write_text, read_document, validate_document
+from prunekit.files import atomic_write_text, read_json_document, validate_document
 
 FORMAT = "prunekit.latency_table"
 
@@ -131,10 +131,7 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
         """Read a table written by `save`."""
-        try:
-            data = json.loads(read_document(path, "latency table", ConfigError))
-        except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: absurdly deep nesting
-            raise ConfigError(f"latency table {str(path)!r} is not JSON: {err}") from None
+        data = read_json_document(path, "latency table", ConfigError)
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != 1:
             raise ConfigError(f"{str(path)!r} is not a version-1 prunekit latency table")
         doc = validate_document(data, _LatencyDocument, f"latency table {str(path)!r}", ConfigError)

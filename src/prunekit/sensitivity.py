@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer, config_from_dict, config_to_dict
 from prunekit.errors import ConfigError, PrunekitError
-from prunekit.files import atomic_write_text, read_document, validate_document
+from prunekit.files import atomic_write_text, read_json_document, validate_document
 from prunekit.masks import get_mask
 from prunekit.resume import Checkpointer
 from prunekit.targets import prunable_layers, resolve
@@ -190,11 +190,7 @@ class SensitivityTable:
     @classmethod
     def load(cls, path: str | Path) -> SensitivityTable:
         """Read a table written by `save`."""
-        try:
-            data = json.loads(read_document(path, "sensitivity table", ConfigError))
-        except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: absurdly deep nesting
-            raise ConfigError(f"sensitivity table {str(path)!r} is not JSON: {err}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_document(path, "sensitivity table", ConfigError))
 
     def plot(self, path: str | Path) -> Path:
         """Draw the degradation heat map (unit x level) as a PNG, atomically; needs matplotlib."""

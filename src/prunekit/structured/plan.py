@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from prunekit.config import config_from_dict, config_to_dict
 from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
-from prunekit.files import read_document, validate_document
+from prunekit.files import read_json_document, validate_document
 from prunekit.plan import PlanContext, register_method
 from prunekit.structured.config import ChannelConfig
 from prunekit.structured.groups import DependencyGraph, Group, analyze
@@ -151,10 +151,7 @@ class ChannelPlan:
     @classmethod
     def load(cls, path: str | Path) -> ChannelPlan:
         """Read a plan written by `save`."""
-        try:
-            return cls.from_dict(json.loads(read_document(path, "channel plan", PlanError)))
-        except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: absurdly deep nesting
-            raise PlanError(f"channel plan {str(path)!r} is not JSON: {err}") from None
+        return cls.from_dict(read_json_document(path, "channel plan", PlanError))
 
     # ---------------------------------------------------------------- apply
 
