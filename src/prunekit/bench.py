@@ -7,6 +7,7 @@ machine) hits all of them alike, and the ratios are more trustworthy than the ab
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.allocator import minor_page_faults, retained_memory
 from prunekit.errors import ConfigError
 
 
@@ -90,6 +92,7 @@ class Latency:
     latency_ms_p99: float
     repeats: int
     times_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)  # per call, in call order
+    page_faults_per_call: float = field(default=0.0, compare=False)  # minor faults during the timed calls
 
     def __str__(self) -> str:
         return f"p50 {self.latency_ms_p50:.3f} ms, p99 {self.latency_ms_p99:.3f} ms ({self.repeats} runs)"
@@ -107,7 +110,13 @@ def _device(model: nn.Module) -> torch.device | None:
 
 @torch.no_grad()
 def measure_latency(
-    models: Mapping[str, nn.Module], inputs: Any, *, repeats: int = 50, warmup: int = 5, threads: int | None = None
+    models: Mapping[str, nn.Module],
+    inputs: Any,
+    *,
+    repeats: int = 50,
+    warmup: int = 5,
+    threads: int | None = None,
+    retain_memory: bool = True,
 ) -> dict[str, Latency]:
     """Time each model's forward on `inputs`, interleaved call by call; does not mutate.
 
@@ -118,6 +127,9 @@ def measure_latency(
         repeats: timed calls per model.
         warmup: untimed calls per model first (allocator, caches, lazy init).
         threads: `torch.set_num_threads` during the run (restored after); None keeps it.
+        retain_memory: keep freed memory mapped while timing (`prunekit.allocator`), as
+            jemalloc/tcmalloc would; False times glibc's default, which re-faults every large
+            activation on every call (the faults per call are recorded either way).
 
     Returns:
         name -> `Latency`.
@@ -134,30 +146,36 @@ def measure_latency(
     old_threads = torch.get_num_threads()
     modes = {name: m.training for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
+    faults = dict.fromkeys(models, 0)
+    allocator = retained_memory() if retain_memory else contextlib.nullcontext()
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         for m in models.values():
             m.eval()
-        for _ in range(warmup):
-            for m in models.values():
-                _call(m, inputs)
-        order = list(models.items())
-        for i in range(repeats):
-            # Alternate the order (A B, B A, ...): the model called second always finding the
-            # caches and the allocator warm from the first would bias the ratio.
-            for name, m in order if i % 2 == 0 else order[::-1]:
-                device = _device(m)
-                _sync(device)
-                start = time.perf_counter()
-                _call(m, inputs)
-                _sync(device)
-                times[name].append((time.perf_counter() - start) * 1000.0)
+        with allocator:
+            for _ in range(warmup):
+                for m in models.values():
+                    _call(m, inputs)
+            order = list(models.items())
+            for i in range(repeats):
+                # Alternate the order (A B, B A, ...): the model called second always finding the
+                # caches and the allocator warm from the first would bias the ratio.
+                for name, m in order if i % 2 == 0 else order[::-1]:
+                    device = _device(m)
+                    _sync(device)
+                    before = minor_page_faults()
+                    start = time.perf_counter()
+                    _call(m, inputs)
+                    _sync(device)
+                    times[name].append((time.perf_counter() - start) * 1000.0)
+                    faults[name] += minor_page_faults() - before
     finally:
         torch.set_num_threads(old_threads)
         for name, m in models.items():
             m.train(modes[name])
-    return {name: Latency(statistics.median(t), _percentile(t, 99.0), len(t), tuple(t)) for name, t in times.items()}
+    return {name: Latency(statistics.median(t), _percentile(t, 99.0), len(t), tuple(t), faults[name] / len(t))
+            for name, t in times.items()}
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import prunekit
+from prunekit.allocator import retained_memory
 from prunekit.bench import count_flops, count_params, measure_latency
 from prunekit.errors import PrunekitError
 from prunekit.export import save
@@ -220,14 +221,16 @@ def compare(
 
     latency: list[dict[str, Any]] = []
     halves: list[list[float]] = []
-    for n in batch_sizes:
-        x = _batch_of(data, n)
-        res = measure_latency({"baseline": baseline, "pruned": pruned}, x, repeats=repeats, warmup=warmup)
-        b, p = res["baseline"], res["pruned"]
-        halves.append(_speedup_halves(b.times_ms, p.times_ms))
-        latency.append({"batch_size": n, "baseline_ms_p50": b.latency_ms_p50, "baseline_ms_p99": b.latency_ms_p99,
-                        "pruned_ms_p50": p.latency_ms_p50, "pruned_ms_p99": p.latency_ms_p99,
-                        "speedup": b.latency_ms_p50 / p.latency_ms_p50, "speedup_halves": halves[-1]})
+    with retained_memory() as allocator:
+        for n in batch_sizes:
+            x = _batch_of(data, n)
+            res = measure_latency({"baseline": baseline, "pruned": pruned}, x, repeats=repeats, warmup=warmup)
+            b, p = res["baseline"], res["pruned"]
+            halves.append(_speedup_halves(b.times_ms, p.times_ms))
+            latency.append({"batch_size": n, "baseline_ms_p50": b.latency_ms_p50, "baseline_ms_p99": b.latency_ms_p99,
+                            "pruned_ms_p50": p.latency_ms_p50, "pruned_ms_p99": p.latency_ms_p99,
+                            "speedup": b.latency_ms_p50 / p.latency_ms_p50, "speedup_halves": halves[-1],
+                            "page_faults_per_call": [b.page_faults_per_call, p.page_faults_per_call]})
     example = _batch_of(data, 1)
     with tempfile.TemporaryDirectory() as tmp:
         disk = {n: _disk(m, Path(tmp), n) for n, m in (("baseline", baseline), ("pruned", pruned))}
@@ -250,7 +253,7 @@ def compare(
         "pruned": {**stats["pruned"], "sparsity": sparsity(pruned).total, "layers": sparsity(pruned).layers},
         "accuracy": acc,
         "latency": {"repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
-                    "interleaved": True, "by_batch": latency,
+                    "interleaved": True, "allocator": allocator, "by_batch": latency,
                     "halves_spread": max((abs(h[1] / h[0] - 1) for h in halves if h), default=None)},
         "curve": list(curve or []),
     }
@@ -325,6 +328,7 @@ def render_markdown(d: dict[str, Any]) -> str:
         rows.append(f"| {key} | {fmt(bv)} | {fmt(pv)} | {pv / bv if bv else float('nan'):.3f} |")
     rows += ["", f"Pruned sparsity: {100 * p['sparsity']:.2f}%.", "", "## Latency (ms, interleaved, "
              f"{d['latency']['repeats']} repeats after {d['latency']['warmup']} warm-up)", "",
+             f"Allocator while timing: {d['latency'].get('allocator', 'not recorded')}.", "",
              "| batch | baseline p50 | baseline p99 | pruned p50 | pruned p99 | speedup |", "|---|---|---|---|---|---|"]
     rows += [f"| {r['batch_size']} | {r['baseline_ms_p50']:.3f} | {r['baseline_ms_p99']:.3f} "
              f"| {r['pruned_ms_p50']:.3f} | {r['pruned_ms_p99']:.3f} | {r['speedup']:.2f}x |"

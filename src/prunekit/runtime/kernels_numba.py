@@ -17,14 +17,16 @@ not take launches from several Python threads at once; call one model from one t
 the single-threaded kernels (`parallel=False`, the `*_1t` candidates).
 
 Batch layout: batch 1 uses x as a vector. Larger batches are cut into tiles of 8 rows stored
-(tile, in, 8): the 8 values of one input feature share one cache line, and each output row keeps
-8 accumulators in registers while it walks its non-zeros once per tile. Values
+(tile, in * 8): the 8 values of one input feature are adjacent, and each output row keeps its 8
+accumulators in one AVX register while it walks its non-zeros once per tile. Values
 may be float32 or int8; int8 rows are multiplied by their fp32 scale once per output row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -91,55 +93,73 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
 
         return wrap
 
-    # No fastmath where x is indexed by a stored column: it lets LLVM vectorize the non-zero loop
-    # with AVX-512 gathers, which we measured 2-3x slower on Zen 4 than scalar loads with several
-    # independent accumulators (written out by hand below for that reason). BSR's contiguous
-    # block rows do vectorize well, so the BSR batch-1 kernel keeps fastmath.
-    opts = {"parallel": parallel, "cache": True, "nogil": True}
+    # No reassociating fastmath where x is indexed by a stored column: it lets LLVM vectorize the
+    # non-zero loop with AVX-512 gathers, which we measured 2-3x slower on Zen 4 than scalar loads
+    # with several independent accumulators. "contract" (fused multiply-add) is safe: it changes
+    # no loop's order. BSR's contiguous block rows do vectorize well, so `bsr_b1` keeps fastmath.
+    # Indices are uint64: numba wraps negative signed indices around (a compare and a cmov per
+    # load), which doubled the instructions per non-zero.
+    opts = {"parallel": parallel, "cache": True, "nogil": True, "fastmath": {"contract"}}
+    lanes = numba.njit(inline="always", fastmath={"contract"})
+    u1, u2, u4, width = np.uint64(1), np.uint64(2), np.uint64(4), np.uint64(TILE)
+    zero = np.float32(0.0)
+
+    # The batched kernels keep one tile's 8 accumulators as a tuple; LLVM's SLP vectorizer
+    # (enabled for these kernels by `_lane_vectorizer`) turns each 8-lane step into one AVX FMA.
+    @lanes
+    def axpy8(a, v, xs, c):  # pragma: no cover - compiled
+        """a + v * xs[c : c + 8], lane by lane."""
+        return (a[0] + v * xs[c], a[1] + v * xs[c + u1], a[2] + v * xs[c + np.uint64(2)],
+                a[3] + v * xs[c + np.uint64(3)], a[4] + v * xs[c + np.uint64(4)], a[5] + v * xs[c + np.uint64(5)],
+                a[6] + v * xs[c + np.uint64(6)], a[7] + v * xs[c + np.uint64(7)])
+
+    @lanes
+    def pair8(a, v, c, w, d, xs):  # pragma: no cover - compiled
+        """a + (v * xs[c : c + 8] + w * xs[d : d + 8]): two non-zeros, one dependent add per lane."""
+        p = axpy8(axpy8((zero, zero, zero, zero, zero, zero, zero, zero), v, xs, c), w, xs, d)
+        return (a[0] + p[0], a[1] + p[1], a[2] + p[2], a[3] + p[3], a[4] + p[4], a[5] + p[5], a[6] + p[6], a[7] + p[7])
+
+    @lanes
+    def store8(yr, a, s, bi):  # pragma: no cover - compiled
+        for j in range(8):
+            yr[j] = a[j] * s + bi
 
     @njit(**opts)
     def csr_b1(rowptr, cols, vals, scales, bias, x, y):  # pragma: no cover - compiled
         for r in prange(rowptr.shape[0] - 1):
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            k, end = rowptr[r], rowptr[r + 1]
-            while k + 4 <= end:
+            a0 = a1 = a2 = a3 = zero
+            k, end = np.uint64(rowptr[r]), np.uint64(rowptr[r + 1])
+            while k + u4 <= end:
                 a0 += np.float32(vals[k]) * x[cols[k]]
-                a1 += np.float32(vals[k + 1]) * x[cols[k + 1]]
-                a2 += np.float32(vals[k + 2]) * x[cols[k + 2]]
-                a3 += np.float32(vals[k + 3]) * x[cols[k + 3]]
-                k += 4
+                a1 += np.float32(vals[k + u1]) * x[cols[k + u1]]
+                a2 += np.float32(vals[k + u2]) * x[cols[k + u2]]
+                a3 += np.float32(vals[k + np.uint64(3)]) * x[cols[k + np.uint64(3)]]
+                k += u4
             while k < end:
                 a0 += np.float32(vals[k]) * x[cols[k]]
-                k += 1
+                k += u1
             y[r] = ((a0 + a1) + (a2 + a3)) * scales[r] + bias[r]
 
     @njit(**opts)
     def csr_tiles(rowptr, cols, vals, scales, bias, xt, yt):  # pragma: no cover - compiled
         for r in prange(rowptr.shape[0] - 1):
-            s, bi = scales[r], bias[r]
+            start, end = np.uint64(rowptr[r]), np.uint64(rowptr[r + 1])
             for t in range(xt.shape[0]):
-                xs = xt[t]
-                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-                for k in range(rowptr[r], rowptr[r + 1]):
-                    v, c = np.float32(vals[k]), cols[k]
-                    a0 += v * xs[c, 0]
-                    a1 += v * xs[c, 1]
-                    a2 += v * xs[c, 2]
-                    a3 += v * xs[c, 3]
-                    a4 += v * xs[c, 4]
-                    a5 += v * xs[c, 5]
-                    a6 += v * xs[c, 6]
-                    a7 += v * xs[c, 7]
-                yr = yt[t, r]
-                yr[0], yr[1], yr[2], yr[3] = a0 * s + bi, a1 * s + bi, a2 * s + bi, a3 * s + bi
-                yr[4], yr[5], yr[6], yr[7] = a4 * s + bi, a5 * s + bi, a6 * s + bi, a7 * s + bi
+                xs, a, k = xt[t], (zero, zero, zero, zero, zero, zero, zero, zero), start
+                while k + u2 <= end:
+                    a = pair8(a, np.float32(vals[k]), np.uint64(cols[k]) * width,
+                              np.float32(vals[k + u1]), np.uint64(cols[k + u1]) * width, xs)
+                    k += u2
+                if k < end:
+                    a = axpy8(a, np.float32(vals[k]), xs, np.uint64(cols[k]) * width)
+                store8(yt[t, r], a, scales[r], bias[r])
 
-    @njit(fastmath=True, **opts)
+    @njit(**{**opts, "fastmath": True})
     def bsr_b1(browptr, bcols, vals, scales, bias, x, y):  # pragma: no cover - compiled
         br, bc = vals.shape[1], vals.shape[2]
         for i in prange(browptr.shape[0] - 1):
             for r in range(br):
-                acc = np.float32(0.0)
+                acc = zero
                 for k in range(browptr[i], browptr[i + 1]):
                     c0 = np.int64(bcols[k]) * bc
                     for j in range(bc):
@@ -148,64 +168,47 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
 
     @njit(**opts)
     def bsr_tiles(browptr, bcols, vals, scales, bias, xt, yt):  # pragma: no cover - compiled
-        br, bc = vals.shape[1], vals.shape[2]
+        br, bc = vals.shape[1], np.uint64(vals.shape[2])
         for i in prange(browptr.shape[0] - 1):
             for t in range(xt.shape[0]):
                 xs = xt[t]
                 for r in range(br):
-                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+                    a = (zero, zero, zero, zero, zero, zero, zero, zero)
                     for k in range(browptr[i], browptr[i + 1]):
-                        c0 = np.int64(bcols[k]) * bc
-                        for j in range(bc):
-                            v, c = np.float32(vals[k, r, j]), c0 + j
-                            a0 += v * xs[c, 0]
-                            a1 += v * xs[c, 1]
-                            a2 += v * xs[c, 2]
-                            a3 += v * xs[c, 3]
-                            a4 += v * xs[c, 4]
-                            a5 += v * xs[c, 5]
-                            a6 += v * xs[c, 6]
-                            a7 += v * xs[c, 7]
-                    row = i * br + r
-                    s, bi = scales[row], bias[row]
-                    yr = yt[t, row]
-                    yr[0], yr[1], yr[2], yr[3] = a0 * s + bi, a1 * s + bi, a2 * s + bi, a3 * s + bi
-                    yr[4], yr[5], yr[6], yr[7] = a4 * s + bi, a5 * s + bi, a6 * s + bi, a7 * s + bi
+                        c0, v = np.uint64(bcols[k]) * bc, vals[k, r]
+                        j = np.uint64(0)
+                        while j + u1 < bc:
+                            a = pair8(a, np.float32(v[j]), (c0 + j) * width, np.float32(v[j + u1]),
+                                      (c0 + j + u1) * width, xs)
+                            j += u2
+                        if j < bc:
+                            a = axpy8(a, np.float32(v[j]), xs, (c0 + j) * width)
+                    store8(yt[t, i * br + r], a, scales[i * br + r], bias[i * br + r])
 
     @njit(**opts)
     def nm24_b1(vals, idx, scales, bias, x, y):  # pragma: no cover - compiled
         # 2:4: vals (out, in/2) holds the two kept values of each group of 4 inputs; idx (out, in/4)
         # holds their positions in the group, 2 bits each (bits 0-1 and 2-3).
         for r in prange(vals.shape[0]):
-            a0 = a1 = np.float32(0.0)
-            for g in range(idx.shape[1]):
-                m = np.int64(idx[r, g])
-                a0 += np.float32(vals[r, 2 * g]) * x[4 * g + (m & 3)]
-                a1 += np.float32(vals[r, 2 * g + 1]) * x[4 * g + ((m >> 2) & 3)]
+            v, m = vals[r], idx[r]
+            a0 = a1 = zero
+            for g in range(np.uint64(m.shape[0])):
+                bits, base = np.uint64(m[g]), g * u4
+                a0 += np.float32(v[g * u2]) * x[base + (bits & np.uint64(3))]
+                a1 += np.float32(v[g * u2 + u1]) * x[base + ((bits >> u2) & np.uint64(3))]
             y[r] = (a0 + a1) * scales[r] + bias[r]
 
     @njit(**opts)
     def nm24_tiles(vals, idx, scales, bias, xt, yt):  # pragma: no cover - compiled
         for r in prange(vals.shape[0]):
-            s, bi = scales[r], bias[r]
+            v, m = vals[r], idx[r]
             for t in range(xt.shape[0]):
-                xs = xt[t]
-                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-                for g in range(idx.shape[1]):
-                    m = np.int64(idx[r, g])
-                    for slot in range(2):
-                        v, c = np.float32(vals[r, 2 * g + slot]), 4 * g + ((m >> (2 * slot)) & 3)
-                        a0 += v * xs[c, 0]
-                        a1 += v * xs[c, 1]
-                        a2 += v * xs[c, 2]
-                        a3 += v * xs[c, 3]
-                        a4 += v * xs[c, 4]
-                        a5 += v * xs[c, 5]
-                        a6 += v * xs[c, 6]
-                        a7 += v * xs[c, 7]
-                yr = yt[t, r]
-                yr[0], yr[1], yr[2], yr[3] = a0 * s + bi, a1 * s + bi, a2 * s + bi, a3 * s + bi
-                yr[4], yr[5], yr[6], yr[7] = a4 * s + bi, a5 * s + bi, a6 * s + bi, a7 * s + bi
+                xs, a = xt[t], (zero, zero, zero, zero, zero, zero, zero, zero)
+                for g in range(np.uint64(m.shape[0])):
+                    bits, base = np.uint64(m[g]), g * u4
+                    a = pair8(a, np.float32(v[g * u2]), (base + (bits & np.uint64(3))) * width,
+                              np.float32(v[g * u2 + u1]), (base + ((bits >> u2) & np.uint64(3))) * width, xs)
+                store8(yt[t, r], a, scales[r], bias[r])
 
     return {
         "csr_b1": csr_b1,
@@ -217,13 +220,30 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _lane_vectorizer() -> Iterator[None]:
+    """Let LLVM's SLP vectorizer run while our kernels compile (numba keeps it off by default).
+
+    It is what turns the 8 per-lane accumulators of the batched kernels into one AVX register:
+    2-2.5x fewer instructions per non-zero, measured. numba switched it off globally after a
+    miscompilation elsewhere (numba#8705); `tests/runtime/test_kernels.py` checks every kernel
+    against `F.linear`. Compilation happens on a kernel's first call, hence a context manager.
+    """
+    config = _import_numba().core.config
+    before, config.SLP_VECTORIZE = config.SLP_VECTORIZE, 1
+    try:
+        yield
+    finally:
+        config.SLP_VECTORIZE = before
+
+
 def _to_tiles(x: np.ndarray) -> np.ndarray:
-    """(n, in) -> (ceil(n / 8), in, 8), zero-padded: one input feature's 8 batch values adjacent."""
+    """(n, in) -> (ceil(n / 8), in * 8), zero-padded: one input feature's 8 batch values adjacent."""
     n, in_f = x.shape
     tiles = -(-n // TILE)
-    padded = np.zeros((tiles * TILE, in_f), np.float32)
-    padded[:n] = x
-    return np.ascontiguousarray(padded.reshape(tiles, TILE, in_f).transpose(0, 2, 1))
+    if n % TILE:  # pad; whole tiles skip this copy
+        x = np.concatenate([x, np.zeros((tiles * TILE - n, in_f), np.float32)])
+    return np.ascontiguousarray(x.reshape(tiles, TILE, in_f).transpose(0, 2, 1)).reshape(tiles, in_f * TILE)
 
 
 def sparse_linear(packed: Any, x: np.ndarray, bias: np.ndarray, *, parallel: bool = True) -> np.ndarray:
@@ -237,8 +257,10 @@ def sparse_linear(packed: Any, x: np.ndarray, bias: np.ndarray, *, parallel: boo
         args = (packed.rowptr, packed.cols, packed.values, packed.scales, bias)
     if n == 1:
         y = np.empty(out_f, np.float32)
-        k[f"{packed.kind}_b1"](*args, np.ascontiguousarray(x[0]), y)
+        with _lane_vectorizer():
+            k[f"{packed.kind}_b1"](*args, np.ascontiguousarray(x[0]), y)
         return y.reshape(1, out_f)
     yt = np.empty((-(-n // TILE), out_f, TILE), np.float32)
-    k[f"{packed.kind}_tiles"](*args, _to_tiles(x), yt)
+    with _lane_vectorizer():
+        k[f"{packed.kind}_tiles"](*args, _to_tiles(x), yt)
     return yt.transpose(0, 2, 1).reshape(-1, out_f)[:n]
