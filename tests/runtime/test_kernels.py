@@ -62,6 +62,19 @@ def test_kernel_matches_dense(kind: str, int8: bool, batch: int, parallel: bool)
         assert float((y - dense).abs().max()) <= 2e-2 * float(dense.abs().max())
 
 
+@pytest.mark.parametrize("block", [(1, 16), (2, 3), (3, 1)])
+@pytest.mark.parametrize("batch", [1, 8, 13])
+def test_bsr_kernels_take_any_block_shape(block: tuple[int, int], batch: int) -> None:
+    """Odd block widths run the batched kernel's single-column tail, width 1 only that tail."""
+    br, bc = block
+    g = torch.Generator().manual_seed(batch)
+    keep = torch.rand(18 // br, 48 // bc, generator=g) > 0.6
+    w = torch.randn(18, 48, generator=g) * keep.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+    bias, x = torch.randn(18, generator=g), torch.randn(batch, 48, generator=g)
+    y = kn.sparse_linear(formats.pack_bsr(w, block), x.numpy(), bias.numpy())
+    torch.testing.assert_close(torch.from_numpy(y), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["csr", "bsr", "nm24"])
 def test_all_zero_weight_gives_bias(kind: str) -> None:
     w = torch.zeros(16, 32)
