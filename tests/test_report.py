@@ -86,3 +86,14 @@ def test_report_states_how_stable_its_latency_ratios_are(models_and_data) -> Non
     short = compare(baseline, pruned, data, batch_sizes=(1,), repeats=4, warmup=0).data  # too few to split
     assert short["latency"]["halves_spread"] is None
     assert not any(v.startswith("latency ratios stable") for v in short["verdicts"])
+
+
+def test_report_records_the_allocator_it_timed_with(models_and_data) -> None:
+    from prunekit import allocator
+
+    baseline, pruned, data = models_and_data
+    kept = compare(baseline, pruned, data, batch_sizes=(1,), repeats=2, warmup=0).data["latency"]
+    system = compare(baseline, pruned, data, batch_sizes=(1,), repeats=2, warmup=0, retain_memory=False).data["latency"]
+    assert kept["allocator"] in (allocator.RETAINED, allocator.UNCHANGED)
+    assert system["allocator"] == allocator.SYSTEM_ALLOCATOR
+    assert all(len(r["page_faults_per_call"]) == 2 for r in kept["by_batch"] + system["by_batch"])

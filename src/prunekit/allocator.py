@@ -26,6 +26,7 @@ AFTER_MMAP_THRESHOLD, AFTER_TRIM_THRESHOLD, AFTER_MMAP_MAX = 32 << 20, 64 << 20,
 
 RETAINED = "glibc malloc keeping freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB)"
 UNCHANGED = "the system allocator, unchanged (not glibc)"
+SYSTEM_ALLOCATOR = "the system allocator's defaults (asked for)"
 
 _depth = 0
 

@@ -233,6 +233,9 @@ def report(
     repeats: Annotated[int, typer.Option(help="Timed calls per model and batch size (interleaved).")] = 50,
     warmup: Annotated[int, typer.Option(help="Untimed calls per model and batch size first.")] = 10,
     threads: Annotated[int, typer.Option(help="torch threads while measuring (0: keep torch's default).")] = 0,
+    retain_memory: Annotated[bool, typer.Option(
+        help="Keep freed memory mapped while timing, as jemalloc/tcmalloc would (--no-retain-memory: glibc's "
+             "default, which page-faults large activations back on every call).")] = True,
 ) -> None:
     """Measure a pruned checkpoint against its baseline and write the validation report."""
     from prunekit.export import load
@@ -254,7 +257,7 @@ def report(
         dense, small = load(baseline, build()), load(pruned, build)
         _, evaluate = load_entry_point(data, "data")
         result = compare(dense, small, evaluate, batch_sizes=sizes, repeats=repeats, warmup=warmup,
-                         title=f"prunekit report: {pruned.name} vs {baseline.name}")
+                         retain_memory=retain_memory, title=f"prunekit report: {pruned.name} vs {baseline.name}")
         write_report(result, out)
     except PrunekitError as err:
         _fail(err)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import prunekit
-from prunekit.allocator import retained_memory
+from prunekit.allocator import SYSTEM_ALLOCATOR, retained_memory
 from prunekit.bench import count_flops, count_params, measure_latency
 from prunekit.errors import PrunekitError
 from prunekit.export import save
@@ -198,6 +198,7 @@ def compare(
     curve: Sequence[dict[str, Any]] | None = None,
     seed: int | None = None,
     title: str = "prunekit validation report",
+    retain_memory: bool = True,
 ) -> Report:
     """Measure `pruned` against `baseline` on `(x, y)` batches; neither model is changed.
 
@@ -211,6 +212,8 @@ def compare(
         curve: optional accuracy-against-sparsity points ({"sparsity", "accuracy"}, optionally
             "series" to draw several lines) to plot.
         seed: recorded in the environment fingerprint.
+        retain_memory: time with freed memory kept mapped (see `prunekit.allocator`); False
+            times glibc's default allocator. The report records which.
 
     Returns:
         A `Report`; `report.save(folder)` writes report.json, report.md and report.html.
@@ -221,10 +224,11 @@ def compare(
 
     latency: list[dict[str, Any]] = []
     halves: list[list[float]] = []
-    with retained_memory() as allocator:
+    with retained_memory() if retain_memory else contextlib.nullcontext(SYSTEM_ALLOCATOR) as allocator:
         for n in batch_sizes:
             x = _batch_of(data, n)
-            res = measure_latency({"baseline": baseline, "pruned": pruned}, x, repeats=repeats, warmup=warmup)
+            res = measure_latency({"baseline": baseline, "pruned": pruned}, x, repeats=repeats, warmup=warmup,
+                                  retain_memory=retain_memory)
             b, p = res["baseline"], res["pruned"]
             halves.append(_speedup_halves(b.times_ms, p.times_ms))
             latency.append({"batch_size": n, "baseline_ms_p50": b.latency_ms_p50, "baseline_ms_p99": b.latency_ms_p99,
