@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -181,6 +182,38 @@ def _generate_fn(model: nn.Module, prompt: torch.Tensor, new_tokens: int, eos: i
     return run
 
 
+def _linear_share(model: nn.Module, run: Callable[[], torch.Tensor]) -> float:
+    """Share of one `run()`'s wall time spent inside the model's Linear layers (forward hooks).
+
+    Amdahl's bound for any Linear kernel: with share s, layers k times faster give at most
+    1 / ((1 - s) + s / k) end to end. "Linear layers" are the outermost modules whose class name
+    has "Linear": nn.Linear, torch.ao's dynamic INT8 Linear, and `accelerate`'s replacements.
+    """
+    layers: list[nn.Module] = []
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if "Linear" in type(module).__name__ and not any(name.startswith(n + ".") for n in names):
+            layers.append(module)
+            names.append(name)
+    spent, starts = [0.0], {}
+
+    def before(module: nn.Module, _args: Any) -> None:
+        starts[id(module)] = time.perf_counter()
+
+    def after(module: nn.Module, _args: Any, _out: Any) -> None:
+        spent[0] += time.perf_counter() - starts.pop(id(module))
+
+    handles = [h for m in layers for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        t0 = time.perf_counter()
+        run()
+        total = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    return spent[0] / total
+
+
 def _time(fns: dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: int) -> dict[str, list[float]]:
     """Wall seconds per call of each fn: interleaved, order rotated each repeat, after warm-up."""
     for _ in range(warmup):
@@ -212,6 +245,8 @@ def main() -> None:
                         help="accelerate's output tolerance (default: 1.5x dense INT8's own logits error)")
     parser.add_argument("--prepare", action="store_true", help="only prune and cache the weights, then exit")
     parser.add_argument("--ppl-only", action="store_true", help="only measure (and cache) float variants' perplexity")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also print each variant's share of decode time in Linear layers (Amdahl's bound)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.work_threads)
@@ -273,6 +308,8 @@ def main() -> None:
         fns = {k: _generate_fn(models[k], prompt, args.new_tokens, eos) for k in args.variants if k in models}
         outputs = {k: fn() for k, fn in fns.items()}
         times = _time(fns, args.repeats, args.warmup)
+        shares = {k: statistics.median(_linear_share(models[k], fn) for _ in range(3)) for k, fn in fns.items()
+                  } if args.breakdown else {}
         print(f"load after timing:  {_uptime()}", flush=True)
     _set_threads(args.work_threads)
 
@@ -298,6 +335,10 @@ def main() -> None:
         vs = [f"{tps[name] / tps[b]:.2f}x" if b in tps else "-" for b in ("dense-fp32", "dense-int8")]
         p = f"{ppl[name]:.2f}" if name in ppl else "-"
         print(f"| {name} | {tps[name]:.1f} | {vs[0]} | {vs[1]} | {spread[name]:.0%} | {p} | {notes.get(name, '')} |")
+    for name, share in shares.items():
+        print(f"{name}: {share:.0%} of decode time inside Linear layers (hooks, median of 3 runs): Linear "
+              f"kernels k times faster give at most {1 / (1 - share):.2f}x end to end (k -> inf), "
+              f"{1 / ((1 - share) + share / 1.6):.2f}x at k = 1.6 (2:4 INT8's bytes vs dense INT8)")
 
 
 if __name__ == "__main__":
