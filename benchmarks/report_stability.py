@@ -34,7 +34,7 @@ def run_once(args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, "-m", "prunekit.cli", "report", "--model", args.model, "--data", args.data,
            "--baseline", str(args.baseline), "--pruned", str(args.pruned), "--out", str(out),
            "--batch-sizes", args.batch_sizes, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--no-retain-memory"] if args.no_retain_memory else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "examples"),
                                                                        os.environ.get("PYTHONPATH")])))
     load_before, start = _load(), time.perf_counter()
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed relative change of a speed-up")
+    parser.add_argument("--no-retain-memory", action="store_true", help="time with glibc's default allocator")
     args = parser.parse_args()
 
     runs = [run_once(args, args.out / f"run{i}") for i in (1, 2)]
@@ -63,7 +64,11 @@ def main() -> None:
         lat = r["latency"]
         print(f"run {i}: {r['_wall_s']:.0f} s wall, load {r['_load']}, {lat['threads']} threads, "
               f"{lat['repeats']} repeats after {lat['warmup']} warm-up; the report's own estimate (halves of "
-              f"the run): {lat.get('halves_spread') or 0:.1%}")
+              f"the run): {lat.get('halves_spread') or 0:.1%}; allocator: {lat.get('allocator', '-')}")
+        faults = [f"b{row['batch_size']} {row['page_faults_per_call'][0]:.0f}/{row['page_faults_per_call'][1]:.0f}"
+                  for row in lat["by_batch"] if "page_faults_per_call" in row]
+        if faults:
+            print(f"       page faults per call (baseline/pruned): {', '.join(faults)}")
     print(f"{'batch':>5}  {'run1 base/pruned p50 ms':>24}  {'run2 base/pruned p50 ms':>24}  "
           f"{'speedup 1':>9}  {'speedup 2':>9}  {'change':>7}  {'p50 change base/pruned':>22}")
     worst = 0.0
