@@ -97,7 +97,7 @@ def test_wrong_outputs_restore_the_model(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(acc, "_measure", _fake_measure("broken"))
     model = _mlp()
     before = list(model)
-    with pytest.raises(PrunekitError, match=r"0 \(broken\)"):
+    with pytest.raises(PrunekitError, match=r"after replacing 1 layers \(broken: 1; 0\); model restored"):
         pk.accelerate(model, torch.randn(2, 64), candidates=["dense", "broken"], verbose=False)
     assert list(model) == before
 

@@ -15,6 +15,7 @@ import logging
 import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -322,10 +323,14 @@ def accelerate(
         if tolerance is None:
             tolerance = TOLERANCE_INT8 if any(cand.is_int8(d.choice) for d in decisions) else TOLERANCE_FP32
         if not error <= tolerance:
-            changed = [f"{d.fqn} ({d.choice})" for d in decisions if d.choice != "dense"]
+            replaced = [d for d in decisions if d.choice != "dense"]
+            kinds = Counter(d.choice for d in replaced)
+            first = ", ".join(d.fqn for d in replaced[:3]) + (", ..." if len(replaced) > 3 else "")
             raise PrunekitError(
-                f"accelerate: outputs differ from dense by {error:.2e} relative (tolerance "
-                f"{tolerance:.0e}) after replacing {', '.join(changed)}; model restored"
+                f"accelerate: outputs differ from dense by {error:.2e} relative (tolerance {tolerance:.2e}) "
+                f"after replacing {len(replaced)} layers ({', '.join(f'{n}: {c}' for n, c in kinds.items())}; "
+                f"{first}); model restored. Pass a larger tolerance= if that error is acceptable"
+                f"{', or allow_int8=False' if any(cand.is_int8(n) for n in kinds) else ''}"
             )
     except BaseException:
         for fqn, layer in layers.items():
