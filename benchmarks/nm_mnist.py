@@ -33,10 +33,11 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--ramp", type=float, default=0.5, help="share of fine-tuning spent ramping (gradual)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the data order")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    train, test = mnist_loaders(batch_size=128, seed=0)
+    torch.manual_seed(args.seed)
+    train, test = mnist_loaders(batch_size=128, seed=args.seed)
     config = pk.NMConfig(n=args.n, m=args.m)
 
     t0 = time.perf_counter()
