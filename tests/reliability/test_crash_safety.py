@@ -145,7 +145,7 @@ def test_sigkill_while_writing_a_report_keeps_the_previous_files(tmp_path, monke
     passed = mid_write = 0
     for i in range(1, len(versions)):
         report = Report(versions[i])
-        mid_write += _kill_mid_write(lambda: _Forked(lambda: report.save(out)), out, rng, 0.02)  # noqa: B023
+        mid_write += _kill_mid_write(lambda: _Forked(lambda: report.save(out)), out, rng, 0.003)  # noqa: B023
         loaded = json.loads((out / "report.json").read_text())  # valid JSON, whole
         assert loaded["title"].startswith("version ")
         # Each file is exactly some complete version's bytes (not truncated, not interleaved).
