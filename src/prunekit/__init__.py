@@ -44,7 +44,8 @@ from prunekit.report import Report, compare, write_report
 from prunekit.runtime import accelerate
 from prunekit.schedule import Cubic, GradualPruner, Iterative, OneShot, Polynomial
 from prunekit.search import SearchConfig, SearchError, SearchRecipe, SearchResult, search
-from prunekit.sensitivity import SensitivityError, SensitivityTable, proxy_loss, sensitivity
+from prunekit.sensitivity import SensitivityError, proxy_loss, sensitivity
+from prunekit.sensitivity_table import SensitivityTable
 from prunekit.structured import ChannelConfig, ChannelPlan, bn_scale_penalty, prune_iteratively
 
 __version__ = "0.1.0"

@@ -30,7 +30,8 @@ from torch import nn
 
 from prunekit.config import FrozenConfig, PerLayer, config_from_dict, recipe_type
 from prunekit.errors import ConfigError, PrunekitError
-from prunekit.sensitivity import SensitivityTable, leaf_at_level
+from prunekit.sensitivity import leaf_at_level
+from prunekit.sensitivity_table import SensitivityTable
 
 log = logging.getLogger(__name__)
 

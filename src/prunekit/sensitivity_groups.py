@@ -22,10 +22,10 @@ from prunekit.sensitivity import (
     Evaluate,
     ScanCheckpoint,
     SensitivityError,
-    SensitivityTable,
     _call_evaluate,
     _progress,
 )
+from prunekit.sensitivity_table import SensitivityTable
 
 log = logging.getLogger(__name__)
 
