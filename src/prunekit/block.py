@@ -20,9 +20,7 @@ import logging
 import math
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import torch
@@ -32,7 +30,7 @@ from torch import Tensor, nn
 from prunekit.calibration import Pattern
 from prunekit.config import MaskConfig, recipe_type
 from prunekit.criteria import CriterionName, get_criterion
-from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
+from prunekit.errors import ConfigError, PlanError
 from prunekit.masks import global_topk_masks, topk_mask
 from prunekit.plan import MaskPlan, PlanContext, register_method, score_layers
 
@@ -255,35 +253,19 @@ def _global_masks(scores: dict[str, Tensor], config: BlockConfig) -> dict[str, T
 
 
 def _plan_with_data(model: nn.Module, config: BlockConfig, fqns: list[str], ctx: PlanContext) -> MaskPlan:
-    from prunekit.calibration import as_batches, call_model, collect_stats, get_solver, plan_with_data
+    from prunekit.calibration import dense_pass_stats, get_solver, plan_with_data
 
     if get_solver(config.criterion).updates_weights:
         raise ConfigError(
             f"BlockConfig.criterion: {config.criterion!r} reconstructs weights element by element, "
             "which breaks whole blocks; use 'wanda' or 'l1'"
         )
-    modules = dict(model.named_modules())
-    for fqn in fqns:
-        if not isinstance(modules[fqn], nn.Linear):
-            raise UnsupportedLayerError(
-                f"layer {fqn!r} is a {type(modules[fqn]).__name__}; criterion {config.criterion!r} "
-                "prunes nn.Linear layers only: exclude it or use criterion='l1'"
-            )
     if config.scope == "layer":
         pattern = _BlockPattern("unstructured", config.sparsity, block=tuple(config.block))  # type: ignore[arg-type]
         return plan_with_data(model, fqns, ctx, config.criterion, pattern)
     # Global ranking compares layers on one set of statistics, so take them from one dense pass.
-    batches = as_batches(ctx.data)
-    with torch.no_grad():
-        stats = collect_stats({f: modules[f] for f in fqns}, partial(_run_all, model, batches, call_model),
-                              hessian=False)
-    ctx.stats.update({f: {"sq_norm": st.sq_norm} for f, st in stats.items()})
+    dense_pass_stats(model, fqns, ctx, config.criterion)
     return MaskPlan(_global_masks(score_layers(model, fqns, config.criterion, ctx), config))
-
-
-def _run_all(model: nn.Module, batches: list, call: Callable[[nn.Module, object], object]) -> None:
-    for batch in batches:
-        call(model, batch)  # outputs dropped at once: memory stays one batch
 
 
 @register_method(BlockConfig)

@@ -483,13 +483,22 @@ def plan_unstructured_with_data(
             f"UnstructuredConfig.scope: criterion {config.criterion!r} reconstructs each layer on its "
             "own; use scope='layer'"
         )
+    dense_pass_stats(model, fqns, ctx, config.criterion)
+    return MaskPlan(global_topk_masks(score_layers(model, fqns, config.criterion, ctx), config.sparsity))
+
+
+def dense_pass_stats(model: nn.Module, fqns: list[str], ctx: PlanContext, criterion: str) -> None:
+    """Input norms of every target from one pass of the dense model, into `ctx.stats`.
+
+    What a global ranking needs: every layer scored on the same, unpruned statistics. Checks the
+    layers, the data and `ctx.max_memory` first.
+    """
     modules = dict(model.named_modules())
-    _check_layers(modules, fqns, config.criterion)
+    _check_layers(modules, fqns, criterion)
     batches = as_batches(ctx.data)
-    check_calibration_memory(model, fqns, batches, solver, ctx.max_memory)
+    check_calibration_memory(model, fqns, batches, get_solver(criterion), ctx.max_memory)
     with torch.no_grad():
         stats = collect_stats(
             {f: modules[f] for f in fqns}, lambda: _feed(lambda b: call_model(model, b), batches), hessian=False
         )
     ctx.stats.update({f: {"sq_norm": st.sq_norm} for f, st in stats.items()})
-    return MaskPlan(global_topk_masks(score_layers(model, fqns, config.criterion, ctx), config.sparsity))
