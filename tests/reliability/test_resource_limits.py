@@ -66,13 +66,17 @@ def test_estimate_counts_one_fp32_hessian_per_layer() -> None:
     assert gpt.parts["calibration batches"] == 64 * 128 * 4
 
 
-@pytest.mark.parametrize("criterion", ["sparsegpt", "wanda"])
-def test_calibration_over_budget_is_refused_before_any_forward(criterion: str) -> None:
+@pytest.mark.parametrize("config", [
+    _cfg("sparsegpt"), _cfg("wanda"), pk.UnstructuredConfig(sparsity=0.5, criterion="wanda", scope="global"),
+    pk.BlockConfig(sparsity=0.5, block=(1, 8), criterion="wanda"),
+    pk.BlockConfig(sparsity=0.5, block=(1, 8), criterion="wanda", scope="global"),
+], ids=["sparsegpt", "wanda", "wanda-global", "block-wanda", "block-wanda-global"])
+def test_calibration_over_budget_is_refused_before_any_forward(config: pk.UnstructuredConfig) -> None:
     model, batches = _mlp(), [torch.randn(64, 128)]
     seen = _calls(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(pk.MemoryBudgetError, match=r"about [\d.]+ [kMG]?B \(model .*exceeds max_memory 100 kB"):
-        pk.prune(model, _cfg(criterion), data=batches, max_memory="100kB")
+        pk.prune(model, config, data=batches, max_memory="100kB")
     assert seen == [], "the pass started before refusing"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
