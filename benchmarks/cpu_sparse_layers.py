@@ -53,7 +53,7 @@ def _mask_2_4(out_f: int, in_f: int, g: torch.Generator) -> Tensor:
     return torch.zeros(out_f, in_f // 4, 4, dtype=torch.bool).scatter_(-1, idx, True).reshape(out_f, in_f)
 
 
-def _ort_linear(weight: Tensor, threads: int) -> Callable[[np.ndarray], object]:
+def _ort_linear(weight: Tensor, threads: int, spin: bool) -> Callable[[np.ndarray], object]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -69,11 +69,17 @@ def _ort_linear(weight: Tensor, threads: int) -> Callable[[np.ndarray], object]:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if not spin:
+        # Each weight copy has its own session and thread pool; idle spinning workers of dozens of
+        # pools starve the candidates timed after them (torch F.linear 14.8 ms instead of ~1 ms).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"x": x})
 
 
-def _implementations(weight: Tensor, block: tuple[int, int] | None, int8: bool, threads: int) -> dict[str, Callable]:
+def _implementations(
+    weight: Tensor, block: tuple[int, int] | None, int8: bool, threads: int, ort_spin: bool = False
+) -> dict[str, Callable]:
     """name -> fn(x_tensor) for one weight copy (each builds its own packed weights)."""
     info = cand.LayerInfo("bench", weight, None, block, formats.is_2_4(weight), True)
     names = ["dense", "onednn"]
@@ -88,7 +94,7 @@ def _implementations(weight: Tensor, block: tuple[int, int] | None, int8: bool, 
         module = cand.get_candidate(name)(info)
         if module is not None:
             fns[name] = module
-    ort_fn = _ort_linear(weight, threads)
+    ort_fn = _ort_linear(weight, threads, ort_spin)
     fns["onnxruntime"] = lambda x, f=ort_fn: f(x.numpy())
     return fns
 
@@ -119,7 +125,7 @@ def run_case(
     dense_bytes = in_f * out_f * 4
     n_copies = -(-DRAM_BYTES // dense_bytes)
     weights = [torch.randn(out_f, in_f, generator=g) * mask for _ in range(n_copies)]
-    copies = [_implementations(w, block, int8, args.threads) for w in weights]
+    copies = [_implementations(w, block, int8, args.threads, args.ort_spin) for w in weights]
     rows = []
     for batch in (1, 8):
         x = torch.randn(batch, in_f, generator=g)
@@ -205,6 +211,8 @@ def main() -> None:
     parser.add_argument("--out", default="out/bench/cpu_sparse_layers.json")
     parser.add_argument("--accelerate", action="store_true", help="also accelerate() a 113 MB model end to end")
     parser.add_argument("--skip-layers", action="store_true", help="only the --accelerate part")
+    parser.add_argument("--ort-spin", action="store_true",
+                        help="let onnxruntime's idle workers spin (its default; starves the other candidates)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
