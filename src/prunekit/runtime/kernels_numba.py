@@ -55,7 +55,8 @@ def kernels(parallel: bool = True) -> dict[str, Any]:
     Both a parallel (`prange` over output rows, numba's thread pool) and a single-threaded set
     exist: waking the pool costs microseconds on an idle machine but a scheduler time slice
     (milliseconds) on an overloaded one, where the single-threaded kernels win; `accelerate`
-    measures both.
+    measures both. Call them through `sparse_linear`: it compiles them (on first use, then
+    numba's disk cache) with LLVM's SLP vectorizer on, which the batched kernels rely on.
     """
     global _KERNELS
     if _KERNELS is None:
