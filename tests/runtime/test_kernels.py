@@ -133,3 +133,26 @@ def test_missing_numba_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kn, "_KERNELS", None)
     with pytest.raises(PrunekitError, match=r"prunekit\[speed\]"):
         kn.kernels()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("in_f", [36, 64])  # 9 groups (an odd one left over) and 16
+def test_row_lane_2_4_int8_matches_the_scalar_kernel(batch: int, in_f: int) -> None:
+    from prunekit.runtime import kernels_avx512
+
+    if not kernels_avx512.available():
+        pytest.skip("needs AVX-512F")
+    w = _weight("nm24", 32, in_f, seed=batch)
+    bias, x = torch.randn(32), torch.randn(batch, in_f)
+    rows, scalar = formats.pack_nm24_rows(w), formats.pack_nm24(w, int8=True)
+    y = torch.from_numpy(kn.sparse_linear(rows, x.numpy(), bias.numpy()))
+    torch.testing.assert_close(y, F.linear(x, _dequantized(scalar, w), bias), rtol=1e-5, atol=1e-5)
+    assert rows.nbytes < 0.8 * formats.pack_csr(w, int8=True).nbytes  # 0.75 B a weight + scales
+
+
+def test_row_lanes_need_16_output_rows() -> None:
+    w = _weight("nm24", 24, 32)
+    with pytest.raises(ValueError, match="multiple of 16 output rows, got 24"):
+        formats.pack_nm24_rows(w)
+    info = cand.LayerInfo("blocks.0.fc", w, None, None, True, True)
+    assert cand.get_candidate("numba_nm24r_int8_1t")(info) is None

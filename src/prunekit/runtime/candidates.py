@@ -205,6 +205,11 @@ def _pack(info: LayerInfo, kind: str, int8: bool) -> formats.PackedWeight | None
         return formats.pack_csr(info.weight, int8=int8)
     if kind == "bsr":
         return formats.pack_bsr(info.weight, info.block, int8=int8) if info.block else None
+    if kind == "nm24r":
+        from prunekit.runtime.kernels_avx512 import available
+
+        fits = info.nm24 and int8 and info.weight.shape[0] % formats.ROW_LANES == 0 and available()
+        return formats.pack_nm24_rows(info.weight) if fits else None
     return formats.pack_nm24(info.weight, int8=int8) if info.nm24 else None
 
 
@@ -222,3 +227,4 @@ for _kind in ("csr", "bsr", "nm24"):
     for _int8 in (False, True):
         for _parallel in (True, False):
             _register_numba(_kind, _int8, _parallel)
+_register_numba("nm24r", True, False)  # numba_nm24r_int8_1t: 2:4 INT8 in row lanes, AVX-512 CPUs only

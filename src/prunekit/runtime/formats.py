@@ -7,6 +7,9 @@ Three layouts, all row-major over output channels so a thread owns whole output 
 * ``bsr``: the same over blocks of R x C weights; one uint16 block column per stored block.
 * ``nm24``: exactly 2 kept values in every group of 4 inputs (2:4), with both positions packed
   into 4 bits; 1.25 bytes per int8 non-zero, 0.625 bytes per weight, no row pointers.
+* ``nm24r``: the same int8 2:4 weight with 16 output rows side by side (row lanes), one byte of
+  positions per row and group: what the AVX-512 kernel (`kernels_avx512`) loads as vectors;
+  0.75 bytes per weight.
 
 Values are float32, or int8 with one fp32 scale per output row (symmetric, so a pruned weight
 stays an exact int8 zero, as in `prunekit.quantize`).
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-Kind = Literal["csr", "bsr", "nm24"]
+Kind = Literal["csr", "bsr", "nm24", "nm24r"]
 
 # Blocks tried by `detect_block`, largest first: a mask pruned in blocks of one of these shapes
 # (or of a multiple of one) is stored exactly, without padding zeros.
@@ -131,6 +134,26 @@ def pack_nm24(weight: Tensor, *, int8: bool = False) -> PackedWeight:
     values = np.take_along_axis(groups, order, axis=-1).reshape(out_f, in_f // 2)
     idx = (order[..., 0] | (order[..., 1] << 2)).astype(np.uint8)
     return PackedWeight("nm24", (out_f, in_f), (1, 4), np.zeros(1, np.int32), idx, values, scales)
+
+
+ROW_LANES = 16  # output rows per vector in ``nm24r`` (one AVX-512 register of fp32)
+
+
+def pack_nm24_rows(weight: Tensor) -> PackedWeight:
+    """Pack an int8 2:4 weight in row lanes: values (out/16, in/4, 2, 16), positions (out/16, in/4, 16).
+
+    Group g of rows 16b..16b+15 is one 32-byte run of values (the first kept value of each row,
+    then the second) and one 16-byte run of positions, so the kernel reads both as vectors.
+    """
+    out_f, in_f = weight.shape
+    if out_f % ROW_LANES:
+        raise ValueError(f"nm24r needs a multiple of {ROW_LANES} output rows, got {out_f}")
+    p = pack_nm24(weight, int8=True)
+    groups = in_f // 4
+    values = p.values.reshape(out_f // ROW_LANES, ROW_LANES, groups, 2).transpose(0, 2, 3, 1)
+    cols = p.cols.reshape(out_f // ROW_LANES, ROW_LANES, groups).transpose(0, 2, 1)
+    return PackedWeight("nm24r", p.shape, (1, 4), p.rowptr, np.ascontiguousarray(cols).reshape(-1),
+                        np.ascontiguousarray(values).reshape(-1), p.scales)
 
 
 def detect_block(weight: Tensor, *, max_padding: float = 0.05) -> tuple[int, int] | None:

@@ -249,6 +249,10 @@ def _to_tiles(x: np.ndarray) -> np.ndarray:
 
 def sparse_linear(packed: Any, x: np.ndarray, bias: np.ndarray, *, parallel: bool = True) -> np.ndarray:
     """y = x @ W.T + bias for a `formats.PackedWeight` W and a float32 (n, in) array x; returns (n, out)."""
+    if packed.kind == "nm24r":  # row-lane 2:4 INT8, AVX-512 only (single-threaded)
+        from prunekit.runtime.kernels_avx512 import nm24r_linear
+
+        return nm24r_linear(packed, x, bias)
     k = kernels(parallel)
     n = x.shape[0]
     out_f = packed.shape[0]
