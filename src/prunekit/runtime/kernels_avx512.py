@@ -7,9 +7,11 @@ turns the 16 rows' positions into two lane indices and picks each row's inputs w
 `vpermps` (`llvm.x86.avx512.permvar.sf.512`) per kept value, then two FMAs. LLVM does not emit
 a variable permute from plain code, so the group step is a numba `intrinsic` written in LLVM IR.
 
-Measured at batch 1, 1 thread, weights from DRAM (SmolLM2's 576->1536 / 1536->576 / 576->576):
-65 / 45 / 26 us against fbgemm's dynamic INT8 at 93 / 85 / 53 us.
-Needs a CPU with AVX-512F (`available()`); `accelerate` only offers it there.
+Measured at batch 1, weights from DRAM (SmolLM2's 576->1536 / 1536->576 / 576->576): the kernel
+alone 65 / 45 / 26 us against fbgemm's dynamic INT8 at 93 / 85 / 53 us (both 1 thread); through
+the `nn.Module` (tensor <-> array, output allocation) 68 / 72 / 42 us against fbgemm with 2
+threads at 81 / 83 / 60 us. A `prange` twin was slower (150 us: waking a second pool per call),
+so there is none. Needs a CPU with AVX-512F (`available()`); `accelerate` only offers it there.
 """
 
 from __future__ import annotations
