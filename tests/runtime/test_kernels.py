@@ -156,3 +156,14 @@ def test_row_lanes_need_16_output_rows() -> None:
         formats.pack_nm24_rows(w)
     info = cand.LayerInfo("blocks.0.fc", w, None, None, True, True)
     assert cand.get_candidate("numba_nm24r_int8_1t")(info) is None
+
+
+def test_row_lane_kernel_refuses_a_cpu_without_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunekit.runtime import kernels_avx512
+
+    monkeypatch.setattr(kernels_avx512, "available", lambda: False)
+    packed = formats.pack_nm24_rows(_weight("nm24", 16, 32))
+    with pytest.raises(PrunekitError, match="needs a CPU with AVX-512F"):
+        kn.sparse_linear(packed, np.zeros((1, 32), np.float32), np.zeros(16, np.float32))
+    info = cand.LayerInfo("fc", _weight("nm24", 16, 32), None, None, True, True)
+    assert cand.get_candidate("numba_nm24r_int8_1t")(info) is None

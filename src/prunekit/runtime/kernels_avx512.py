@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from prunekit.errors import PrunekitError
 from prunekit.runtime.kernels_numba import _import_numba
 
 LANES = 16
@@ -103,6 +104,8 @@ def _kernel() -> Any:
 
 def nm24r_linear(packed: Any, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """y = x @ W.T + bias for an ``nm24r`` weight and float32 (n, in) x, one row of x at a time."""
+    if not available():
+        raise PrunekitError("the nm24r kernel needs a CPU with AVX-512F; this one has none: use the 'nm24' format")
     kernel = _kernel()
     y = np.empty((x.shape[0], packed.shape[0]), np.float32)
     for i in range(x.shape[0]):
