@@ -84,7 +84,8 @@ def _implementations(
     info = cand.LayerInfo("bench", weight, None, block, formats.is_2_4(weight), True)
     names = ["dense", "onednn"]
     if int8:
-        names += ["dense_int8", "numba_csr_int8", "numba_csr_int8_1t", "numba_nm24_int8", "numba_nm24_int8_1t"]
+        names += ["dense_int8", "numba_csr_int8", "numba_csr_int8_1t", "numba_nm24_int8", "numba_nm24_int8_1t",
+                  "numba_nm24r_int8_1t"]  # the last only on AVX-512 CPUs
     else:
         names += ["torch_csr", "numba_csr", "numba_csr_1t"]
     if block and not int8:

@@ -100,11 +100,13 @@ class NumbaSparseLinear(_Flat):
         self.register_buffer("bias", b.contiguous())
 
     def _rows(self, x: Tensor) -> Tensor:
+        # Each torch op costs ~1.5 us, and decoding calls this ~200 times a token: convert only
+        # when needed (forward already refused inputs that need grad).
         from prunekit.runtime.kernels_numba import sparse_linear
 
-        x32 = x.detach().to(torch.float32).contiguous()
-        y = sparse_linear(self.packed, x32.numpy(), self.bias.numpy(), parallel=self.parallel)
-        return torch.from_numpy(y).to(x.dtype)
+        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        y = torch.from_numpy(sparse_linear(self.packed, x32.numpy(), self.bias.numpy(), parallel=self.parallel))
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         threads = "parallel" if self.parallel else "1 thread"

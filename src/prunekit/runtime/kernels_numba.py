@@ -24,9 +24,7 @@ may be float32 or int8; int8 rows are multiplied by their fp32 scale once per ou
 
 from __future__ import annotations
 
-import contextlib
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -106,7 +104,7 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
     zero = np.float32(0.0)
 
     # The batched kernels keep one tile's 8 accumulators as a tuple; LLVM's SLP vectorizer
-    # (enabled for these kernels by `_lane_vectorizer`) turns each 8-lane step into one AVX FMA.
+    # (enabled for these kernels by `_with_lane_vectorizer`) turns each 8-lane step into one AVX FMA.
     @lanes
     def axpy8(a, v, xs, c):  # pragma: no cover - compiled
         """a + v * xs[c : c + 8], lane by lane."""
@@ -221,19 +219,20 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _lane_vectorizer() -> Iterator[None]:
-    """Let LLVM's SLP vectorizer run while our kernels compile (numba keeps it off by default).
+def _with_lane_vectorizer(kernel: Any, *args: Any) -> None:
+    """Call `kernel` with LLVM's SLP vectorizer allowed, in case this call compiles it.
 
-    It is what turns the 8 per-lane accumulators of the batched kernels into one AVX register:
-    2-2.5x fewer instructions per non-zero, measured. numba switched it off globally after a
-    miscompilation elsewhere (numba#8705); `tests/runtime/test_kernels.py` checks every kernel
-    against `F.linear`. Compilation happens on a kernel's first call, hence a context manager.
+    numba keeps SLP off by default; it is what turns the 8 per-lane accumulators of the batched
+    kernels into one AVX register (2-2.5x fewer instructions per non-zero, measured). numba
+    switched it off after a miscompilation elsewhere (numba#8705); `tests/runtime/test_kernels.py`
+    checks every kernel against `F.linear`. Compilation happens on a kernel's first call with a
+    given signature, hence the switch around every call (two attribute writes, not a context
+    manager: this runs ~200 times per decoded token).
     """
     config = _import_numba().core.config
     before, config.SLP_VECTORIZE = config.SLP_VECTORIZE, 1
     try:
-        yield
+        kernel(*args)
     finally:
         config.SLP_VECTORIZE = before
 
@@ -262,10 +261,8 @@ def sparse_linear(packed: Any, x: np.ndarray, bias: np.ndarray, *, parallel: boo
         args = (packed.rowptr, packed.cols, packed.values, packed.scales, bias)
     if n == 1:
         y = np.empty(out_f, np.float32)
-        with _lane_vectorizer():
-            k[f"{packed.kind}_b1"](*args, np.ascontiguousarray(x[0]), y)
+        _with_lane_vectorizer(k[f"{packed.kind}_b1"], *args, np.ascontiguousarray(x[0]), y)
         return y.reshape(1, out_f)
     yt = np.empty((-(-n // TILE), out_f, TILE), np.float32)
-    with _lane_vectorizer():
-        k[f"{packed.kind}_tiles"](*args, _to_tiles(x), yt)
+    _with_lane_vectorizer(k[f"{packed.kind}_tiles"], *args, _to_tiles(x), yt)
     return yt.transpose(0, 2, 1).reshape(-1, out_f)[:n]
