@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +32,7 @@ from prunekit.criteria import CriterionName, get_criterion
 from prunekit.errors import ConfigError, PlanError
 from prunekit.masks import global_topk_masks, topk_mask
 from prunekit.plan import MaskPlan, PlanContext, register_method, score_layers
+from prunekit.targets import split_fitting
 
 log = logging.getLogger(__name__)
 
@@ -208,31 +208,13 @@ def check_blocks(model: nn.Module, block: tuple[int, int], *, layers: list[str] 
 # The planner.
 
 
-_WARNED: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, tuple[int, int]]]] = weakref.WeakKeyDictionary()
-
-
 def _split_divisible(model: nn.Module, fqns: list[str], config: BlockConfig) -> tuple[list[str], dict[str, str]]:
     """Split layers into those `config.block` tiles and the skipped rest (warned once each)."""
-    modules = dict(model.named_modules())
-    eligible, skipped = [], {}
-    for fqn in fqns:
-        why = _indivisible(tuple(modules[fqn].weight.shape), config.block)
-        if why is None:
-            eligible.append(fqn)
-            continue
-        if config.indivisible == "error":
-            raise ConfigError(
-                f"layer {fqn!r}: {why}; exclude it, pick a block that divides it, or use "
-                "BlockConfig(indivisible='skip') to leave it dense"
-            )
-        # Warn once per model, layer and block: a GradualPruner re-plans at every update.
-        warned = _WARNED.setdefault(model, set())
-        key = (fqn, tuple(config.block))
-        level = logging.DEBUG if key in warned else logging.WARNING
-        warned.add(key)  # type: ignore[arg-type]
-        log.log(level, "block %dx%d: layer %r skipped (left dense, not padded): %s", *config.block, fqn, why)
-        skipped[fqn] = why
-    return eligible, skipped
+    return split_fitting(model, fqns, lambda shape: _indivisible(shape, config.block), indivisible=config.indivisible,
+                         pattern=f"block {config.block[0]}x{config.block[1]}",
+                         advice="exclude it, pick a block that divides it, or use BlockConfig(indivisible='skip') "
+                                "to leave it dense",
+                         key=("block", tuple(config.block)), logger=log)
 
 
 def _check_finite(scores: dict[str, Tensor]) -> None:

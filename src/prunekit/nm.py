@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +22,7 @@ from prunekit.config import MaskConfig, recipe_type
 from prunekit.criteria import CriterionName, get_criterion
 from prunekit.errors import ConfigError, PlanError
 from prunekit.plan import MaskPlan, PlanContext, register_method, score_layers
+from prunekit.targets import split_fitting
 
 log = logging.getLogger(__name__)
 
@@ -171,30 +171,15 @@ def check_nm(model: nn.Module, n: int, m: int, *, layers: list[str] | None = Non
 # The planner.
 
 
-_WARNED: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
-
-
 def split_divisible(model: nn.Module, fqns: list[str], config: NMConfig) -> tuple[list[str], dict[str, str]]:
     """Split layers into those whose input dim divides by m and the skipped rest (logged)."""
-    modules = dict(model.named_modules())
-    eligible, skipped = [], {}
-    for fqn in fqns:
-        w = modules[fqn].weight
-        if w.shape[1] % config.m == 0:
-            eligible.append(fqn)
-            continue
-        why = f"input dim {w.shape[1]} is not a multiple of m={config.m}"
-        if config.indivisible == "error":
-            raise ConfigError(
-                f"layer {fqn!r}: {why}; exclude it or use NMConfig(indivisible='skip') to leave it dense"
-            )
-        # Warn once per model and layer: a GradualPruner re-plans at every update.
-        warned = _WARNED.setdefault(model, set())
-        level = logging.DEBUG if (fqn, config.m) in warned else logging.WARNING
-        warned.add((fqn, config.m))
-        log.log(level, "N:M %d:%d: layer %r skipped (left dense, not padded): %s", config.n, config.m, fqn, why)
-        skipped[fqn] = why
-    return eligible, skipped
+
+    def misfit(shape: tuple[int, ...]) -> str | None:
+        return None if shape[1] % config.m == 0 else f"input dim {shape[1]} is not a multiple of m={config.m}"
+
+    return split_fitting(model, fqns, misfit, indivisible=config.indivisible, pattern=f"N:M {config.n}:{config.m}",
+                         advice="exclude it or use NMConfig(indivisible='skip') to leave it dense",
+                         key=("nm", config.m), logger=log)
 
 
 @register_method(NMConfig)

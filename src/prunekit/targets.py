@@ -7,7 +7,10 @@ silently leaving a layer dense.
 
 from __future__ import annotations
 
+import logging
 import re
+import weakref
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from torch import nn
@@ -82,3 +85,40 @@ def group_by_config(chosen: dict[str, FrozenConfig]) -> dict[FrozenConfig, list[
     for fqn, leaf in chosen.items():
         groups.setdefault(leaf, []).append(fqn)
     return groups
+
+
+_SKIP_WARNED: weakref.WeakKeyDictionary[nn.Module, set[Hashable]] = weakref.WeakKeyDictionary()
+
+
+def split_fitting(
+    model: nn.Module,
+    fqns: list[str],
+    misfit: Callable[[tuple[int, ...]], str | None],
+    *,
+    indivisible: str,
+    pattern: str,
+    advice: str,
+    key: Hashable,
+    logger: logging.Logger,
+) -> tuple[list[str], dict[str, str]]:
+    """Split layers into those whose weight shape fits a pattern and the rest, with the reason.
+
+    `misfit(shape)` says why a layer does not fit (None if it does). `indivisible="error"` raises
+    naming the layer and `advice`; "skip" leaves it dense and logs it, at WARNING once per model,
+    layer and `key` (a GradualPruner re-plans at every update), then at DEBUG.
+    """
+    modules = dict(model.named_modules())
+    eligible, skipped = [], {}
+    for fqn in fqns:
+        why = misfit(tuple(modules[fqn].weight.shape))
+        if why is None:
+            eligible.append(fqn)
+            continue
+        if indivisible == "error":
+            raise ConfigError(f"layer {fqn!r}: {why}; {advice}")
+        warned = _SKIP_WARNED.setdefault(model, set())
+        level = logging.DEBUG if (fqn, key) in warned else logging.WARNING
+        warned.add((fqn, key))
+        logger.log(level, "%s: layer %r skipped (left dense, not padded): %s", pattern, fqn, why)
+        skipped[fqn] = why
+    return eligible, skipped
