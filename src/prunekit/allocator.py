@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import platform
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +32,9 @@ SYSTEM_ALLOCATOR = "the system allocator's defaults (asked for)"
 _depth = 0
 
 
+@functools.cache
 def _glibc() -> Any | None:
+    """glibc through ctypes, looked up once per process (None elsewhere)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
