@@ -30,7 +30,7 @@ from prunekit.bench import _call
 from prunekit.errors import ConfigError, PrunekitError, UnsupportedLayerError
 from prunekit.files import atomic_write_text
 from prunekit.runtime import candidates as cand
-from prunekit.runtime import formats
+from prunekit.runtime import formats, fusion
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class LayerDecision:
     choice: str = "dense"
     reason: str = ""
     check_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    fused_with: list[str] = field(default_factory=list)  # siblings sharing this layer's kernel call
 
     def speedup(self, name: str, batch: int) -> float:
         return self.ms["dense"][batch] / max(self.ms[name][batch], 1e-9)
@@ -88,7 +89,8 @@ class AccelerationReport:
                     f"{d.sparsity:.1%}",
                     str(b),
                     times,
-                    f"{d.choice} ({d.speedup(d.choice, b):.2f}x)" if d.choice in d.ms else d.choice,
+                    (f"{d.choice} ({d.speedup(d.choice, b):.2f}x)" if d.choice in d.ms else d.choice)
+                    + (" fused" if d.fused_with else ""),
                 )
         return table
 
@@ -99,7 +101,9 @@ class AccelerationReport:
         ]
         for d in self.layers:
             gains = ", ".join(f"b{b} {d.speedup(d.choice, b):.2f}x" for b in self.batch_sizes if d.choice in d.ms)
-            lines.append(f"  {d.fqn} {d.shape[0]}x{d.shape[1]} {d.sparsity:.1%}: {d.choice} ({gains}) {d.reason}")
+            fused = f" fused with {', '.join(d.fused_with)}" if d.fused_with else ""
+            head = f"  {d.fqn} {d.shape[0]}x{d.shape[1]} {d.sparsity:.1%}: {d.choice}{fused}"
+            lines.append(f"{head} ({gains}) {d.reason}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -187,7 +191,7 @@ def _measure(
         for name in names[shift:] + names[:shift]:
             for fqn, per in built.items():
                 sink = times[fqn][name] if name in per and rep >= warmup else None
-                _set(model, fqn, _Timed(per.get(name, per["dense"]), sink))
+                _set(model, fqn, _Timed(per[name] if name in per else per["dense"], sink))
             _call(model, inputs)
     return times
 
@@ -239,6 +243,7 @@ def accelerate(
     candidates: Sequence[str] | None = None,
     min_sparsity: float = 0.25,
     margin: float = 0.1,
+    fuse: bool = True,
     repeats: int = 15,
     warmup: int = 3,
     tolerance: float | None = None,
@@ -255,6 +260,9 @@ def accelerate(
     is installed when its geometric-mean time over `batch_sizes` is at least `margin` below
     dense and it is at most 5 % slower than dense at every batch size; then the installed layers
     are timed against dense once more, and any layer more than 5 % slower is put back to dense.
+    With `fuse`, Linears that read the same input tensor (q/k/v, gate/up) and chose the same
+    kernel are then timed as one stacked kernel call against their separate calls, and fused
+    where that is faster at every batch size (`fusion`).
     Finally the outputs on `example_inputs` must match the dense model's: relative error at
     most 1e-4 (fp32 kernels) or 5e-2 (if an INT8 kernel was installed).
 
@@ -270,6 +278,7 @@ def accelerate(
         candidates: names to consider (default: all registered); "dense" is always measured.
         min_sparsity: layers with fewer zeros are left alone.
         margin: how much faster (geometric mean over batch sizes) a candidate must be than dense.
+        fuse: try one kernel call for sibling Linears (same input) where it measures faster.
         tolerance: the relative output error accepted; default 1e-4, or 5e-2 once an INT8
             kernel is installed (an LLM's logits may need more: measure dense INT8's drift first).
         repeats, warmup: timed and untimed forward passes per candidate and batch size.
@@ -301,11 +310,12 @@ def accelerate(
         )
     with torch.no_grad():
         reference = _call(model, example_inputs)
-    built, decisions = {}, []
+    siblings = fusion.sibling_groups(model, list(layers), example_inputs) if fuse else []
+    built, infos, decisions = {}, {}, []
     for fqn, layer in layers.items():
-        built[fqn], info = _build(fqn, layer, names, allow_int8)
-        sparsity = float((info.weight == 0).float().mean())
-        decisions.append(LayerDecision(fqn, tuple(info.weight.shape), sparsity, info.block, {}))
+        built[fqn], infos[fqn] = _build(fqn, layer, names, allow_int8)
+        sparsity = float((infos[fqn].weight == 0).float().mean())
+        decisions.append(LayerDecision(fqn, tuple(infos[fqn].weight.shape), sparsity, infos[fqn].block, {}))
     try:
         with retained_memory():  # time the kernels, not glibc re-faulting activations
             for b in batch_sizes:
@@ -316,8 +326,10 @@ def accelerate(
             for d in decisions:
                 _choose(d, batch_sizes, margin)
             _check_speed(model, built, decisions, example_inputs, batch_sizes, repeats, warmup)
+            fused = _fuse(model, siblings, built, infos, decisions, example_inputs, batch_sizes, repeats, warmup)
         for d in decisions:
-            _set(model, d.fqn, built[d.fqn][d.choice] if d.choice != "dense" else layers[d.fqn])
+            chosen = fused.get(d.fqn) or (built[d.fqn][d.choice] if d.choice != "dense" else layers[d.fqn])
+            _set(model, d.fqn, chosen)
         with torch.no_grad():
             error = _rel_error(reference, _call(model, example_inputs))
         if tolerance is None:
@@ -378,3 +390,68 @@ def _check_speed(
         if worst > 1.0 + MAX_SLOWDOWN:
             d.reason = f"{d.choice} reverted: {worst:.2f}x dense's time when re-checked"
             d.choice = "dense"
+
+
+def _fuse(
+    model: nn.Module,
+    siblings: list[list[str]],
+    built: dict[str, dict[str, nn.Module]],
+    infos: dict[str, cand.LayerInfo],
+    decisions: list[LayerDecision],
+    example_inputs: Any,
+    batch_sizes: Sequence[int],
+    repeats: int,
+    warmup: int,
+) -> dict[str, nn.Module]:
+    """Fuse each sibling group whose layers chose the same kernel, where one stacked call is faster.
+
+    Returns fqn -> the `FusedMember` to install, for the groups that won at every batch size.
+    """
+    by_fqn = {d.fqn: d for d in decisions}
+    trials: dict[str, dict[str, nn.Module]] = {}
+    groups = []
+    for members in siblings:
+        choices = {by_fqn[f].choice for f in members}
+        if len(choices) != 1 or "dense" in choices:
+            continue
+        choice = choices.pop()
+        weight, bias = fusion.stacked([infos[f].weight for f in members], [infos[f].bias for f in members])
+        info = cand.LayerInfo(
+            "+".join(members),
+            weight,
+            bias,
+            formats.detect_block(weight),
+            formats.is_2_4(weight),
+            infos[members[0]].allow_int8,
+        )
+        try:
+            kernel = cand.get_candidate(choice)(info)
+        except (RuntimeError, ValueError) as err:
+            log.info("accelerate: %s cannot fuse %s: %s", choice, members, err)
+            continue
+        if kernel is None:
+            continue
+        group = fusion.FusedLinears(kernel.eval(), [infos[f].weight.shape[0] for f in members], members)
+        groups.append(group)
+        for i, fqn in enumerate(members):
+            trials[fqn] = {"separate": built[fqn][choice], "fused": group.member(i)}
+    if not trials:
+        return {}
+    totals: dict[int, list[dict[str, float]]] = {}
+    for b in batch_sizes:
+        times = _measure(model, trials, _with_batch(example_inputs, b), repeats, warmup)
+        totals[b] = [
+            {way: sum(statistics.median(times[f][way]) for f in g.fqns) for way in ("separate", "fused")}
+            for g in groups
+        ]
+    installed: dict[str, nn.Module] = {}
+    for k, group in enumerate(groups):
+        wins = all(totals[b][k]["fused"] < totals[b][k]["separate"] for b in batch_sizes)
+        timing = ", ".join(f"b{b} {t[k]['fused']:.3f} vs {t[k]['separate']:.3f} ms" for b, t in totals.items())
+        for fqn in group.fqns:
+            d = by_fqn[fqn]
+            if wins:
+                d.fused_with = [f for f in group.fqns if f != fqn]
+                installed[fqn] = trials[fqn]["fused"]
+            d.reason = (d.reason + "; " if d.reason else "") + f"{'fused' if wins else 'not fused'} ({timing})"
+    return installed

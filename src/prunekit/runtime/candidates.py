@@ -70,7 +70,7 @@ class _Flat(nn.Module):
     def _rows(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check(self, x: Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise UnsupportedLayerError(
                 f"layer {self.fqn!r}: expected {self.in_features} input features, got shape {tuple(x.shape)}"
@@ -80,6 +80,9 @@ class _Flat(nn.Module):
                 f"layer {self.fqn!r} was replaced by an inference-only kernel by prunekit.accelerate; "
                 "run it under torch.no_grad() or accelerate a copy for training"
             )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
         lead = x.shape[:-1]
         y = self._rows(x.reshape(-1, self.in_features))
         return y.reshape(*lead, self.out_features)
@@ -98,15 +101,28 @@ class NumbaSparseLinear(_Flat):
         self.packed, self.parallel = packed, parallel
         b = torch.zeros(packed.shape[0]) if bias is None else bias.detach().float().clone()
         self.register_buffer("bias", b.contiguous())
+        self._bind()
 
-    def _rows(self, x: Tensor) -> Tensor:
-        # Each torch op costs ~1.5 us, and decoding calls this ~200 times a token: convert only
-        # when needed (forward already refused inputs that need grad).
-        from prunekit.runtime.kernels_numba import sparse_linear
+    def _bind(self) -> None:
+        from prunekit.runtime.kernels_numba import bind
 
-        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-        y = torch.from_numpy(sparse_linear(self.packed, x32.numpy(), self.bias.numpy(), parallel=self.parallel))
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        self._run = bind(self.packed, self.bias.numpy(), parallel=self.parallel)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_run"}  # a closure: rebuilt on load
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._bind()
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Decoding calls this ~200 times a token and every torch op costs ~1 us, so reshapes happen
+        # on numpy views and nothing is converted that is already float32 and contiguous.
+        self._check(x)
+        x32 = x if x.dtype is torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        y = self._run(x32.numpy().reshape(-1, self.in_features))
+        out = torch.from_numpy(y.reshape(x.shape[:-1] + (self.out_features,)))
+        return out if x.dtype is torch.float32 else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         threads = "parallel" if self.parallel else "1 thread"

@@ -8,8 +8,8 @@ Three layouts, all row-major over output channels so a thread owns whole output 
 * ``nm24``: exactly 2 kept values in every group of 4 inputs (2:4), with both positions packed
   into 4 bits; 1.25 bytes per int8 non-zero, 0.625 bytes per weight, no row pointers.
 * ``nm24r``: the same int8 2:4 weight with 16 output rows side by side (row lanes), one byte of
-  positions per row and group: what the AVX-512 kernel (`kernels_avx512`) loads as vectors;
-  0.75 bytes per weight.
+  positions per row and pair of groups: what the AVX-512 kernel (`kernels_avx512`) loads as
+  vectors; 0.625 bytes per weight.
 
 Values are float32, or int8 with one fp32 scale per output row (symmetric, so a pruned weight
 stays an exact int8 zero, as in `prunekit.quantize`).
@@ -140,10 +140,11 @@ ROW_LANES = 16  # output rows per vector in ``nm24r`` (one AVX-512 register of f
 
 
 def pack_nm24_rows(weight: Tensor) -> PackedWeight:
-    """Pack an int8 2:4 weight in row lanes: values (out/16, in/4, 2, 16), positions (out/16, in/4, 16).
+    """Pack an int8 2:4 weight in row lanes: values (out/16, in/4, 2, 16), positions (out/16, in/8, 16).
 
     Group g of rows 16b..16b+15 is one 32-byte run of values (the first kept value of each row,
-    then the second) and one 16-byte run of positions, so the kernel reads both as vectors.
+    then the second); each row's positions for groups 2p and 2p + 1 share one byte (2p in the low
+    nibble), one 16-byte run per pair, so the kernel reads both as vectors.
     """
     out_f, in_f = weight.shape
     if out_f % ROW_LANES:
@@ -152,6 +153,9 @@ def pack_nm24_rows(weight: Tensor) -> PackedWeight:
     groups = in_f // 4
     values = p.values.reshape(out_f // ROW_LANES, ROW_LANES, groups, 2).transpose(0, 2, 3, 1)
     cols = p.cols.reshape(out_f // ROW_LANES, ROW_LANES, groups).transpose(0, 2, 1)
+    if groups % 2:  # an odd last group has the byte to itself
+        cols = np.concatenate([cols, np.zeros_like(cols[:, :1])], axis=1)
+    cols = cols[:, 0::2] | (cols[:, 1::2] << 4)
     return PackedWeight("nm24r", p.shape, (1, 4), p.rowptr, np.ascontiguousarray(cols).reshape(-1),
                         np.ascontiguousarray(values).reshape(-1), p.scales)
 

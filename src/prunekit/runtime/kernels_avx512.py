@@ -16,6 +16,7 @@ so there is none. Needs a CPU with AVX-512F (`available()`); `accelerate` only o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -51,63 +52,108 @@ def _kernel() -> Any:
     def declared(module: Any, name: str, fn_type: Any) -> Any:
         return module.globals.get(name) or ir.Function(module, fn_type, name)
 
-    @intrinsic
-    def group16(typingctx, vals, idx, x, acc, vo, io, xo):  # pragma: no cover - compiled
-        """acc[0:16] += vals[vo:vo+16] * x[xo + p0] + vals[vo+16:vo+32] * x[xo + p1], p from idx[io:io+16]."""
-        sig = types.void(vals, idx, x, acc, types.intp, types.intp, types.intp)
+    def codegen_steps(groups: int) -> Any:
+        """Code for a loop of `n` steps of `groups` (1 or 2) groups of 4 inputs over 16 output rows.
+
+        Per step: one byte of positions per row (both groups' 4-bit fields, the first group in the
+        low nibble), `groups` * 2 runs of 16 int8 values, x[xo + 4 * groups * step :][: 4 * groups].
+        Each kept-value slot k has its own accumulator, carried in a register across the loop and
+        added to acc[16k : 16k + 16] at the end. Each group's four x values are repeated across
+        the 16 lanes, so `vpermps`, which reads the low 4 bits of an index, picks x[4g + p] for
+        any bits above p's two: the positions need shifts, no masks.
+        """
+        slots = 2 * groups
 
         def codegen(context, builder, signature, args):
-            vo, io, xo = args[4:]
+            vo, io, xo, n = args[4:]
             arrays = zip(signature.args[:4], args[:4], strict=True)
             pv, pi, px, pa = (context.make_array(t)(context, builder, a).data for t, a in arrays)
             perm = declared(builder.module, "llvm.x86.avx512.permvar.sf.512", ir.FunctionType(v16f, [v16f, v16i]))
             fma = declared(builder.module, "llvm.fma.v16f32", ir.FunctionType(v16f, [v16f, v16f, v16f]))
+            intp = vo.type
 
             def load(ptr, offset, ty, align):
                 return builder.load(builder.bitcast(builder.gep(ptr, [offset]), ty.as_pointer()), align=align)
 
-            x4 = load(px, xo, v4f, 4)
-            table = builder.shuffle_vector(x4, x4, ir.Constant(v16i, [0, 1, 2, 3] * 4))
-            positions = builder.zext(load(pi, io, v16b, 1), v16i)
-            three, two = ir.Constant(v16i, [3] * 16), ir.Constant(v16i, [2] * 16)
-            first = builder.call(perm, [table, builder.and_(positions, three)])
-            second = builder.call(perm, [table, builder.and_(builder.lshr(positions, two), three)])
-            v0 = builder.sitofp(builder.sext(load(pv, vo, v16b, 1), v16i), v16f)
-            v1 = builder.sitofp(builder.sext(load(pv, builder.add(vo, ir.Constant(vo.type, 16)), v16b, 1), v16i), v16f)
-            acc_ptr = builder.bitcast(pa, v16f.as_pointer())
-            total = builder.call(fma, [v1, second, builder.call(fma, [v0, first, builder.load(acc_ptr, align=4)])])
-            builder.store(total, acc_ptr, align=4)
+            acc = [builder.gep(builder.bitcast(pa, v16f.as_pointer()), [ir.Constant(i32, k)]) for k in range(slots)]
+            start = [builder.load(a, align=4) for a in acc]
+            entry = builder.block
+            loop, done = builder.append_basic_block("nm24r.loop"), builder.append_basic_block("nm24r.done")
+            builder.cbranch(builder.icmp_signed(">", n, ir.Constant(intp, 0)), loop, done)
+
+            builder.position_at_end(loop)
+            step = builder.phi(intp)
+            carried = [builder.phi(v16f) for _ in range(slots)]
+            positions = builder.zext(load(pi, builder.add(io, builder.mul(step, ir.Constant(intp, 16))), v16b, 1), v16i)
+            values = builder.add(vo, builder.mul(step, ir.Constant(intp, 32 * groups)))
+            xs = builder.add(xo, builder.mul(step, ir.Constant(intp, 4 * groups)))
+            tables = []
+            for g in range(groups):
+                x4 = load(px, builder.add(xs, ir.Constant(intp, 4 * g)), v4f, 4)
+                tables.append(builder.shuffle_vector(x4, x4, ir.Constant(v16i, [0, 1, 2, 3] * 4)))
+            updated = []
+            for k in range(slots):
+                index = builder.lshr(positions, ir.Constant(v16i, [2 * k] * 16)) if k else positions
+                picked = builder.call(perm, [tables[k // 2], index])
+                weight = builder.sext(load(pv, builder.add(values, ir.Constant(intp, 16 * k)), v16b, 1), v16i)
+                updated.append(builder.call(fma, [builder.sitofp(weight, v16f), picked, carried[k]]))
+            following = builder.add(step, ir.Constant(intp, 1))
+            step.add_incoming(ir.Constant(intp, 0), entry)
+            step.add_incoming(following, loop)
+            for phi, first, last in zip(carried, start, updated, strict=True):
+                phi.add_incoming(first, entry)
+                phi.add_incoming(last, loop)
+            builder.cbranch(builder.icmp_signed("<", following, n), loop, done)
+
+            builder.position_at_end(done)
+            totals = [builder.phi(v16f) for _ in range(slots)]  # phis first, as LLVM requires
+            for a, total, first, last in zip(acc, totals, start, updated, strict=True):
+                total.add_incoming(first, entry)
+                total.add_incoming(last, loop)
+                builder.store(total, a, align=4)
             return context.get_dummy_value()
 
-        return sig, codegen
+        return codegen
+
+    def steps_intrinsic(groups: int) -> Any:
+        @intrinsic
+        def steps(typingctx, vals, idx, x, acc, vo, io, xo, n):  # pragma: no cover - compiled
+            sig = types.void(vals, idx, x, acc, types.intp, types.intp, types.intp, types.intp)
+            return sig, codegen_steps(groups)
+
+        return steps
+
+    pairs16, single16 = steps_intrinsic(2), steps_intrinsic(1)
 
     @numba.njit(nogil=True, cache=True)
     def nm24r_b1(vals, idx, scales, bias, x, y):  # pragma: no cover - compiled
         groups = x.shape[0] // 4
-        acc = np.zeros(2 * LANES, np.float32)  # two accumulators: even and odd groups
+        pairs = (groups + 1) // 2
+        acc = np.zeros(4 * LANES, np.float32)  # one accumulator per value slot of a pair of groups
         for b in range(y.shape[0] // LANES):
             acc[:] = 0.0
-            base = b * groups
-            g = 0
-            while g + 1 < groups:
-                group16(vals, idx, x, acc[:LANES], (base + g) * 32, (base + g) * 16, g * 4)
-                group16(vals, idx, x, acc[LANES:], (base + g + 1) * 32, (base + g + 1) * 16, (g + 1) * 4)
-                g += 2
-            if g < groups:
-                group16(vals, idx, x, acc[:LANES], (base + g) * 32, (base + g) * 16, g * 4)
+            vbase, pbase = b * groups * 32, b * pairs * 16
+            pairs16(vals, idx, x, acc, vbase, pbase, 0, groups // 2)
+            if groups % 2:  # the odd last group: its positions have a byte to themselves
+                single16(vals, idx, x, acc, vbase + (groups - 1) * 32, pbase + (pairs - 1) * 16, (groups - 1) * 4, 1)
             for lane in range(LANES):
                 r = b * LANES + lane
-                y[r] = (acc[lane] + acc[LANES + lane]) * scales[r] + bias[r]
+                total = acc[lane] + acc[LANES + lane] + acc[2 * LANES + lane] + acc[3 * LANES + lane]
+                y[r] = total * scales[r] + bias[r]
 
     return nm24r_b1
 
 
-def nm24r_linear(packed: Any, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """y = x @ W.T + bias for an ``nm24r`` weight and float32 (n, in) x, one row of x at a time."""
+def bind_nm24r(packed: Any, bias: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``run(x) -> x @ W.T + bias`` for an ``nm24r`` weight and a float32 (n, in) x, one row at a time."""
     if not available():
         raise PrunekitError("the nm24r kernel needs a CPU with AVX-512F; this one has none: use the 'nm24' format")
-    kernel = _kernel()
-    y = np.empty((x.shape[0], packed.shape[0]), np.float32)
-    for i in range(x.shape[0]):
-        kernel(packed.values, packed.cols, packed.scales, bias, np.ascontiguousarray(x[i]), y[i])
-    return y
+    kernel, args, out_f = _kernel(), (packed.values, packed.cols, packed.scales, bias), packed.shape[0]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        y = np.empty((x.shape[0], out_f), np.float32)
+        for i in range(x.shape[0]):
+            kernel(*args, x[i], y[i])
+        return y
+
+    return run

@@ -1,0 +1,100 @@
+"""Sibling Linears fused into one kernel call: q/k/v projections, an MLP's gate and up.
+
+At batch 1 a layer's fixed cost per call (Python, the module, tensor <-> array) is 5-10 us, as
+much as a small layer's kernel: SmolLM2 decodes through 210 Linears a token. Linears that read
+the very same input tensor are one Linear with their weights stacked by rows, so one call can
+compute them all. `sibling_groups` finds them by running the model once; `FusedLinears` runs the
+stacked kernel on the first member's call and hands each member its rows.
+
+Each member takes its rows of a result at most once, and only for the tensor object the result
+was computed from; any other call recomputes. So the one thing fusion assumes is that an input
+is not modified in place between its siblings' calls (`accelerate` checks the model's outputs
+against dense after fusing). Like the kernels, not for use from several threads at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.bench import run_with_hooks
+
+
+def sibling_groups(model: nn.Module, fqns: Sequence[str], example_inputs: Any) -> list[list[str]]:
+    """The groups (2 or more, in call order) of `fqns` whose forward got the same input tensor.
+
+    A layer called more than once per forward (shared weights) is left out: its calls' inputs differ.
+    """
+    seen: dict[str, list[Tensor]] = {fqn: [] for fqn in fqns}
+
+    def record(fqn: str) -> Any:
+        return lambda _module, args: seen[fqn].append(args[0]) if args else None
+
+    run_with_hooks(model, example_inputs, {fqn: record(fqn) for fqn in fqns}, pre=True)
+    groups: dict[int, list[str]] = {}
+    for fqn, inputs in seen.items():  # dicts keep insertion order: groups list members in call order
+        if len(inputs) == 1:
+            groups.setdefault(id(inputs[0]), []).append(fqn)
+    return [members for members in groups.values() if len(members) > 1]
+
+
+class FusedLinears:
+    """One stacked kernel for several Linears; `member(i)` is the module standing in for Linear i."""
+
+    def __init__(self, kernel: nn.Module, out_features: Sequence[int], fqns: Sequence[str]) -> None:
+        if sum(out_features) != getattr(kernel, "out_features", sum(out_features)):
+            raise ValueError(f"fused kernel has {kernel.out_features} outputs, members {list(out_features)}")
+        self.kernel, self.fqns = kernel, list(fqns)
+        bounds = [0]
+        for n in out_features:
+            bounds.append(bounds[-1] + n)
+        self.slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        self._input: Tensor | None = None
+        self._output: Tensor | None = None
+        self._taken = [True] * len(self.slices)
+
+    def output(self, x: Tensor, i: int) -> Tensor:
+        """Linear i's output for x: computed for all members on the first call for a new x."""
+        if x is not self._input or self._taken[i]:
+            self._output, self._input = self.kernel(x), x
+            self._taken = [False] * len(self.slices)
+        self._taken[i] = True
+        assert self._output is not None
+        y = self._output[..., self.slices[i]]
+        if all(self._taken):  # every member served: drop the references
+            self._input = self._output = None
+        return y.contiguous()  # a no-op at batch 1 (one row: the slice is contiguous)
+
+    def member(self, i: int) -> FusedMember:
+        return FusedMember(self, i)
+
+
+class FusedMember(nn.Module):
+    """Linear i of a `FusedLinears`, under that Linear's name."""
+
+    def __init__(self, group: FusedLinears, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.__dict__["group"] = group  # shared by the members: not a submodule of each
+        self.fqn = group.fqns[index]
+        sl = group.slices[index]
+        self.out_features = sl.stop - sl.start
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.group.output(x, self.index)
+
+    def extra_repr(self) -> str:
+        others = [f for f in self.group.fqns if f != self.fqn]
+        return f"{self.fqn!r}, out_features={self.out_features}, fused with {others}: {self.group.kernel.extra_repr()}"
+
+
+def stacked(weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> tuple[Tensor, Tensor | None]:
+    """The members' weights stacked by rows, and their biases (zeros where a member has none)."""
+    weight = torch.cat([w.detach() for w in weights], dim=0)
+    if all(b is None for b in biases):
+        return weight, None
+    parts = [torch.zeros(w.shape[0]) if b is None else b.detach().float() for w, b in zip(weights, biases, strict=True)]
+    return weight, torch.cat(parts)
