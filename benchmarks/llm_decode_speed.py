@@ -11,7 +11,10 @@ with perplexity beside each variant:
                  the pruned model's perplexity and what sparsity buys without a kernel.
 * `wanda50+acc` / `wanda24+acc`  the same weights through `pk.accelerate(..., allow_int8=True)`,
                  which measures per layer the dense, INT8 and sparse kernels and installs the
-                 fastest.
+                 fastest, then fuses sibling Linears (q/k/v, gate/up) into one call where faster.
+* `dense-int8+acc`  the dense model through `accelerate` with dense candidates only (torch,
+                 oneDNN, dynamic INT8): what fusion and the runtime buy without sparsity, so the
+                 pruned variants' gain over it is sparsity's own.
 
 Timing: one process, all variants in memory, timed interleaved (variant order rotated every
 repeat) after warm-up; tokens/s = new tokens / median wall time of `generate` (prefill of the
@@ -46,6 +49,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit.allocator import retained_memory
 from prunekit.llm import corpus_texts, load_smollm2, perplexity, token_windows
 
 PROMPT = "Once upon a time there lived a king and a queen who had no children, and they"
@@ -55,7 +59,8 @@ METHODS = {
     # opt-in: whole 1x16 blocks (per layer), the granularity the block kernels skip
     "wblock50": lambda: pk.BlockConfig(sparsity=0.5, block=(1, 16), criterion="wanda", exclude=["lm_head"]),
 }
-VARIANTS = ["dense-fp32", "dense-int8", "wanda50", "wanda50+acc", "wanda24", "wanda24+acc"]
+VARIANTS = ["dense-fp32", "dense-int8", "dense-int8+acc", "wanda50", "wanda50+acc", "wanda24", "wanda24+acc"]
+DENSE_CANDIDATES = ["dense", "onednn", "dense_int8"]
 OPTIONAL = ["wblock50", "wblock50+acc"]
 CACHE = Path(__file__).resolve().parents[1] / "out" / "llm_decode_speed"
 
@@ -156,6 +161,8 @@ def _accelerate(name: str, model: nn.Module, example: dict, tolerance: float, re
     CACHE.mkdir(parents=True, exist_ok=True)
     kwargs = {"allow_int8": True, "min_sparsity": 0.0, "table_path": table, "verbose": False,
               "repeats": repeats, "warmup": 1}
+    if name.startswith("dense"):
+        kwargs["candidates"] = DENSE_CANDIDATES
     if "tolerance" in inspect.signature(accelerate).parameters:
         kwargs["tolerance"] = tolerance
     else:  # no argument for it (yet): the module constant is what accelerate reads
@@ -164,7 +171,8 @@ def _accelerate(name: str, model: nn.Module, example: dict, tolerance: float, re
     report = model.prunekit_acceleration
     choices = Counter(d.choice for d in report.layers)
     head = next((d.choice for d in report.layers if d.fqn == "lm_head"), "-")
-    return model, (f"{dict(choices.most_common())}, lm_head {head}, "
+    fused = sum(bool(d.fused_with) for d in report.layers)
+    return model, (f"{dict(choices.most_common())}, lm_head {head}, {fused} layers fused, "
                    f"logits rel. error {report.max_rel_error:.1e} (tol. {report.tolerance:.1e}); "
                    f"table {table.relative_to(CACHE.parents[1])}")
 
@@ -187,7 +195,8 @@ def _linear_share(model: nn.Module, run: Callable[[], torch.Tensor]) -> float:
 
     Amdahl's bound for any Linear kernel: with share s, layers k times faster give at most
     1 / ((1 - s) + s / k) end to end. "Linear layers" are the outermost modules whose class name
-    has "Linear": nn.Linear, torch.ao's dynamic INT8 Linear, and `accelerate`'s replacements.
+    has "Linear": nn.Linear, torch.ao's dynamic INT8 Linear, and `accelerate`'s replacements (a
+    fused group's whole call falls inside its first member's `FusedLinear`).
     """
     layers: list[nn.Module] = []
     names: list[str] = []
@@ -258,8 +267,10 @@ def main() -> None:
         base = name.removesuffix("+acc")
         if base == "dense-fp32":
             models[name] = model
-        elif base == "dense-int8":
+        elif name == "dense-int8":
             models[name] = pk.quantize(model, pk.DynamicInt8Config())
+        elif base == "dense-int8":  # accelerated from the float model, like the pruned ones
+            models.setdefault("dense-fp32", model)
         elif base not in models:
             models[base] = _pruned(base, tokenizer, args)
             print(f"{base}: decoder sparsity {_decoder_sparsity(models[base]):.3f}", flush=True)
@@ -295,7 +306,8 @@ def main() -> None:
         for name in [v for v in args.variants if v.endswith("+acc")]:
             t0 = time.perf_counter()
             try:
-                source = copy.deepcopy(models[name.removesuffix("+acc")])  # keep the float model for comparison
+                base = name.removesuffix("+acc").replace("dense-int8", "dense-fp32")
+                source = copy.deepcopy(models[base])  # keep the float model for comparison
                 models[name], notes[name] = _accelerate(name, source, example, tolerance, args.acc_repeats)
                 notes[name] += f"; accelerate took {time.perf_counter() - t0:.0f} s"
             except Exception as err:  # a benchmark reports what it could not run, then goes on
@@ -307,7 +319,8 @@ def main() -> None:
         eos = tokenizer.eos_token_id
         fns = {k: _generate_fn(models[k], prompt, args.new_tokens, eos) for k in args.variants if k in models}
         outputs = {k: fn() for k, fn in fns.items()}
-        times = _time(fns, args.repeats, args.warmup)
+        with retained_memory():  # as prunekit's own measurements: no re-faulting of freed memory
+            times = _time(fns, args.repeats, args.warmup)
         shares = {k: statistics.median(_linear_share(models[k], fn) for _ in range(3)) for k, fn in fns.items()
                   } if args.breakdown else {}
         print(f"load after timing:  {_uptime()}", flush=True)
@@ -323,18 +336,20 @@ def main() -> None:
 
     tps = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}
     spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
+    best = {k: args.new_tokens / min(v) for k, v in times.items()}
     print(f"\nSmolLM2-135M greedy decode, batch 1, prompt {prompt.shape[1]} tokens + {args.new_tokens} new, "
           f"{args.threads} threads, median of {args.repeats} (interleaved, {args.warmup} warm-up); "
           f"calibration {args.calib} x {args.seq_len} Friends tokens; perplexity on {n_eval} Grimm tokens")
-    print("| variant | tokens/s | vs dense fp32 | vs dense INT8 | spread | perplexity | note |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | tokens/s | vs dense fp32 | vs dense INT8 | best run | spread | perplexity | note |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.variants:
         if name not in tps:
-            print(f"| {name} | - | - | - | - | - | {notes.get(name, '')} |")
+            print(f"| {name} | - | - | - | - | - | - | {notes.get(name, '')} |")
             continue
         vs = [f"{tps[name] / tps[b]:.2f}x" if b in tps else "-" for b in ("dense-fp32", "dense-int8")]
         p = f"{ppl[name]:.2f}" if name in ppl else "-"
-        print(f"| {name} | {tps[name]:.1f} | {vs[0]} | {vs[1]} | {spread[name]:.0%} | {p} | {notes.get(name, '')} |")
+        print(f"| {name} | {tps[name]:.1f} | {vs[0]} | {vs[1]} | {best[name]:.1f} | {spread[name]:.0%} | {p} "
+              f"| {notes.get(name, '')} |")
     for name, share in shares.items():
         print(f"{name}: {share:.0%} of decode time inside Linear layers (hooks, median of 3 runs): Linear "
               f"kernels k times faster give at most {1 / (1 - share):.2f}x end to end (k -> inf), "

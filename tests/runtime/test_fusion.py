@@ -78,7 +78,7 @@ def test_accelerate_fuses_siblings_that_chose_one_kernel(monkeypatch: pytest.Mon
         ref = model(x)
     monkeypatch.setattr(acc, "_measure", _fake_measure)
     pk.accelerate(model, x, candidates=["dense", "numba_csr"], verbose=False)
-    assert [type(getattr(model, n)).__name__ for n in ("q", "k", "v", "out")] == ["FusedMember"] * 3 + [
+    assert [type(getattr(model, n)).__name__ for n in ("q", "k", "v", "out")] == ["FusedLinear"] * 3 + [
         "NumbaSparseLinear"
     ]
     with torch.no_grad():

@@ -405,7 +405,7 @@ def _fuse(
 ) -> dict[str, nn.Module]:
     """Fuse each sibling group whose layers chose the same kernel, where one stacked call is faster.
 
-    Returns fqn -> the `FusedMember` to install, for the groups that won at every batch size.
+    Returns fqn -> the `FusedLinear` to install, for the groups that won at every batch size.
     """
     by_fqn = {d.fqn: d for d in decisions}
     trials: dict[str, dict[str, nn.Module]] = {}

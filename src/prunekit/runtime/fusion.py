@@ -68,11 +68,11 @@ class FusedLinears:
             self._input = self._output = None
         return y.contiguous()  # a no-op at batch 1 (one row: the slice is contiguous)
 
-    def member(self, i: int) -> FusedMember:
-        return FusedMember(self, i)
+    def member(self, i: int) -> FusedLinear:
+        return FusedLinear(self, i)
 
 
-class FusedMember(nn.Module):
+class FusedLinear(nn.Module):
     """Linear i of a `FusedLinears`, under that Linear's name."""
 
     def __init__(self, group: FusedLinears, index: int) -> None:

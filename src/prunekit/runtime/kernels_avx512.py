@@ -2,16 +2,17 @@
 
 The scalar 2:4 kernel (`kernels_numba`) decodes two 2-bit positions and loads x twice per group
 and row: 0.5x of fbgemm's dense INT8 here. This one keeps 16 rows in the lanes of a register
-(`formats.pack_nm24_rows`): per group of 4 inputs it broadcasts x[4g : 4g + 4] into a table,
-turns the 16 rows' positions into two lane indices and picks each row's inputs with one
-`vpermps` (`llvm.x86.avx512.permvar.sf.512`) per kept value, then two FMAs. LLVM does not emit
-a variable permute from plain code, so the group step is a numba `intrinsic` written in LLVM IR.
+(`formats.pack_nm24_rows`): per group of 4 inputs it broadcasts x[4g : 4g + 4] into a table and
+picks each row's input for each kept value with one `vpermps` (`llvm.x86.avx512.permvar.sf.512`)
+indexed by the row's stored position, then one FMA. LLVM does not emit a variable permute from
+plain code, so the loop over groups is a numba `intrinsic` written in LLVM IR, which also keeps
+its four accumulators in registers (numba's arrays would be stored back every step).
 
-Measured at batch 1, weights from DRAM (SmolLM2's 576->1536 / 1536->576 / 576->576): the kernel
-alone 65 / 45 / 26 us against fbgemm's dynamic INT8 at 93 / 85 / 53 us (both 1 thread); through
-the `nn.Module` (tensor <-> array, output allocation) 68 / 72 / 42 us against fbgemm with 2
-threads at 81 / 83 / 60 us. A `prange` twin was slower (150 us: waking a second pool per call),
-so there is none. Needs a CPU with AVX-512F (`available()`); `accelerate` only offers it there.
+Batch 1, weights from DRAM, SmolLM2's 576->1536 / 1536->576 / 576->576 (`benchmarks/
+cpu_sparse_layers.py` and RESULTS.md for the comparison with fbgemm): 33 / 32 / 13 us, 17 GB/s
+from one core, where the first version (one byte of positions per group, accumulators in memory)
+took 36 / 36 / 14 us. A `prange` twin was slower (150 us: waking a second pool per call), so
+there is none. Needs a CPU with AVX-512F (`available()`); `accelerate` only offers it there.
 """
 
 from __future__ import annotations
