@@ -135,7 +135,7 @@ def test_missing_numba_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         kn.kernels()
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 6, 9])  # x rows go 4 at a time: every remainder
 @pytest.mark.parametrize("in_f", [36, 64])  # 9 groups (an odd one left over) and 16
 def test_row_lane_2_4_int8_matches_the_scalar_kernel(batch: int, in_f: int) -> None:
     from prunekit.runtime import kernels_avx512

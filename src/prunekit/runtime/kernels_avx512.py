@@ -11,8 +11,11 @@ its four accumulators in registers (numba's arrays would be stored back every st
 Batch 1, weights from DRAM, SmolLM2's 576->1536 / 1536->576 / 576->576 (`benchmarks/
 cpu_sparse_layers.py` and RESULTS.md for the comparison with fbgemm): 33 / 32 / 13 us, 17 GB/s
 from one core, where the first version (one byte of positions per group, accumulators in memory)
-took 36 / 36 / 14 us. A `prange` twin was slower (150 us: waking a second pool per call), so
-there is none. Needs a CPU with AVX-512F (`available()`); `accelerate` only offers it there.
+took 36 / 36 / 14 us. Larger batches take x four rows per pass over the weights, decoding each
+group's values once: batch 8 costs 4.4x batch 1 (8x before), still 0.5-0.6x of fbgemm's dense
+INT8, which multiplies int8 by int8 (VNNI) where this kernel is bound by its permutes. A `prange`
+twin was slower (150 us: waking a second pool per call), so there is none. Needs a CPU with
+AVX-512F (`available()`); `accelerate` only offers it there.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from prunekit.errors import PrunekitError
 from prunekit.runtime.kernels_numba import _import_numba
 
 LANES = 16
+ROWS = 4  # rows of x per pass over the weights
 
 
 @cache
@@ -53,53 +57,62 @@ def _kernel() -> Any:
     def declared(module: Any, name: str, fn_type: Any) -> Any:
         return module.globals.get(name) or ir.Function(module, fn_type, name)
 
-    def codegen_steps(groups: int) -> Any:
-        """Code for a loop of `n` steps of `groups` (1 or 2) groups of 4 inputs over 16 output rows.
+    def codegen_steps(groups: int, rows: int) -> Any:
+        """Code for a loop of `n` steps of `groups` (1 or 2) groups of 4 inputs, 16 output rows, `rows` rows of x.
 
-        Per step: one byte of positions per row (both groups' 4-bit fields, the first group in the
-        low nibble), `groups` * 2 runs of 16 int8 values, x[xo + 4 * groups * step :][: 4 * groups].
-        Each kept-value slot k has its own accumulator, carried in a register across the loop and
-        added to acc[16k : 16k + 16] at the end. Each group's four x values are repeated across
-        the 16 lanes, so `vpermps`, which reads the low 4 bits of an index, picks x[4g + p] for
-        any bits above p's two: the positions need shifts, no masks.
+        Per step: one byte of positions per output row (both groups' 4-bit fields, the first group
+        in the low nibble) and `groups` * 2 runs of 16 int8 values, decoded once and used for each
+        of the `rows` rows of x (row i at x[xo + i * xstride:], this step's inputs 4 * groups * step
+        further on). Each (row of x, kept-value slot k) pair has its own accumulator, carried in a
+        register across the loop and added to acc[(4 * i + k) * 16 :][: 16] at the end. Each
+        group's four x values are repeated across the 16 lanes, so `vpermps`, which reads the low
+        4 bits of an index, picks x[4g + p] for any bits above p's two: positions need no masks.
         """
         slots = 2 * groups
 
         def codegen(context, builder, signature, args):
-            vo, io, xo, n = args[4:]
+            vo, io, xo, n, xstride = args[4:]
             arrays = zip(signature.args[:4], args[:4], strict=True)
             pv, pi, px, pa = (context.make_array(t)(context, builder, a).data for t, a in arrays)
             perm = declared(builder.module, "llvm.x86.avx512.permvar.sf.512", ir.FunctionType(v16f, [v16f, v16i]))
             fma = declared(builder.module, "llvm.fma.v16f32", ir.FunctionType(v16f, [v16f, v16f, v16f]))
             intp = vo.type
 
+            def const(value: int) -> Any:
+                return ir.Constant(intp, value)
+
             def load(ptr, offset, ty, align):
                 return builder.load(builder.bitcast(builder.gep(ptr, [offset]), ty.as_pointer()), align=align)
 
-            acc = [builder.gep(builder.bitcast(pa, v16f.as_pointer()), [ir.Constant(i32, k)]) for k in range(slots)]
+            acc_base = builder.bitcast(pa, v16f.as_pointer())
+            acc = [builder.gep(acc_base, [ir.Constant(i32, 4 * i + k)]) for i in range(rows) for k in range(slots)]
             start = [builder.load(a, align=4) for a in acc]
             entry = builder.block
             loop, done = builder.append_basic_block("nm24r.loop"), builder.append_basic_block("nm24r.done")
-            builder.cbranch(builder.icmp_signed(">", n, ir.Constant(intp, 0)), loop, done)
+            builder.cbranch(builder.icmp_signed(">", n, const(0)), loop, done)
 
             builder.position_at_end(loop)
             step = builder.phi(intp)
-            carried = [builder.phi(v16f) for _ in range(slots)]
-            positions = builder.zext(load(pi, builder.add(io, builder.mul(step, ir.Constant(intp, 16))), v16b, 1), v16i)
-            values = builder.add(vo, builder.mul(step, ir.Constant(intp, 32 * groups)))
-            xs = builder.add(xo, builder.mul(step, ir.Constant(intp, 4 * groups)))
-            tables = []
-            for g in range(groups):
-                x4 = load(px, builder.add(xs, ir.Constant(intp, 4 * g)), v4f, 4)
-                tables.append(builder.shuffle_vector(x4, x4, ir.Constant(v16i, [0, 1, 2, 3] * 4)))
-            updated = []
+            carried = [builder.phi(v16f) for _ in acc]
+            positions = builder.zext(load(pi, builder.add(io, builder.mul(step, const(16))), v16b, 1), v16i)
+            values = builder.add(vo, builder.mul(step, const(32 * groups)))
+            indices, weights = [], []
             for k in range(slots):
-                index = builder.lshr(positions, ir.Constant(v16i, [2 * k] * 16)) if k else positions
-                picked = builder.call(perm, [tables[k // 2], index])
-                weight = builder.sext(load(pv, builder.add(values, ir.Constant(intp, 16 * k)), v16b, 1), v16i)
-                updated.append(builder.call(fma, [builder.sitofp(weight, v16f), picked, carried[k]]))
-            following = builder.add(step, ir.Constant(intp, 1))
-            step.add_incoming(ir.Constant(intp, 0), entry)
+                indices.append(builder.lshr(positions, ir.Constant(v16i, [2 * k] * 16)) if k else positions)
+                weight = builder.sext(load(pv, builder.add(values, const(16 * k)), v16b, 1), v16i)
+                weights.append(builder.sitofp(weight, v16f))
+            updated = []
+            for i in range(rows):
+                xs = builder.add(builder.add(xo, builder.mul(const(i), xstride)), builder.mul(step, const(4 * groups)))
+                tables = []
+                for g in range(groups):
+                    x4 = load(px, builder.add(xs, const(4 * g)), v4f, 4)
+                    tables.append(builder.shuffle_vector(x4, x4, ir.Constant(v16i, [0, 1, 2, 3] * 4)))
+                for k in range(slots):
+                    picked = builder.call(perm, [tables[k // 2], indices[k]])
+                    updated.append(builder.call(fma, [weights[k], picked, carried[i * slots + k]]))
+            following = builder.add(step, const(1))
+            step.add_incoming(const(0), entry)
             step.add_incoming(following, loop)
             for phi, first, last in zip(carried, start, updated, strict=True):
                 phi.add_incoming(first, entry)
@@ -107,7 +120,7 @@ def _kernel() -> Any:
             builder.cbranch(builder.icmp_signed("<", following, n), loop, done)
 
             builder.position_at_end(done)
-            totals = [builder.phi(v16f) for _ in range(slots)]  # phis first, as LLVM requires
+            totals = [builder.phi(v16f) for _ in acc]  # phis first, as LLVM requires
             for a, total, first, last in zip(acc, totals, start, updated, strict=True):
                 total.add_incoming(first, entry)
                 total.add_incoming(last, loop)
@@ -116,45 +129,67 @@ def _kernel() -> Any:
 
         return codegen
 
-    def steps_intrinsic(groups: int) -> Any:
+    def steps_intrinsic(groups: int, rows: int) -> Any:
         @intrinsic
-        def steps(typingctx, vals, idx, x, acc, vo, io, xo, n):  # pragma: no cover - compiled
-            sig = types.void(vals, idx, x, acc, types.intp, types.intp, types.intp, types.intp)
-            return sig, codegen_steps(groups)
+        def steps(typingctx, vals, idx, x, acc, vo, io, xo, n, xstride):  # pragma: no cover - compiled
+            sig = types.void(vals, idx, x, acc, *[types.intp] * 5)
+            return sig, codegen_steps(groups, rows)
 
         return steps
 
-    pairs16, single16 = steps_intrinsic(2), steps_intrinsic(1)
+    # rows of x per pass over the weights: 4 rows x 4 slots = 16 accumulators, half the registers
+    pairs1, pairs2, pairs3, pairs4 = (steps_intrinsic(2, r) for r in range(1, ROWS + 1))
+    single1, single2, single3, single4 = (steps_intrinsic(1, r) for r in range(1, ROWS + 1))
 
     @numba.njit(nogil=True, cache=True)
-    def nm24r_b1(vals, idx, scales, bias, x, y):  # pragma: no cover - compiled
-        groups = x.shape[0] // 4
+    def nm24r(vals, idx, scales, bias, x, y):  # pragma: no cover - compiled
+        n, in_f = x.shape
+        groups = in_f // 4
         pairs = (groups + 1) // 2
-        acc = np.zeros(4 * LANES, np.float32)  # one accumulator per value slot of a pair of groups
-        for b in range(y.shape[0] // LANES):
-            acc[:] = 0.0
+        odd = groups % 2
+        acc = np.zeros(ROWS * 4 * LANES, np.float32)  # (row of x, value slot of a pair, lane)
+        for b in range(y.shape[1] // LANES):
             vbase, pbase = b * groups * 32, b * pairs * 16
-            pairs16(vals, idx, x, acc, vbase, pbase, 0, groups // 2)
-            if groups % 2:  # the odd last group: its positions have a byte to themselves
-                single16(vals, idx, x, acc, vbase + (groups - 1) * 32, pbase + (pairs - 1) * 16, (groups - 1) * 4, 1)
-            for lane in range(LANES):
-                r = b * LANES + lane
-                total = acc[lane] + acc[LANES + lane] + acc[2 * LANES + lane] + acc[3 * LANES + lane]
-                y[r] = total * scales[r] + bias[r]
+            tail = (vbase + (groups - 1) * 32, pbase + (pairs - 1) * 16, (groups - 1) * 4)
+            for first in range(0, n, ROWS):
+                m = min(ROWS, n - first)
+                acc[:] = 0.0
+                xo = first * in_f
+                if m == 4:
+                    pairs4(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
+                    if odd:
+                        single4(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
+                elif m == 3:
+                    pairs3(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
+                    if odd:
+                        single3(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
+                elif m == 2:
+                    pairs2(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
+                    if odd:
+                        single2(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
+                else:
+                    pairs1(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
+                    if odd:
+                        single1(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
+                for i in range(m):
+                    a = acc[i * 4 * LANES : (i + 1) * 4 * LANES]
+                    for lane in range(LANES):
+                        r = b * LANES + lane
+                        total = a[lane] + a[LANES + lane] + a[2 * LANES + lane] + a[3 * LANES + lane]
+                        y[first + i, r] = total * scales[r] + bias[r]
 
-    return nm24r_b1
+    return nm24r
 
 
 def bind_nm24r(packed: Any, bias: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """``run(x) -> x @ W.T + bias`` for an ``nm24r`` weight and a float32 (n, in) x, one row at a time."""
+    """``run(x) -> x @ W.T + bias`` for an ``nm24r`` weight and a C-contiguous float32 (n, in) x."""
     if not available():
         raise PrunekitError("the nm24r kernel needs a CPU with AVX-512F; this one has none: use the 'nm24' format")
     kernel, args, out_f = _kernel(), (packed.values, packed.cols, packed.scales, bias), packed.shape[0]
 
     def run(x: np.ndarray) -> np.ndarray:
         y = np.empty((x.shape[0], out_f), np.float32)
-        for i in range(x.shape[0]):
-            kernel(*args, x[i], y[i])
+        kernel(*args, x, y)
         return y
 
     return run
