@@ -137,7 +137,8 @@ def test_missing_numba_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("batch", [1, 3, 6, 9])  # x rows go 4 at a time: every remainder
 @pytest.mark.parametrize("in_f", [36, 64])  # 9 groups (an odd one left over) and 16
-def test_row_lane_2_4_int8_matches_the_scalar_kernel(batch: int, in_f: int) -> None:
+@pytest.mark.parametrize("parallel", [False, True])
+def test_row_lane_2_4_int8_matches_the_scalar_kernel(batch: int, in_f: int, parallel: bool) -> None:
     from prunekit.runtime import kernels_avx512
 
     if not kernels_avx512.available():
@@ -145,7 +146,7 @@ def test_row_lane_2_4_int8_matches_the_scalar_kernel(batch: int, in_f: int) -> N
     w = _weight("nm24", 32, in_f, seed=batch)
     bias, x = torch.randn(32), torch.randn(batch, in_f)
     rows, scalar = formats.pack_nm24_rows(w), formats.pack_nm24(w, int8=True)
-    y = torch.from_numpy(kn.sparse_linear(rows, x.numpy(), bias.numpy()))
+    y = torch.from_numpy(kn.sparse_linear(rows, x.numpy(), bias.numpy(), parallel=parallel))
     torch.testing.assert_close(y, F.linear(x, _dequantized(scalar, w), bias), rtol=1e-5, atol=1e-5)
     # 0.5 B of value and 1/8 B of positions a weight (an odd last group gets a byte to itself)
     assert rows.values.nbytes + rows.cols.nbytes == 32 * in_f // 2 + 32 * -(-in_f // 8)

@@ -245,4 +245,5 @@ for _kind in ("csr", "bsr", "nm24"):
     for _int8 in (False, True):
         for _parallel in (True, False):
             _register_numba(_kind, _int8, _parallel)
-_register_numba("nm24r", True, False)  # numba_nm24r_int8_1t: 2:4 INT8 in row lanes, AVX-512 CPUs only
+for _parallel in (True, False):  # numba_nm24r_int8[_1t]: 2:4 INT8 in row lanes, AVX-512 CPUs only
+    _register_numba("nm24r", True, _parallel)

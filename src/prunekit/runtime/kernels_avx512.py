@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from prunekit.errors import PrunekitError
-from prunekit.runtime.kernels_numba import _import_numba
+from prunekit.runtime.kernels_numba import _import_numba, _prefer_workqueue
 
 LANES = 16
 ROWS = 4  # rows of x per pass over the weights
@@ -44,8 +44,9 @@ def available() -> bool:
 
 
 @cache
-def _kernel() -> Any:
+def _kernel() -> dict[bool, Any]:
     numba = _import_numba()
+    _prefer_workqueue(numba)  # the same threading layer as prunekit's other parallel kernels
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
@@ -142,54 +143,73 @@ def _kernel() -> Any:
     single1, single2, single3, single4 = (steps_intrinsic(1, r) for r in range(1, ROWS + 1))
 
     @numba.njit(nogil=True, cache=True)
-    def nm24r(vals, idx, scales, bias, x, y):  # pragma: no cover - compiled
+    def row_block(vals, idx, scales, bias, x, y, acc, b):  # pragma: no cover - compiled
+        """y[:, 16b : 16b + 16] for every row of x."""
         n, in_f = x.shape
         groups = in_f // 4
         pairs = (groups + 1) // 2
         odd = groups % 2
+        vbase, pbase = b * groups * 32, b * pairs * 16
+        tail = (vbase + (groups - 1) * 32, pbase + (pairs - 1) * 16, (groups - 1) * 4)
+        for first in range(0, n, ROWS):
+            m = min(ROWS, n - first)
+            acc[:] = 0.0
+            xo = first * in_f
+            if m == 4:
+                pairs4(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
+                if odd:
+                    single4(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
+            elif m == 3:
+                pairs3(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
+                if odd:
+                    single3(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
+            elif m == 2:
+                pairs2(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
+                if odd:
+                    single2(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
+            else:
+                pairs1(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
+                if odd:
+                    single1(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
+            for i in range(m):
+                a = acc[i * 4 * LANES : (i + 1) * 4 * LANES]
+                for lane in range(LANES):
+                    r = b * LANES + lane
+                    total = a[lane] + a[LANES + lane] + a[2 * LANES + lane] + a[3 * LANES + lane]
+                    y[first + i, r] = total * scales[r] + bias[r]
+
+    @numba.njit(nogil=True, cache=True)
+    def nm24r(vals, idx, scales, bias, x, y):  # pragma: no cover - compiled
         acc = np.zeros(ROWS * 4 * LANES, np.float32)  # (row of x, value slot of a pair, lane)
         for b in range(y.shape[1] // LANES):
-            vbase, pbase = b * groups * 32, b * pairs * 16
-            tail = (vbase + (groups - 1) * 32, pbase + (pairs - 1) * 16, (groups - 1) * 4)
-            for first in range(0, n, ROWS):
-                m = min(ROWS, n - first)
-                acc[:] = 0.0
-                xo = first * in_f
-                if m == 4:
-                    pairs4(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
-                    if odd:
-                        single4(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
-                elif m == 3:
-                    pairs3(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
-                    if odd:
-                        single3(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
-                elif m == 2:
-                    pairs2(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
-                    if odd:
-                        single2(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
-                else:
-                    pairs1(vals, idx, x, acc, vbase, pbase, xo, groups // 2, in_f)
-                    if odd:
-                        single1(vals, idx, x, acc, tail[0], tail[1], xo + tail[2], 1, in_f)
-                for i in range(m):
-                    a = acc[i * 4 * LANES : (i + 1) * 4 * LANES]
-                    for lane in range(LANES):
-                        r = b * LANES + lane
-                        total = a[lane] + a[LANES + lane] + a[2 * LANES + lane] + a[3 * LANES + lane]
-                        y[first + i, r] = total * scales[r] + bias[r]
+            row_block(vals, idx, scales, bias, x, y, acc, b)
 
-    return nm24r
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def nm24r_parallel(vals, idx, scales, bias, x, y, chunks):  # pragma: no cover - compiled
+        blocks = y.shape[1] // LANES
+        for c in numba.prange(chunks):  # contiguous runs of row blocks (one per thread), one accumulator each
+            acc = np.zeros(ROWS * 4 * LANES, np.float32)
+            for b in range(c * blocks // chunks, (c + 1) * blocks // chunks):
+                row_block(vals, idx, scales, bias, x, y, acc, b)
+
+    return {False: nm24r, True: nm24r_parallel}
 
 
-def bind_nm24r(packed: Any, bias: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """``run(x) -> x @ W.T + bias`` for an ``nm24r`` weight and a C-contiguous float32 (n, in) x."""
+def bind_nm24r(packed: Any, bias: np.ndarray, *, parallel: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """``run(x) -> x @ W.T + bias`` for an ``nm24r`` weight and a C-contiguous float32 (n, in) x.
+
+    `parallel` splits the output rows over numba's threads: worth it only where launching them is
+    cheap (numba's OpenMP layer, whose idle workers spin: ~2 us here, against ~80 us for the
+    default workqueue layer); `accelerate` measures both.
+    """
     if not available():
         raise PrunekitError("the nm24r kernel needs a CPU with AVX-512F; this one has none: use the 'nm24' format")
-    kernel, args, out_f = _kernel(), (packed.values, packed.cols, packed.scales, bias), packed.shape[0]
+    kernel, args, out_f = _kernel()[parallel], (packed.values, packed.cols, packed.scales, bias), packed.shape[0]
+    threads = _import_numba().get_num_threads
 
     def run(x: np.ndarray) -> np.ndarray:
         y = np.empty((x.shape[0], out_f), np.float32)
-        kernel(*args, x, y)
+        kernel(*args, x, y, threads()) if parallel else kernel(*args, x, y)
         return y
 
     return run

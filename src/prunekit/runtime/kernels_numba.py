@@ -12,9 +12,10 @@ on the user's machine and emits code for the CPU it runs on (AVX-512 here). It i
 when a kernel is first used, so `import prunekit` stays light; `cache=True` keeps the compiled
 code across processes.
 
-Threads: the parallel kernels use numba's workqueue pool (see `_prefer_workqueue`), which does
-not take launches from several Python threads at once; call one model from one thread, or use
-the single-threaded kernels (`parallel=False`, the `*_1t` candidates).
+Threads: the parallel kernels use numba's workqueue pool unless `NUMBA_THREADING_LAYER` says
+otherwise (see `_prefer_workqueue`); it does not take launches from several Python threads at
+once: call one model from one thread, or use the single-threaded kernels (`parallel=False`, the
+`*_1t` candidates).
 
 Batch layout: batch 1 uses x as a vector. Larger batches are cut into tiles of 8 rows stored
 (tile, in * 8): the 8 values of one input feature are adjacent, and each output row keeps its 8
@@ -71,7 +72,10 @@ def _prefer_workqueue(numba: Any) -> None:
     numba's default here is OpenMP, whose idle workers spin; so do torch's own OpenMP workers
     (a separate libgomp). Alternating torch ops and numba kernels then leaves four spinning
     threads fighting over two cores: we measured a 0.7 ms kernel taking 24 ms and torch's dense
-    `F.linear` 30x slower. workqueue's workers sleep on a semaphore instead.
+    `F.linear` 30x slower. workqueue's workers sleep on a semaphore instead, but waking them
+    costs ~80 us a launch here against ~2 us for OpenMP's spinning ones: where the torch ops
+    between kernels are small (batch-1 LLM decoding), `NUMBA_THREADING_LAYER=omp` made SmolLM2's
+    2:4 kernels worth running on both cores (RESULTS.md); `accelerate` measures either way.
     """
     import os
 
@@ -253,10 +257,10 @@ def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[n
     x is a C-contiguous float32 (n, in) array. This is the per-call path of the runtime's modules:
     decoding calls ~200 layers a token, and every lookup skipped here is a microsecond saved.
     """
-    if packed.kind == "nm24r":  # row-lane 2:4 INT8, AVX-512 only (single-threaded)
+    if packed.kind == "nm24r":  # row-lane 2:4 INT8, AVX-512 only
         from prunekit.runtime.kernels_avx512 import bind_nm24r
 
-        return bind_nm24r(packed, bias)
+        return bind_nm24r(packed, bias, parallel=parallel)
     k = kernels(parallel)
     out_f = packed.shape[0]
     if packed.kind == "nm24":
