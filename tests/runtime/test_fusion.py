@@ -71,13 +71,15 @@ def _fake_measure(model, built, inputs, repeats, warmup):
     return {fqn: {n: [speed[n]] for n in per} for fqn, per in built.items()}
 
 
-def test_accelerate_fuses_siblings_that_chose_one_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_accelerate_fuses_siblings_that_chose_one_kernel(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     model = _pruned()
     x = torch.randn(2, 64)
     with torch.no_grad():
         ref = model(x)
     monkeypatch.setattr(acc, "_measure", _fake_measure)
-    pk.accelerate(model, x, candidates=["dense", "numba_csr"], verbose=False)
+    pk.accelerate(model, x, candidates=["dense", "numba_csr"])
+    assert "fused" in capsys.readouterr().out  # the printed decision table marks fused layers
+    assert "fused with q, v" in model.prunekit_acceleration.summary()
     assert [type(getattr(model, n)).__name__ for n in ("q", "k", "v", "out")] == ["FusedLinear"] * 3 + [
         "NumbaSparseLinear"
     ]
