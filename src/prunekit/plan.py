@@ -143,19 +143,19 @@ class MaskPlan:
             fqn, _, name = key.rpartition(".")
             module = modules.get(fqn)
             weight = getattr(module, name, None) if module is not None else None
-            if not isinstance(weight, Tensor):
+            if module is None or not isinstance(weight, Tensor):
                 raise PlanError(f"plan names {key!r}, which is not a tensor of this model")
             if weight.shape != mask.shape:
                 raise PlanError(f"{key!r}: mask shape {tuple(mask.shape)} != weight {tuple(weight.shape)}")
             new = self.weights.get(key)
             if new is not None and new.shape != weight.shape:
                 raise PlanError(f"{key!r}: new weight shape {tuple(new.shape)} != weight {tuple(weight.shape)}")
-            previous = get_mask(module, name)  # type: ignore[arg-type]
-            targets.append((module, name, mask, None if previous is None else previous.mask.clone(), new))
-        done = []
+            existing = get_mask(module, name)
+            targets.append((module, name, mask, None if existing is None else existing.mask.clone(), new))
+        done: list[tuple[nn.Module, str, Tensor | None, Tensor | None]] = []
         try:
             for module, name, mask, previous, new in targets:
-                old = None
+                old: Tensor | None = None
                 if new is not None:
                     base = _base_tensor(module, name)
                     old = base.detach().clone()

@@ -75,6 +75,8 @@ class FusedLinears:
 class FusedLinear(nn.Module):
     """Linear i of a `FusedLinears`, under that Linear's name."""
 
+    group: FusedLinears
+
     def __init__(self, group: FusedLinears, index: int) -> None:
         super().__init__()
         self.index = index

@@ -103,7 +103,7 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
     # no loop's order. BSR's contiguous block rows do vectorize well, so `bsr_b1` keeps fastmath.
     # Indices are uint64: numba wraps negative signed indices around (a compare and a cmov per
     # load), which doubled the instructions per non-zero.
-    opts = {"parallel": parallel, "cache": True, "nogil": True, "fastmath": {"contract"}}
+    opts: dict[str, Any] = {"parallel": parallel, "cache": True, "nogil": True, "fastmath": {"contract"}}
     lanes = numba.njit(inline="always", fastmath={"contract"})
     u1, u2, u4, width = np.uint64(1), np.uint64(2), np.uint64(4), np.uint64(TILE)
     zero = np.float32(0.0)
