@@ -181,9 +181,17 @@ def _build(fqn: str, layer: nn.Linear, names: Sequence[str], allow_int8: bool) -
 
 @torch.no_grad()
 def _measure(
-    model: nn.Module, built: dict[str, dict[str, nn.Module]], inputs: Any, repeats: int, warmup: int
+    model: nn.Module,
+    built: dict[str, dict[str, nn.Module]],
+    inputs: Any,
+    repeats: int,
+    warmup: int,
+    fallback: str = "dense",
 ) -> dict[str, dict[str, list[float]]]:
-    """fqn -> candidate -> times (ms) at one batch size, candidates taking turns forward by forward."""
+    """fqn -> candidate -> times (ms) at one batch size, candidates taking turns forward by forward.
+
+    A layer without the candidate of a turn runs its `fallback` one (untimed) during that turn.
+    """
     names = sorted({n for per in built.values() for n in per})
     times: dict[str, dict[str, list[float]]] = {f: {n: [] for n in per} for f, per in built.items()}
     for rep in range(warmup + repeats):
@@ -191,7 +199,7 @@ def _measure(
         for name in names[shift:] + names[:shift]:
             for fqn, per in built.items():
                 sink = times[fqn][name] if name in per and rep >= warmup else None
-                _set(model, fqn, _Timed(per[name] if name in per else per["dense"], sink))
+                _set(model, fqn, _Timed(per[name] if name in per else per[fallback], sink))
             _call(model, inputs)
     return times
 
@@ -392,6 +400,42 @@ def _check_speed(
             d.choice = "dense"
 
 
+def _fusion_trials(
+    siblings: list[list[str]],
+    built: dict[str, dict[str, nn.Module]],
+    infos: dict[str, cand.LayerInfo],
+    by_fqn: dict[str, LayerDecision],
+) -> tuple[list[list[str]], dict[str, dict[str, nn.Module]]]:
+    """The sibling groups worth a try, and per member: "separate" (its choice) and "fused:<kernel>".
+
+    A group is tried when none of its layers stayed dense, with each kernel its members chose
+    built once for the stacked weight (a member's first and second best are often a noise apart).
+    """
+    tried, trials = [], {}
+    for members in siblings:
+        choices = sorted({by_fqn[f].choice for f in members})
+        if "dense" in choices:
+            continue
+        weight, bias = fusion.stacked([infos[f].weight for f in members], [infos[f].bias for f in members])
+        info = cand.LayerInfo("+".join(members), weight, bias, formats.detect_block(weight), formats.is_2_4(weight),
+                              infos[members[0]].allow_int8)
+        options = {f: {"separate": built[f][by_fqn[f].choice]} for f in members}
+        for choice in choices:
+            try:
+                kernel = cand.get_candidate(choice)(info)
+            except (RuntimeError, ValueError) as err:
+                log.info("accelerate: %s cannot fuse %s: %s", choice, members, err)
+                continue
+            if kernel is not None:
+                group = fusion.FusedLinears(kernel.eval(), [infos[f].weight.shape[0] for f in members], members)
+                for i, f in enumerate(members):
+                    options[f][f"fused:{choice}"] = group.member(i)
+        if len(options[members[0]]) > 1:
+            tried.append(members)
+            trials.update(options)
+    return tried, trials
+
+
 def _fuse(
     model: nn.Module,
     siblings: list[list[str]],
@@ -403,55 +447,35 @@ def _fuse(
     repeats: int,
     warmup: int,
 ) -> dict[str, nn.Module]:
-    """Fuse each sibling group whose layers chose the same kernel, where one stacked call is faster.
+    """Fuse each sibling group whose stacked call (with one of its members' kernels) is faster.
 
-    Returns fqn -> the `FusedLinear` to install, for the groups that won at every batch size.
+    Returns fqn -> the `FusedLinear` to install, for the groups where one fused kernel beat the
+    separate calls at every batch size (the fastest such kernel, by total time over batch sizes).
     """
     by_fqn = {d.fqn: d for d in decisions}
-    trials: dict[str, dict[str, nn.Module]] = {}
-    groups = []
-    for members in siblings:
-        choices = {by_fqn[f].choice for f in members}
-        if len(choices) != 1 or "dense" in choices:
-            continue
-        choice = choices.pop()
-        weight, bias = fusion.stacked([infos[f].weight for f in members], [infos[f].bias for f in members])
-        info = cand.LayerInfo(
-            "+".join(members),
-            weight,
-            bias,
-            formats.detect_block(weight),
-            formats.is_2_4(weight),
-            infos[members[0]].allow_int8,
-        )
-        try:
-            kernel = cand.get_candidate(choice)(info)
-        except (RuntimeError, ValueError) as err:
-            log.info("accelerate: %s cannot fuse %s: %s", choice, members, err)
-            continue
-        if kernel is None:
-            continue
-        group = fusion.FusedLinears(kernel.eval(), [infos[f].weight.shape[0] for f in members], members)
-        groups.append(group)
-        for i, fqn in enumerate(members):
-            trials[fqn] = {"separate": built[fqn][choice], "fused": group.member(i)}
-    if not trials:
+    groups, trials = _fusion_trials(siblings, built, infos, by_fqn)
+    if not groups:
         return {}
-    totals: dict[int, list[dict[str, float]]] = {}
+    totals: dict[int, dict[str, float]] = {b: {} for b in batch_sizes}  # "<first member> <way>" -> ms
     for b in batch_sizes:
-        times = _measure(model, trials, _with_batch(example_inputs, b), repeats, warmup)
-        totals[b] = [
-            {way: sum(statistics.median(times[f][way]) for f in g.fqns) for way in ("separate", "fused")}
-            for g in groups
-        ]
+        times = _measure(model, trials, _with_batch(example_inputs, b), repeats, warmup, fallback="separate")
+        for members in groups:
+            for way in trials[members[0]]:
+                totals[b][f"{members[0]} {way}"] = sum(statistics.median(times[f][way]) for f in members)
     installed: dict[str, nn.Module] = {}
-    for k, group in enumerate(groups):
-        wins = all(totals[b][k]["fused"] < totals[b][k]["separate"] for b in batch_sizes)
-        timing = ", ".join(f"b{b} {t[k]['fused']:.3f} vs {t[k]['separate']:.3f} ms" for b, t in totals.items())
-        for fqn in group.fqns:
+    for members in groups:
+        def total(way: str, b: int, first: str = members[0]) -> float:
+            return totals[b][f"{first} {way}"]
+
+        ways = [w for w in trials[members[0]] if w != "separate"]
+        winners = [w for w in ways if all(total(w, b) < total("separate", b) for b in batch_sizes)]
+        best = min(winners, key=lambda w: sum(total(w, b) for b in batch_sizes)) if winners else None
+        shown = best or min(ways, key=lambda w: sum(total(w, b) for b in batch_sizes))
+        timing = ", ".join(f"b{b} {total(shown, b):.3f} vs {total('separate', b):.3f} ms" for b in batch_sizes)
+        for fqn in members:
             d = by_fqn[fqn]
-            if wins:
-                d.fused_with = [f for f in group.fqns if f != fqn]
-                installed[fqn] = trials[fqn]["fused"]
-            d.reason = (d.reason + "; " if d.reason else "") + f"{'fused' if wins else 'not fused'} ({timing})"
+            if best:
+                d.choice, d.fused_with = best.removeprefix("fused:"), [f for f in members if f != fqn]
+                installed[fqn] = trials[fqn][best]
+            d.reason = (d.reason + "; " if d.reason else "") + f"{'fused' if best else 'not fused'} ({timing})"
     return installed
