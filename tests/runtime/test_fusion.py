@@ -134,3 +134,11 @@ def test_an_accelerated_model_deep_copies_with_its_kernels_and_groups(monkeypatc
     x = torch.randn(4, 64)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), model(x))
+
+
+def test_kernels_take_inputs_that_require_grad_under_no_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acc, "_measure", _fake_measure)
+    model = pk.accelerate(_pruned(), torch.randn(2, 64), candidates=["dense", "numba_csr"], verbose=False)
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.no_grad():
+        assert model(x).shape == (3, 64)
