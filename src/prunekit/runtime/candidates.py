@@ -120,8 +120,6 @@ class NumbaSparseLinear(_Flat):
         # on numpy views and nothing is converted that is already float32 and contiguous.
         self._check(x)
         x32 = x if x.dtype is torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
-        if x32.requires_grad:  # allowed under no_grad (`_check`), but numpy() refuses it
-            x32 = x32.detach()
         y = self._run(x32.numpy().reshape(-1, self.in_features))
         out = torch.from_numpy(y.reshape(x.shape[:-1] + (self.out_features,)))
         return out if x.dtype is torch.float32 else out.to(x.dtype)
