@@ -334,7 +334,12 @@ def accelerate(
             for d in decisions:
                 _choose(d, batch_sizes, margin)
             _check_speed(model, built, decisions, example_inputs, batch_sizes, repeats, warmup)
-            fused = _fuse(model, siblings, built, infos, decisions, example_inputs, batch_sizes, repeats, warmup)
+
+            def measure(trials: dict[str, dict[str, nn.Module]], batch: int) -> dict[str, dict[str, list[float]]]:
+                inputs = _with_batch(example_inputs, batch)
+                return _measure(model, trials, inputs, repeats, warmup, fallback="separate")
+
+            fused = fusion.fuse(siblings, built, infos, decisions, batch_sizes, measure)
         for d in decisions:
             chosen = fused.get(d.fqn) or (built[d.fqn][d.choice] if d.choice != "dense" else layers[d.fqn])
             _set(model, d.fqn, chosen)
@@ -398,84 +403,3 @@ def _check_speed(
         if worst > 1.0 + MAX_SLOWDOWN:
             d.reason = f"{d.choice} reverted: {worst:.2f}x dense's time when re-checked"
             d.choice = "dense"
-
-
-def _fusion_trials(
-    siblings: list[list[str]],
-    built: dict[str, dict[str, nn.Module]],
-    infos: dict[str, cand.LayerInfo],
-    by_fqn: dict[str, LayerDecision],
-) -> tuple[list[list[str]], dict[str, dict[str, nn.Module]]]:
-    """The sibling groups worth a try, and per member: "separate" (its choice) and "fused:<kernel>".
-
-    A group is tried when none of its layers stayed dense, with each kernel its members chose
-    built once for the stacked weight (a member's first and second best are often a noise apart).
-    """
-    tried, trials = [], {}
-    for members in siblings:
-        choices = sorted({by_fqn[f].choice for f in members})
-        if "dense" in choices:
-            continue
-        weight, bias = fusion.stacked([infos[f].weight for f in members], [infos[f].bias for f in members])
-        info = cand.LayerInfo("+".join(members), weight, bias, formats.detect_block(weight), formats.is_2_4(weight),
-                              infos[members[0]].allow_int8)
-        options = {f: {"separate": built[f][by_fqn[f].choice]} for f in members}
-        for choice in choices:
-            try:
-                kernel = cand.get_candidate(choice)(info)
-            except (RuntimeError, ValueError) as err:
-                log.info("accelerate: %s cannot fuse %s: %s", choice, members, err)
-                continue
-            if kernel is not None:
-                group = fusion.FusedLinears(kernel.eval(), [infos[f].weight.shape[0] for f in members], members)
-                for i, f in enumerate(members):
-                    options[f][f"fused:{choice}"] = group.member(i)
-        if len(options[members[0]]) > 1:
-            tried.append(members)
-            trials.update(options)
-    return tried, trials
-
-
-def _fuse(
-    model: nn.Module,
-    siblings: list[list[str]],
-    built: dict[str, dict[str, nn.Module]],
-    infos: dict[str, cand.LayerInfo],
-    decisions: list[LayerDecision],
-    example_inputs: Any,
-    batch_sizes: Sequence[int],
-    repeats: int,
-    warmup: int,
-) -> dict[str, nn.Module]:
-    """Fuse each sibling group whose stacked call (with one of its members' kernels) is faster.
-
-    Returns fqn -> the `FusedLinear` to install, for the groups where one fused kernel beat the
-    separate calls at every batch size (the fastest such kernel, by total time over batch sizes).
-    """
-    by_fqn = {d.fqn: d for d in decisions}
-    groups, trials = _fusion_trials(siblings, built, infos, by_fqn)
-    if not groups:
-        return {}
-    totals: dict[int, dict[str, float]] = {b: {} for b in batch_sizes}  # "<first member> <way>" -> ms
-    for b in batch_sizes:
-        times = _measure(model, trials, _with_batch(example_inputs, b), repeats, warmup, fallback="separate")
-        for members in groups:
-            for way in trials[members[0]]:
-                totals[b][f"{members[0]} {way}"] = sum(statistics.median(times[f][way]) for f in members)
-    installed: dict[str, nn.Module] = {}
-    for members in groups:
-        def total(way: str, b: int, first: str = members[0]) -> float:
-            return totals[b][f"{first} {way}"]
-
-        ways = [w for w in trials[members[0]] if w != "separate"]
-        winners = [w for w in ways if all(total(w, b) < total("separate", b) for b in batch_sizes)]
-        best = min(winners, key=lambda w: sum(total(w, b) for b in batch_sizes)) if winners else None
-        shown = best or min(ways, key=lambda w: sum(total(w, b) for b in batch_sizes))
-        timing = ", ".join(f"b{b} {total(shown, b):.3f} vs {total('separate', b):.3f} ms" for b in batch_sizes)
-        for fqn in members:
-            d = by_fqn[fqn]
-            if best:
-                d.choice, d.fused_with = best.removeprefix("fused:"), [f for f in members if f != fqn]
-                installed[fqn] = trials[fqn][best]
-            d.reason = (d.reason + "; " if d.reason else "") + f"{'fused' if best else 'not fused'} ({timing})"
-    return installed

@@ -4,7 +4,8 @@ At batch 1 a layer's fixed cost per call (Python, the module, tensor <-> array) 
 much as a small layer's kernel: SmolLM2 decodes through 210 Linears a token. Linears that read
 the very same input tensor are one Linear with their weights stacked by rows, so one call can
 compute them all. `sibling_groups` finds them by running the model once; `FusedLinears` runs the
-stacked kernel on the first member's call and hands each member its rows.
+stacked kernel on the first member's call and hands each member its rows; `fuse` (the last step
+of `accelerate`) times each group fused against its members' separate calls and keeps the winner.
 
 Each member takes its rows of a result at most once, and only for the tensor object the result
 was computed from; any other call recomputes. So the one thing fusion assumes is that an input
@@ -14,13 +15,22 @@ against dense after fusing). Like the kernels, not for use from several threads 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import logging
+import statistics
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from prunekit.bench import run_with_hooks
+from prunekit.runtime import candidates as cand
+from prunekit.runtime import formats
+
+if TYPE_CHECKING:
+    from prunekit.runtime.autotune import LayerDecision
+
+log = logging.getLogger(__name__)
 
 
 def sibling_groups(model: nn.Module, fqns: Sequence[str], example_inputs: Any) -> list[list[str]]:
@@ -100,3 +110,83 @@ def stacked(weights: Sequence[Tensor], biases: Sequence[Tensor | None]) -> tuple
         return weight, None
     parts = [torch.zeros(w.shape[0]) if b is None else b.detach().float() for w, b in zip(weights, biases, strict=True)]
     return weight, torch.cat(parts)
+
+
+def _fusion_trials(
+    siblings: list[list[str]],
+    built: dict[str, dict[str, nn.Module]],
+    infos: dict[str, cand.LayerInfo],
+    by_fqn: dict[str, LayerDecision],
+) -> tuple[list[list[str]], dict[str, dict[str, nn.Module]]]:
+    """The sibling groups worth a try, and per member: "separate" (its choice) and "fused:<kernel>".
+
+    A group is tried when none of its layers stayed dense, with each kernel its members chose
+    built once for the stacked weight (a member's first and second best are often a noise apart).
+    """
+    tried, trials = [], {}
+    for members in siblings:
+        choices = sorted({by_fqn[f].choice for f in members})
+        if "dense" in choices:
+            continue
+        weight, bias = stacked([infos[f].weight for f in members], [infos[f].bias for f in members])
+        info = cand.LayerInfo("+".join(members), weight, bias, formats.detect_block(weight), formats.is_2_4(weight),
+                              infos[members[0]].allow_int8)
+        options = {f: {"separate": built[f][by_fqn[f].choice]} for f in members}
+        for choice in choices:
+            try:
+                kernel = cand.get_candidate(choice)(info)
+            except (RuntimeError, ValueError) as err:
+                log.info("accelerate: %s cannot fuse %s: %s", choice, members, err)
+                continue
+            if kernel is not None:
+                group = FusedLinears(kernel.eval(), [infos[f].weight.shape[0] for f in members], members)
+                for i, f in enumerate(members):
+                    options[f][f"fused:{choice}"] = group.member(i)
+        if len(options[members[0]]) > 1:
+            tried.append(members)
+            trials.update(options)
+    return tried, trials
+
+
+def fuse(
+    siblings: list[list[str]],
+    built: dict[str, dict[str, nn.Module]],
+    infos: dict[str, cand.LayerInfo],
+    decisions: list[LayerDecision],
+    batch_sizes: Sequence[int],
+    measure: Callable[[dict[str, dict[str, nn.Module]], int], dict[str, dict[str, list[float]]]],
+) -> dict[str, nn.Module]:
+    """`accelerate`'s last step: fuse each sibling group whose stacked call is faster (updates `decisions`).
+
+    `built` holds each layer's candidate modules and `decisions` its choice; `measure(trials,
+    batch)` times the trial modules in place (fqn -> way -> ms). Returns fqn -> the `FusedLinear`
+    to install, for the groups where one fused kernel (built with one of the members' chosen
+    kernels) beat the separate calls at every batch size: the fastest, by total over batch sizes.
+    """
+    by_fqn = {d.fqn: d for d in decisions}
+    groups, trials = _fusion_trials(siblings, built, infos, by_fqn)
+    if not groups:
+        return {}
+    totals: dict[int, dict[str, float]] = {b: {} for b in batch_sizes}  # "<first member> <way>" -> ms
+    for b in batch_sizes:
+        times = measure(trials, b)
+        for members in groups:
+            for way in trials[members[0]]:
+                totals[b][f"{members[0]} {way}"] = sum(statistics.median(times[f][way]) for f in members)
+    installed: dict[str, nn.Module] = {}
+    for members in groups:
+        def total(way: str, b: int, first: str = members[0]) -> float:
+            return totals[b][f"{first} {way}"]
+
+        ways = [w for w in trials[members[0]] if w != "separate"]
+        winners = [w for w in ways if all(total(w, b) < total("separate", b) for b in batch_sizes)]
+        best = min(winners, key=lambda w: sum(total(w, b) for b in batch_sizes)) if winners else None
+        shown = best or min(ways, key=lambda w: sum(total(w, b) for b in batch_sizes))
+        timing = ", ".join(f"b{b} {total(shown, b):.3f} vs {total('separate', b):.3f} ms" for b in batch_sizes)
+        for fqn in members:
+            d = by_fqn[fqn]
+            if best:
+                d.choice, d.fused_with = best.removeprefix("fused:"), [f for f in members if f != fqn]
+                installed[fqn] = trials[fqn][best]
+            d.reason = (d.reason + "; " if d.reason else "") + f"{'fused' if best else 'not fused'} ({timing})"
+    return installed
