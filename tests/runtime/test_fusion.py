@@ -142,3 +142,16 @@ def test_kernels_take_inputs_that_require_grad_under_no_grad(monkeypatch: pytest
     x = torch.randn(3, 64, requires_grad=True)
     with torch.no_grad():
         assert model(x).shape == (3, 64)
+
+
+def test_real_measurement_with_siblings_matches_dense() -> None:
+    model = _pruned()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+    pk.accelerate(model, x, batch_sizes=(1, 2), repeats=2, warmup=1, verbose=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    rows = [d for d in model.prunekit_acceleration.layers if d.fqn in ("q", "k", "v")]
+    if all(d.choice != "dense" for d in rows):  # then the group was timed fused: the table says how it went
+        assert all("fused (b1" in d.reason for d in rows)
