@@ -42,7 +42,10 @@ def _trials(storage: str, name: str = "prunekit") -> list:
 
 def test_search_measures_trials_and_resumes_to_the_budget(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    result = _run(url, 3, min_sparsity=0.3)
+    # levels >= 0.5 keep every trial above min_sparsity, so the Pareto front (feasible trials only)
+    # is never empty; with level 0 on offer, three unseeded trials were all infeasible now and then
+    levels = (0.5, 0.7, 0.9)
+    result = _run(url, 3, min_sparsity=0.3, levels=levels)
     assert result.n_complete == 3 and result.best
     for t in result.best:
         assert 0.0 <= t["measured"]["accuracy"] <= 1.0 and t["measured"]["latency_ms"] > 0
@@ -54,9 +57,9 @@ def test_search_measures_trials_and_resumes_to_the_budget(tmp_path) -> None:
         assert t.user_attrs["constraint"] == pytest.approx(0.3 - t.user_attrs["sparsity"])
     rules = result.best_config(pk.UnstructuredConfig(sparsity=0.5))
     assert isinstance(rules, pk.PerLayer) and set(rules.rules) == {"0", "2"}
-    again = _run(url, 3)  # budget already met: nothing runs
+    again = _run(url, 3, levels=levels)  # budget already met: nothing runs
     assert again.n_complete == 3 and len(_trials(url)) == 3
-    more = _run(url, 5)
+    more = _run(url, 5, levels=levels)
     numbers = [t.number for t in _trials(url)]
     assert more.n_complete == 5 and sorted(numbers) == list(range(5))
 
