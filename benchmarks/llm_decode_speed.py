@@ -153,21 +153,16 @@ def _accelerate(name: str, model: nn.Module, example: dict, tolerance: float, re
     `min_sparsity=0` makes the dense lm_head (a fifth of the Linear weights) a candidate too, so it
     can go to dense INT8 like the baseline's; the decision table is saved beside the weight cache.
     """
-    import inspect
     from collections import Counter
 
-    from prunekit.runtime import accelerate, autotune
+    from prunekit.runtime import accelerate
 
     table = CACHE / f"{name}-accelerate.json"
     CACHE.mkdir(parents=True, exist_ok=True)
     kwargs = {"allow_int8": True, "min_sparsity": 0.0, "table_path": table, "verbose": False,
-              "repeats": repeats, "warmup": 1}
+              "repeats": repeats, "warmup": 1, "tolerance": tolerance}
     if name.startswith("dense"):
         kwargs["candidates"] = DENSE_CANDIDATES
-    if "tolerance" in inspect.signature(accelerate).parameters:
-        kwargs["tolerance"] = tolerance
-    else:  # no argument for it (yet): the module constant is what accelerate reads
-        autotune.TOLERANCE_INT8 = max(autotune.TOLERANCE_INT8, tolerance)
     model = accelerate(model, example, batch_sizes=(1,), **kwargs)
     report = model.prunekit_acceleration
     choices = Counter(d.choice for d in report.layers)

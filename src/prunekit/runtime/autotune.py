@@ -268,9 +268,9 @@ def accelerate(
     is installed when its geometric-mean time over `batch_sizes` is at least `margin` below
     dense and it is at most 5 % slower than dense at every batch size; then the installed layers
     are timed against dense once more, and any layer more than 5 % slower is put back to dense.
-    With `fuse`, Linears that read the same input tensor (q/k/v, gate/up) and chose the same
-    kernel are then timed as one stacked kernel call against their separate calls, and fused
-    where that is faster at every batch size (`fusion`).
+    With `fuse`, Linears that read the same input tensor (q/k/v, gate/up), none left dense,
+    are then timed as one stacked call (with each kernel they chose) against their separate
+    calls, and fused where that is faster at every batch size (`fusion`).
     Finally the outputs on `example_inputs` must match the dense model's: relative error at
     most 1e-4 (fp32 kernels) or 5e-2 (if an INT8 kernel was installed).
 
@@ -341,8 +341,10 @@ def accelerate(
 
             fused = fusion.fuse(siblings, built, infos, decisions, batch_sizes, measure)
         for d in decisions:
-            chosen = fused.get(d.fqn) or (built[d.fqn][d.choice] if d.choice != "dense" else layers[d.fqn])
-            _set(model, d.fqn, chosen)
+            if d.fqn in fused:
+                _set(model, d.fqn, fused[d.fqn])
+            else:
+                _set(model, d.fqn, built[d.fqn][d.choice] if d.choice != "dense" else layers[d.fqn])
         with torch.no_grad():
             error = _rel_error(reference, _call(model, example_inputs))
         if tolerance is None:

@@ -167,22 +167,21 @@ def fuse(
     groups, trials = _fusion_trials(siblings, built, infos, by_fqn)
     if not groups:
         return {}
-    totals: dict[int, dict[str, float]] = {b: {} for b in batch_sizes}  # "<first member> <way>" -> ms
+    # per group: way ("separate", "fused:<kernel>") -> batch size -> the members' summed median ms
+    totals: list[dict[str, dict[int, float]]] = [{way: {} for way in trials[g[0]]} for g in groups]
     for b in batch_sizes:
         times = measure(trials, b)
-        for members in groups:
-            for way in trials[members[0]]:
-                totals[b][f"{members[0]} {way}"] = sum(statistics.median(times[f][way]) for f in members)
+        for members, per_way in zip(groups, totals, strict=True):
+            for way, ms in per_way.items():
+                ms[b] = sum(statistics.median(times[f][way]) for f in members)
     installed: dict[str, nn.Module] = {}
-    for members in groups:
-        def total(way: str, b: int, first: str = members[0]) -> float:
-            return totals[b][f"{first} {way}"]
-
-        ways = [w for w in trials[members[0]] if w != "separate"]
-        winners = [w for w in ways if all(total(w, b) < total("separate", b) for b in batch_sizes)]
-        best = min(winners, key=lambda w: sum(total(w, b) for b in batch_sizes)) if winners else None
-        shown = best or min(ways, key=lambda w: sum(total(w, b) for b in batch_sizes))
-        timing = ", ".join(f"b{b} {total(shown, b):.3f} vs {total('separate', b):.3f} ms" for b in batch_sizes)
+    for members, per_way in zip(groups, totals, strict=True):
+        separate = per_way["separate"]
+        ways = [w for w in per_way if w != "separate"]
+        winners = [w for w in ways if all(per_way[w][b] < separate[b] for b in batch_sizes)]
+        best = min(winners, key=lambda w: sum(per_way[w].values())) if winners else None
+        shown = per_way[best or min(ways, key=lambda w: sum(per_way[w].values()))]
+        timing = ", ".join(f"b{b} {shown[b]:.3f} vs {separate[b]:.3f} ms" for b in batch_sizes)
         for fqn in members:
             d = by_fqn[fqn]
             if best:

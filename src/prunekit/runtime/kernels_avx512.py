@@ -209,7 +209,10 @@ def bind_nm24r(packed: Any, bias: np.ndarray, *, parallel: bool = False) -> Call
 
     def run(x: np.ndarray) -> np.ndarray:
         y = np.empty((x.shape[0], out_f), np.float32)
-        kernel(*args, x, y, threads()) if parallel else kernel(*args, x, y)
+        if parallel:
+            kernel(*args, x, y, threads())
+        else:
+            kernel(*args, x, y)
         return y
 
     return run

@@ -55,8 +55,8 @@ def kernels(parallel: bool = True) -> dict[str, Any]:
     Both a parallel (`prange` over output rows, numba's thread pool) and a single-threaded set
     exist: waking the pool costs microseconds on an idle machine but a scheduler time slice
     (milliseconds) on an overloaded one, where the single-threaded kernels win; `accelerate`
-    measures both. Call them through `sparse_linear`: it compiles them (on first use, then
-    numba's disk cache) with LLVM's SLP vectorizer on, which the batched kernels rely on.
+    measures both. Call them through `bind` (or `sparse_linear`): it compiles them (on first use,
+    then numba's disk cache) with LLVM's SLP vectorizer on, which the batched kernels rely on.
     """
     global _KERNELS
     if _KERNELS is None:
@@ -224,7 +224,7 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
     }
 
 
-def _with_lane_vectorizer(kernel: Any, *args: Any) -> None:
+def _with_lane_vectorizer(config: Any, kernel: Any, *args: Any) -> None:
     """Call `kernel` with LLVM's SLP vectorizer allowed, in case this call compiles it.
 
     numba keeps SLP off by default; it is what turns the 8 per-lane accumulators of the batched
@@ -232,9 +232,8 @@ def _with_lane_vectorizer(kernel: Any, *args: Any) -> None:
     switched it off after a miscompilation elsewhere (numba#8705); `tests/runtime/test_kernels.py`
     checks every kernel against `F.linear`. Compilation happens on a kernel's first call with a
     given signature, hence the switch around every call (two attribute writes, not a context
-    manager: this runs ~200 times per decoded token).
+    manager: this runs ~200 times per decoded token). `config` is numba's `core.config`.
     """
-    config = _import_numba().core.config
     before, config.SLP_VECTORIZE = config.SLP_VECTORIZE, 1
     try:
         kernel(*args)
@@ -268,15 +267,16 @@ def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[n
     else:
         args = (packed.rowptr, packed.cols, packed.values, packed.scales, bias)
     b1, tiles = k[f"{packed.kind}_b1"], k[f"{packed.kind}_tiles"]
+    config = _import_numba().core.config  # looked up once, not on every call
 
     def run(x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         if n == 1:
             y = np.empty((1, out_f), np.float32)
-            _with_lane_vectorizer(b1, *args, x[0], y[0])
+            _with_lane_vectorizer(config, b1, *args, x[0], y[0])
             return y
         yt = np.empty((-(-n // TILE), out_f, TILE), np.float32)
-        _with_lane_vectorizer(tiles, *args, _to_tiles(x), yt)
+        _with_lane_vectorizer(config, tiles, *args, _to_tiles(x), yt)
         return yt.transpose(0, 2, 1).reshape(-1, out_f)[:n]
 
     return run
