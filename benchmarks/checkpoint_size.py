@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.zoo import lenet_300_100
+from prunekit.zoo.models import lenet_300_100
 
 LEVELS = (0.0, 0.5, 0.8, 0.9, 0.95)
 
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     folder = Path(tempfile.mkdtemp(prefix="prunekit_ckpt_"))
-    from prunekit.data import mnist_loaders
+    from prunekit.zoo.data import mnist_loaders
 
     train, _ = mnist_loaders(batch_size=128)
     lenet = lenet_300_100()

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 import prunekit as pk
-from prunekit.data import mnist_loaders
-from prunekit.files import atomic_write_text
-from prunekit.zoo import lenet_300_100
+from prunekit.storage.files import atomic_write_text
+from prunekit.zoo.data import mnist_loaders
+from prunekit.zoo.models import lenet_300_100
 
 
 def dense_fp32_bytes(model: torch.nn.Module, path: Path) -> int:

@@ -47,7 +47,7 @@ with atheris.instrument_imports(include=["prunekit", "yaml"]):
 
     import prunekit as pk
     from prunekit.config import config_to_dict
-    from prunekit.export import read_checkpoint
+    from prunekit.deploy.checkpoint import read_checkpoint
 
 import torch  # noqa: E402  (after the instrumented imports: torch itself is not instrumented)
 from torch import nn  # noqa: E402

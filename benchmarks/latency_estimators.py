@@ -49,7 +49,7 @@ def measure(repeats: int, batch: int) -> None:
     from efficientnet_report import build_model
 
     import prunekit as pk
-    from prunekit.bench import measure_latency
+    from prunekit.measure.bench import measure_latency
 
     torch.set_num_threads(1)
     dense = build_model()

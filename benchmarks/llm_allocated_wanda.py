@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.calibration import Pattern, _clean_kwargs, _hidden, _with_hidden, collect_stats
 from prunekit.config import config_to_dict
-from prunekit.llm import corpus_texts, load_smollm2, perplexity, token_windows
-from prunekit.wanda import wanda_scores
+from prunekit.methods.calibration import Pattern, _clean_kwargs, _hidden, _with_hidden, collect_stats
+from prunekit.methods.wanda import wanda_scores
+from prunekit.zoo.llm import corpus_texts, load_smollm2, perplexity, token_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_oneshot import _block_sparsity, calibration_batches  # noqa: E402

@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.allocator import retained_memory
-from prunekit.llm import corpus_texts, load_smollm2, perplexity, token_windows
+from prunekit.measure.heap import retained_memory
+from prunekit.zoo.llm import corpus_texts, load_smollm2, perplexity, token_windows
 
 PROMPT = "Once upon a time there lived a king and a queen who had no children, and they"
 METHODS = {

@@ -23,7 +23,7 @@ import time
 import torch
 
 import prunekit as pk
-from prunekit.llm import corpus_texts, load_smollm2, perplexity, token_windows
+from prunekit.zoo.llm import corpus_texts, load_smollm2, perplexity, token_windows
 
 SETTINGS = {
     "50% unstructured": lambda c: pk.UnstructuredConfig(sparsity=0.5, criterion=c, scope="layer", exclude=["lm_head"]),

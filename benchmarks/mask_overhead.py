@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.zoo import lenet_300_100
+from prunekit.zoo.models import lenet_300_100
 
 
 def step_time(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:

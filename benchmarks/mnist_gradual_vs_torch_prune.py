@@ -18,8 +18,8 @@ import torch
 import torch.nn.utils.prune as torch_prune
 
 import prunekit as pk
-from prunekit.data import mnist_loaders
-from prunekit.zoo import lenet_300_100
+from prunekit.zoo.data import mnist_loaders
+from prunekit.zoo.models import lenet_300_100
 
 
 def train(model, loader, epochs, lr, **kw):

@@ -21,8 +21,8 @@ import time
 import torch
 
 import prunekit as pk
-from prunekit.data import mnist_loaders
-from prunekit.zoo import lenet_300_100
+from prunekit.zoo.data import mnist_loaders
+from prunekit.zoo.models import lenet_300_100
 
 
 def main() -> None:

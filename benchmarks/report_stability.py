@@ -9,7 +9,7 @@ with the load average beside each run (a shared machine is the usual source of d
 Run (EfficientNet-Lite0 dense vs pruned; `python examples/efficientnet_report.py` first):
     flock /tmp/pk-timing.lock python benchmarks/report_stability.py --threads 1 --repeats 30
 MNIST demo pair:
-    python benchmarks/report_stability.py --model prunekit.zoo:lenet_300_100 --data prunekit.data:mnist_loaders \\
+    python benchmarks/report_stability.py --model prunekit.zoo:lenet_300_100 --data prunekit.zoo.data:mnist_loaders \\
         --baseline out/demo/dense.safetensors --pruned out/demo/pruned.safetensors
 """
 

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import prunekit as pk
-from prunekit.data import load_mnist
+from prunekit.zoo.data import load_mnist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from structured_mnist import ResidualCNN  # noqa: E402

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
-from prunekit.bench import Latency
+from prunekit.allocation.latency import LatencyTable
 from prunekit.config import config_from_dict
-from prunekit.latency_table import LatencyTable
+from prunekit.measure.bench import Latency
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_efficientnet import photo_batches  # noqa: E402
@@ -229,7 +229,7 @@ def uniform_at(dense: nn.Module, table: pk.SensitivityTable, x: torch.Tensor, sp
                args: argparse.Namespace) -> tuple[nn.Module, float, float]:
     """One ratio for every group, found by secant steps on the measured speed-up (in saving
     space, 1 - 1/speed-up) so that it runs as fast as the allocated model."""
-    from prunekit.sensitivity_groups import GroupPruner
+    from prunekit.allocation.sensitivity.groups import GroupPruner
 
     family = config_from_dict(table.family)
     pruner = GroupPruner(dense, family, x)
@@ -268,7 +268,7 @@ def _removed_params(dense: nn.Module, pruned: nn.Module, group: object) -> int:
 def report(dense: nn.Module, table: pk.SensitivityTable, models: dict, family: pk.ChannelConfig,
            x: torch.Tensor, probe_batches: list, kl) -> None:
     """Fragile vs robust groups (thirds by scanned damage at ratio 0.5): ratios, parameters removed."""
-    from prunekit.sensitivity_groups import channel_groups
+    from prunekit.allocation.sensitivity.groups import channel_groups
 
     groups = channel_groups(dense, family, x)
     damage = {u: table.degradation(u, LEVELS.index(0.5)) for u in table.units}

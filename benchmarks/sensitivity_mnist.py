@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import prunekit as pk
-from prunekit.data import load_mnist
-from prunekit.zoo import lenet_300_100
+from prunekit.zoo.data import load_mnist
+from prunekit.zoo.models import lenet_300_100
 
 LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99)
 

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import prunekit as pk
-from prunekit.data import load_mnist
-from prunekit.zoo import lenet_300_100
+from prunekit.zoo.data import load_mnist
+from prunekit.zoo.models import lenet_300_100
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
           f"sparsity {top['measured']['sparsity']:.4f}, latency {top['measured']['latency_ms']:.4f} ms "
           f"({time.perf_counter() - t0:.0f} s for the study)")
     # re-run the best trial's recipe on the test set: same schedule and alpha, same steps
-    from prunekit.search import _trial_model
+    from prunekit.allocation.search import _trial_model
 
     levels = {k: float(v) for k, v in top["levels"].items()}
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from tests.structured.helpers import run, zeroed_copy  # noqa: E402
 
 
 def smollm2():  # noqa: ANN201
-    from prunekit.llm import load_smollm2
+    from prunekit.zoo.llm import load_smollm2
 
     model, _ = load_smollm2()
     return model.eval(), {"input_ids": torch.randint(0, 40000, (1, 16))}

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 import prunekit
-from prunekit.data import mnist_loaders
-from prunekit.structured.iterative import prune_iteratively
+from prunekit.train.iterative import prune_iteratively
+from prunekit.zoo.data import mnist_loaders
 
 
 class ResidualCNN(nn.Module):

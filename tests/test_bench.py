@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.bench import Comparison, Latency, compare_speed, count_flops, count_params, measure_latency
+from prunekit.measure.bench import Comparison, Latency, compare_speed, count_flops, count_params, measure_latency
 
 
 def test_count_params_counts_shared_once_and_nonzero() -> None:

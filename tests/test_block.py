@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.block import BlockConfig, block_mask, block_scores, check_blocks
 from prunekit.errors import ConfigError, PlanError
-from prunekit.nm import NMConfig, check_nm
+from prunekit.methods.block import BlockConfig, block_mask, block_scores, check_blocks
+from prunekit.methods.nm import NMConfig, check_nm
 from tests.models import ZOO, mlp
 
 BLOCKS = [(1, 4), (4, 4), (2, 8)]
@@ -106,7 +106,7 @@ def test_check_blocks_counts_partial_tiles_of_an_unstructured_mask() -> None:
 
 def test_indivisible_layer_is_skipped_by_name_or_raises(caplog) -> None:
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
-    with caplog.at_level(logging.WARNING, logger="prunekit.block"):
+    with caplog.at_level(logging.WARNING, logger="prunekit.methods.block"):
         plan = pk.plan(model, BlockConfig(sparsity=0.5, block=(4, 4)))
     assert "'0' skipped" in caplog.text
     assert set(plan.masks) == {"2.weight"} and "skipped 0" in plan.summary()
@@ -126,7 +126,7 @@ def test_nan_weight_names_the_layer_and_nothing_is_applied(scope) -> None:
         model[3].weight[0, 0] = float("nan")
     with pytest.raises(PlanError, match="'3'"):
         pk.prune(model, BlockConfig(sparsity=0.5, block=(4, 4), scope=scope))
-    assert not pk.masks.masked_modules(model)
+    assert not pk.core.masks.masked_modules(model)
 
 
 def test_per_layer_mixes_block_nm_and_dense() -> None:
@@ -150,7 +150,7 @@ def test_gradual_pruner_ramps_blocks_and_never_revives() -> None:
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         pruner.step(step)
-        mask = pk.masks.mask_state_dict(model)["1.weight"]
+        mask = pk.core.masks.mask_state_dict(model)["1.weight"]
         assert not (mask & ~previous).any()
         previous = mask
         report = check_blocks(model, (4, 4))

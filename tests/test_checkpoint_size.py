@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit.deploy.quantize import DynamicInt8Config, quantize
 from prunekit.errors import CheckpointError
-from prunekit.quantize import DynamicInt8Config, quantize
-from prunekit.zoo import lenet_300_100
+from prunekit.zoo.models import lenet_300_100
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -44,7 +44,7 @@ def test_int8_checkpoint_round_trips_exactly(tmp_path: Path) -> None:
 
 
 def test_int8_checkpoint_stores_int8_tensors(tmp_path: Path) -> None:
-    from prunekit.export import read_checkpoint
+    from prunekit.deploy.checkpoint import read_checkpoint
 
     q = quantize(_lenet(0.9), DynamicInt8Config())
     state, _ = read_checkpoint(pk.save(q, tmp_path / "q.safetensors").path)

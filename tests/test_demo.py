@@ -7,12 +7,12 @@ import json
 import pytest
 
 import prunekit as pk
-from prunekit.demo import DemoSettings, run_demo
-from prunekit.zoo import lenet_300_100
+from prunekit.recipes.demo import DemoSettings, run_demo
+from prunekit.zoo.models import lenet_300_100
 
 
 def test_mnist_is_the_real_dataset() -> None:
-    from prunekit.data import load_mnist
+    from prunekit.zoo.data import load_mnist
 
     train, test = load_mnist("train"), load_mnist("test")
     assert len(train) == 60_000 and len(test) == 10_000

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.masks import masked_modules
+from prunekit.core.masks import masked_modules
 from tests.models import ZOO
 
 

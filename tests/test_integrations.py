@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 def test_trainer_callback_prunes_and_saves_plain_weights(tmp_path) -> None:
     from torch.utils.data import Dataset
 
-    from prunekit.integrations import pruning_callback
+    from prunekit.train.integrations import pruning_callback
 
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64, num_labels=2, max_position_embeddings=16)

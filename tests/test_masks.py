@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.masks import global_topk_masks, topk_mask
+from prunekit.core.masks import global_topk_masks, topk_mask
 from tests.models import ZOO
 
 
@@ -103,7 +103,7 @@ def test_mask_update_in_place_is_seen_by_forward() -> None:
     pk.prune(layer, pk.UnstructuredConfig(sparsity=0.5))
     x = torch.randn(2, 6)
     layer(x)  # fills the cached dense mask
-    from prunekit.masks import get_mask
+    from prunekit.core.masks import get_mask
 
     get_mask(layer).mask.zero_()
     torch.testing.assert_close(layer(x), layer.bias.expand(2, 6))

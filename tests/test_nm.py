@@ -10,7 +10,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.errors import ConfigError, PlanError
-from prunekit.nm import NMConfig, check_nm, nm_mask
+from prunekit.methods.nm import NMConfig, check_nm, nm_mask
 from tests.models import ZOO, mlp
 
 PATTERNS = [(2, 4), (4, 8), (1, 4)]
@@ -67,7 +67,7 @@ def test_check_nm_reports_violations_per_layer() -> None:
 
 def test_indivisible_layer_is_skipped_by_name_and_left_dense(caplog) -> None:
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
-    with caplog.at_level(logging.WARNING, logger="prunekit.nm"):
+    with caplog.at_level(logging.WARNING, logger="prunekit.methods.nm"):
         plan = pk.plan(model, NMConfig(n=2, m=4))
     assert "'0'" in caplog.text and "skipped" in caplog.text
     assert set(plan.masks) == {"2.weight"} and "0" in plan.skipped and "skipped 0" in plan.summary()
@@ -114,7 +114,7 @@ def test_gradual_pruner_moves_from_dense_to_nm_monotonically() -> None:
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         pruner.step(step)
-        masks = pk.masks.mask_state_dict(model)
+        masks = pk.core.masks.mask_state_dict(model)
         for fqn, old in previous.items():
             new = masks[f"{fqn}.weight"]
             assert not (new & ~old).any()  # pruned weights never come back
@@ -128,7 +128,7 @@ def test_gradual_pruner_moves_from_dense_to_nm_monotonically() -> None:
 def test_gradual_skip_is_warned_once_per_layer(caplog) -> None:
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
     pruner = pk.GradualPruner(model, NMConfig(n=1, m=4), pk.Cubic(end_step=6))
-    with caplog.at_level(logging.WARNING, logger="prunekit.nm"):
+    with caplog.at_level(logging.WARNING, logger="prunekit.methods.nm"):
         for step in range(7):
             pruner.step(step)
     assert sum("'0' skipped" in r.getMessage() for r in caplog.records) == 1

@@ -20,8 +20,8 @@ pytest.importorskip("onnxruntime")
 
 from onnx import numpy_helper  # noqa: E402
 
-from prunekit.onnx_check import check_onnx  # noqa: E402
-from prunekit.onnx_export import export_onnx, onnx_bytes  # noqa: E402
+from prunekit.deploy.onnx_check import check_onnx  # noqa: E402
+from prunekit.deploy.onnx_export import export_onnx, onnx_bytes  # noqa: E402
 
 
 def _pruned(name: str, sparsity: float = 0.7) -> tuple[nn.Module, torch.Tensor]:
@@ -42,7 +42,7 @@ def _two_four(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.Linear) and module.in_features % 4 == 0:
             w = module.weight.detach().abs().reshape(module.out_features, -1, 4)
             keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.topk(2, dim=-1).indices, True)
-            pk.masks.set_mask(module, keep.reshape_as(module.weight))
+            pk.core.masks.set_mask(module, keep.reshape_as(module.weight))
     return model
 
 
@@ -147,7 +147,7 @@ def test_failed_check_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     model, example, blob = exported_mlp
     name = _name_of(model, blob, example, "1.weight")
     broken = _edit(blob, name, lambda a: np.where(a == 0, np.float32(1e-3), a))
-    monkeypatch.setattr("prunekit.onnx_export.onnx_bytes", lambda *a, **k: broken)
+    monkeypatch.setattr("prunekit.deploy.onnx_export.onnx_bytes", lambda *a, **k: broken)
     path = tmp_path / "out.onnx"
     path.write_bytes(b"previous")
     with pytest.raises(ExportCheckError, match=r"'1\.weight'"):
@@ -199,7 +199,7 @@ def test_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_dynamic_int8_export_keeps_int8_zeros(tmp_path: Path) -> None:
-    from prunekit.quantize import DynamicInt8Config, quantize
+    from prunekit.deploy.quantize import DynamicInt8Config, quantize
 
     model, example = _pruned("mlp", sparsity=0.8)
     q = quantize(model, DynamicInt8Config())
@@ -223,7 +223,7 @@ def test_cli_export_int8_from_checkpoint(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from prunekit.cli import app
-    from prunekit.zoo import lenet_300_100
+    from prunekit.zoo.models import lenet_300_100
 
     torch.manual_seed(0)
     ckpt = pk.save(pk.prune(lenet_300_100(), pk.UnstructuredConfig(sparsity=0.9)), tmp_path / "m.safetensors")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.masks import masked_modules
+from prunekit.core.masks import masked_modules
 
 
 def _mlp() -> nn.Sequential:
@@ -82,7 +82,7 @@ def test_apply_is_all_or_nothing() -> None:
 
 def test_apply_rolls_back_when_attaching_fails(monkeypatch) -> None:
     # `prunekit.plan` the attribute is the verb; the module is reached through sys.modules.
-    plan_module = sys.modules["prunekit.plan"]
+    plan_module = sys.modules["prunekit.core.plan"]
     model = _mlp()
     plan = pk.plan(model, pk.UnstructuredConfig(sparsity=0.5))
     calls = {"n": 0}

@@ -8,8 +8,8 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.config import config_from_dict, config_to_dict
+from prunekit.deploy.quantize import DynamicInt8Config, StaticInt8Config, finalized_copy, int8_sparsity, quantize
 from prunekit.errors import ConfigError
-from prunekit.quantize import DynamicInt8Config, StaticInt8Config, finalized_copy, int8_sparsity, quantize
 from tests.models import ZOO, ResidualCNN
 
 
@@ -45,7 +45,7 @@ def test_dynamic_int8_output_close_and_model_untouched() -> None:
     with torch.no_grad():
         ref, got = model(x), q(x)
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
-    assert pk.masks.get_mask(model[1]) is not None  # the masked input is still masked
+    assert pk.core.masks.get_mask(model[1]) is not None  # the masked input is still masked
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -70,7 +70,7 @@ def test_configs_are_frozen_recipes() -> None:
 def test_finalized_copy_leaves_original_masked() -> None:
     model = _pruned_mlp()
     clone = finalized_copy(model)
-    assert pk.masks.get_mask(model[1]) is not None and pk.masks.get_mask(clone[1]) is None
+    assert pk.core.masks.get_mask(model[1]) is not None and pk.core.masks.get_mask(clone[1]) is None
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(clone(x), model(x))
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import prunekit as pk
 from prunekit.cli import app
-from prunekit.recipe import FinetuneConfig, Recipe, run_recipe
+from prunekit.recipes.run import FinetuneConfig, Recipe, run_recipe
 
 EP = "tests.recipe_entry_points"
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import prunekit as pk
-from prunekit.report import compare, write_report
+from prunekit.measure.report import compare, write_report
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_report_states_how_stable_its_latency_ratios_are(models_and_data) -> Non
 
 
 def test_report_records_the_allocator_it_timed_with(models_and_data) -> None:
-    from prunekit import allocator
+    from prunekit.measure import heap as allocator
 
     baseline, pruned, data = models_and_data
     kept = compare(baseline, pruned, data, batch_sizes=(1,), repeats=2, warmup=0).data["latency"]

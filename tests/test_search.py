@@ -18,8 +18,8 @@ import yaml
 from typer.testing import CliRunner
 
 import prunekit as pk
+from prunekit.allocation.search import SearchConfig, SearchError, SearchResult, open_storage, search
 from prunekit.cli import app
-from prunekit.search import SearchConfig, SearchError, SearchResult, open_storage, search
 from tests.recipe_entry_points import build_model, loaders
 
 optuna = pytest.importorskip("optuna")
@@ -136,7 +136,7 @@ def test_cli_search_with_yaml_recipe(tmp_path) -> None:
 _WORKER = """
 import sys, time, pathlib, torch
 import prunekit as pk
-from prunekit.search import SearchConfig, search
+from prunekit.allocation.search import SearchConfig, search
 from tests.recipe_entry_points import build_model, loaders
 url, ready, go = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
 model, (train, held_out) = build_model(), loaders()

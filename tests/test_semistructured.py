@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit.deploy.semistructured import ineligible_reason, to_semi_structured
 from prunekit.errors import PrunekitError
-from prunekit.semistructured import ineligible_reason, to_semi_structured
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

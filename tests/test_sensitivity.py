@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.sensitivity import SensitivityError, SensitivityTable, proxy_loss, sensitivity
-from prunekit.sensitivity_groups import channel_groups
+from prunekit.allocation.sensitivity import SensitivityError, SensitivityTable, proxy_loss, sensitivity
+from prunekit.allocation.sensitivity.groups import channel_groups
 from tests.models import ResidualCNN, mlp
 
 
@@ -58,11 +58,11 @@ def test_scan_leaves_model_unchanged_and_measures_every_cell() -> None:
 
 def test_scan_restores_existing_masks() -> None:
     model = pk.prune(_trained_mlp(), pk.UnstructuredConfig(sparsity=0.3, scope="layer"))
-    masks = {k: v.clone() for k, v in pk.masks.mask_state_dict(model).items()}
+    masks = {k: v.clone() for k, v in pk.core.masks.mask_state_dict(model).items()}
     x, y = _data()
     sensitivity(model, pk.UnstructuredConfig(sparsity=0.5), proxy_loss([(x, y)]), levels=[0.8],
                 higher_is_better=False)
-    after = pk.masks.mask_state_dict(model)
+    after = pk.core.masks.mask_state_dict(model)
     assert masks.keys() == after.keys()
     assert all(torch.equal(masks[k], after[k]) for k in masks)
 

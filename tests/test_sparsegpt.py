@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.calibration import Pattern
+from prunekit.core.plan import MaskPlan
 from prunekit.errors import PlanError
-from prunekit.nm import NMConfig, check_nm
-from prunekit.plan import MaskPlan
-from prunekit.sparsegpt import inverse_hessian_factor, sparsegpt_layer
+from prunekit.methods.calibration import Pattern
+from prunekit.methods.nm import NMConfig, check_nm
+from prunekit.methods.sparsegpt import inverse_hessian_factor, sparsegpt_layer
 
 
 def _correlated_inputs(rows: int = 512, dim: int = 32, seed: int = 0) -> torch.Tensor:

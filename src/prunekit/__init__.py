@@ -1,15 +1,14 @@
 """prunekit: prune trained PyTorch models and prove the result on the hardware.
 
-Public surface only; heavy optional back ends (onnx, matplotlib, optuna) load lazily.
+Public surface only, grouped by pipeline stage (the folders of the package, in the order each
+builds on the ones before). Heavy optional back ends (onnx, matplotlib, optuna, numba) load lazily.
 """
 
 from __future__ import annotations
 
-from prunekit import sparsegpt as _sparsegpt  # noqa: F401  (registers the criterion)
-from prunekit import wanda as _wanda  # noqa: F401  (registers the criterion)
-from prunekit.allocate import (
+from prunekit import _moved
+from prunekit.allocation.allocate import (
     Allocation,
-    AllocationError,
     FlopsTarget,
     LatencyTarget,
     SizeTarget,
@@ -17,115 +16,140 @@ from prunekit.allocate import (
     Target,
     allocate,
 )
-from prunekit.bench import compare_speed, count_flops, count_params, measure_latency
-from prunekit.block import BlockConfig, BlockReport, check_blocks
-from prunekit.calibration import CalibrationError
-from prunekit.config import PerLayer, UnstructuredConfig, load_recipe, save_recipe
-from prunekit.distill import KDLoss, accuracy, finetune
+from prunekit.allocation.latency import LatencyTable, measure_latency_table
+from prunekit.allocation.search import SearchConfig, SearchRecipe, SearchResult, search
+from prunekit.allocation.sensitivity import proxy_loss, sensitivity
+from prunekit.allocation.sensitivity.table import SensitivityTable
+from prunekit.config import PerLayer, load_recipe, save_recipe
+from prunekit.core.masks import SparsityReport, finalize, sparsity
+from prunekit.core.plan import MaskPlan, plan, prune, register_method
+from prunekit.deploy.checkpoint import SaveReport, load, save
+from prunekit.deploy.onnx_export import ExportReport, export_onnx
+from prunekit.deploy.quantize import DynamicInt8Config, OrtModule, StaticInt8Config, quantize
 from prunekit.errors import (
+    AllocationError,
+    CalibrationError,
     CheckpointError,
     ConfigError,
     ExportCheckError,
     MemoryBudgetError,
     PlanError,
     PrunekitError,
+    SearchError,
+    SensitivityError,
     TraceError,
     UnsupportedLayerError,
 )
-from prunekit.export import SaveReport, load, save
-from prunekit.latency_table import LatencyTable, measure_latency_table
-from prunekit.masks import SparsityReport, finalize, sparsity
-from prunekit.nm import NMConfig, NMReport, check_nm
-from prunekit.onnx_export import ExportReport, export_onnx
-from prunekit.plan import MaskPlan, plan, prune, register_method
-from prunekit.quantize import DynamicInt8Config, OrtModule, StaticInt8Config, quantize
-from prunekit.recipe import FinetuneConfig, Recipe
-from prunekit.report import Report, compare, write_report
+from prunekit.measure.bench import compare_speed, count_flops, count_params, measure_latency
+from prunekit.measure.report import Report, compare, write_report
+from prunekit.methods import sparsegpt as _sparsegpt  # noqa: F401  (registers the criterion)
+from prunekit.methods import wanda as _wanda  # noqa: F401  (registers the criterion)
+from prunekit.methods.block import BlockConfig, BlockReport, check_blocks
+from prunekit.methods.nm import NMConfig, NMReport, check_nm
+from prunekit.methods.unstructured import UnstructuredConfig
+from prunekit.recipes.run import FinetuneConfig, Recipe
 from prunekit.runtime import accelerate
-from prunekit.schedule import Cubic, GradualPruner, Iterative, OneShot, Polynomial
-from prunekit.search import SearchConfig, SearchError, SearchRecipe, SearchResult, search
-from prunekit.sensitivity import SensitivityError, proxy_loss, sensitivity
-from prunekit.sensitivity_table import SensitivityTable
-from prunekit.structured import ChannelConfig, ChannelPlan, bn_scale_penalty, prune_iteratively
+from prunekit.structured import ChannelConfig, ChannelPlan, bn_scale_penalty
+from prunekit.train.distill import KDLoss, accuracy, finetune
+from prunekit.train.iterative import prune_iteratively
+from prunekit.train.schedule import Cubic, GradualPruner, Iterative, OneShot, Polynomial
+
+_moved.install()
+
+
+def __getattr__(name: str) -> object:  # pk.masks, pk.bench, ...: 0.1 module paths, warn once each
+    return _moved.moved_module(__name__, name)
+
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "accelerate",
-    "ChannelConfig",
-    "ChannelPlan",
-    "bn_scale_penalty",
-    "prune_iteratively",
-    "compare",
-    "compare_speed",
-    "FinetuneConfig",
-    "Recipe",
-    "Report",
-    "write_report",
-    "count_flops",
-    "count_params",
-    "measure_latency",
-    "DynamicInt8Config",
-    "ExportReport",
-    "OrtModule",
-    "StaticInt8Config",
-    "export_onnx",
-    "quantize",
+    "__version__",
+    # errors
+    "PrunekitError",
+    "ConfigError",
+    "UnsupportedLayerError",
+    "TraceError",
+    "PlanError",
     "CalibrationError",
-    "BlockConfig",
-    "BlockReport",
-    "check_blocks",
-    "NMConfig",
-    "NMReport",
-    "check_nm",
     "CheckpointError",
     "MemoryBudgetError",
-    "ConfigError",
-    "Cubic",
     "ExportCheckError",
-    "GradualPruner",
-    "Iterative",
-    "KDLoss",
-    "MaskPlan",
-    "OneShot",
-    "PerLayer",
-    "PlanError",
-    "Polynomial",
-    "PrunekitError",
-    "SaveReport",
-    "SparsityReport",
-    "TraceError",
-    "UnstructuredConfig",
-    "UnsupportedLayerError",
-    "Allocation",
-    "AllocationError",
-    "FlopsTarget",
-    "LatencyTarget",
-    "LatencyTable",
-    "SearchConfig",
-    "SearchError",
-    "SearchRecipe",
-    "SearchResult",
     "SensitivityError",
-    "SensitivityTable",
-    "SizeTarget",
-    "SparsityTarget",
-    "Target",
-    "allocate",
-    "measure_latency_table",
-    "search",
-    "proxy_loss",
-    "sensitivity",
-    "__version__",
-    "accuracy",
-    "finalize",
-    "finetune",
-    "load",
+    "AllocationError",
+    "SearchError",
+    # config: per-layer rules and recipe files
+    "PerLayer",
     "load_recipe",
+    "save_recipe",
+    # core: the verbs, masks and sparsity
     "plan",
     "prune",
     "register_method",
-    "save",
-    "save_recipe",
+    "MaskPlan",
+    "finalize",
     "sparsity",
+    "SparsityReport",
+    # methods: mask configs and their checks
+    "UnstructuredConfig",
+    "NMConfig",
+    "NMReport",
+    "check_nm",
+    "BlockConfig",
+    "BlockReport",
+    "check_blocks",
+    # structured: channel, neuron and head removal
+    "ChannelConfig",
+    "ChannelPlan",
+    "bn_scale_penalty",
+    # train: schedules, distillation, iterative structured pruning
+    "GradualPruner",
+    "OneShot",
+    "Iterative",
+    "Cubic",
+    "Polynomial",
+    "KDLoss",
+    "finetune",
+    "accuracy",
+    "prune_iteratively",
+    # deploy: checkpoints, INT8, ONNX
+    "save",
+    "load",
+    "SaveReport",
+    "quantize",
+    "DynamicInt8Config",
+    "StaticInt8Config",
+    "OrtModule",
+    "export_onnx",
+    "ExportReport",
+    # measure: counts, latency, the validation report
+    "count_params",
+    "count_flops",
+    "measure_latency",
+    "compare_speed",
+    "compare",
+    "write_report",
+    "Report",
+    # allocation: sensitivity, per-layer levels for a target, search
+    "sensitivity",
+    "proxy_loss",
+    "SensitivityTable",
+    "measure_latency_table",
+    "LatencyTable",
+    "allocate",
+    "Allocation",
+    "Target",
+    "SparsityTarget",
+    "SizeTarget",
+    "FlopsTarget",
+    "LatencyTarget",
+    "search",
+    "SearchConfig",
+    "SearchRecipe",
+    "SearchResult",
+    # runtime: real CPU speed from sparsity
+    "accelerate",
+    # recipes
+    "Recipe",
+    "FinetuneConfig",
 ]

@@ -38,7 +38,7 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Compress LeNet-300-100 on real MNIST for a 1 MB budget and report the measured result."""
-    from prunekit.demo import DemoSettings, run_demo
+    from prunekit.recipes.demo import DemoSettings, run_demo
 
     if quick:
         epochs, finetune_epochs = min(epochs, 1), min(finetune_epochs, 2)
@@ -76,7 +76,7 @@ def inspect(
                                                            "(repeatable).")] = None,
 ) -> None:
     """Print a checkpoint's tensors, or a model's prunable layers and structured channel groups."""
-    from prunekit.export import read_checkpoint
+    from prunekit.deploy.checkpoint import read_checkpoint
 
     path = Path(target)
     try:
@@ -109,7 +109,7 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 20,
 ) -> None:
     """Export a checkpoint to ONNX, check the file kept its sparsity, and print its sizes."""
-    from prunekit.onnx_export import export_command
+    from prunekit.deploy.onnx_export import export_command
 
     try:
         shape = tuple(int(s) for s in input_shape.split(","))
@@ -128,9 +128,9 @@ def _inspect_model(entry_point: str, input_shape: str = "", example_inputs: str 
                    exclude: list[str] | None = None) -> None:
     import torch
 
-    from prunekit.masks import sparsity
-    from prunekit.recipe import load_entry_point
-    from prunekit.targets import prunable_layers
+    from prunekit.core.masks import sparsity
+    from prunekit.core.targets import prunable_layers
+    from prunekit.recipes.run import load_entry_point
 
     model = load_entry_point(entry_point, "model")
     inputs = _example_inputs(entry_point, input_shape, example_inputs)
@@ -153,7 +153,7 @@ def _example_inputs(entry_point: str, input_shape: str, example_inputs: str) -> 
 
     import torch
 
-    from prunekit.recipe import load_entry_point
+    from prunekit.recipes.run import load_entry_point
 
     if input_shape:
         shape = [int(v) for v in _floats(input_shape, "--input-shape")]
@@ -206,7 +206,7 @@ def prune_command(
     the same command with --resume continues from the last checkpoint.
     """
     from prunekit.config import load_recipe
-    from prunekit.recipe import Recipe, run_recipe
+    from prunekit.recipes.run import Recipe, run_recipe
 
     try:
         loaded = load_recipe(recipe)
@@ -238,9 +238,9 @@ def report(
              "default, which page-faults large activations back on every call).")] = True,
 ) -> None:
     """Measure a pruned checkpoint against its baseline and write the validation report."""
-    from prunekit.export import load
-    from prunekit.recipe import load_entry_point
-    from prunekit.report import compare, write_report
+    from prunekit.deploy.checkpoint import load
+    from prunekit.measure.report import compare, write_report
+    from prunekit.recipes.run import load_entry_point
 
     try:
         from functools import partial
@@ -290,9 +290,9 @@ def sensitivity_command(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Prune each layer alone at each level, measure it, and (optionally) allocate a budget."""
-    from prunekit.allocate import SparsityTarget, run_sensitivity_recipe
+    from prunekit.allocation.allocate import SparsityTarget, run_sensitivity_recipe
     from prunekit.config import load_recipe
-    from prunekit.recipe import Recipe
+    from prunekit.recipes.run import Recipe
 
     try:
         if metric not in ("accuracy", "loss"):
@@ -324,8 +324,8 @@ def search_command(
     trials: Annotated[int, typer.Option(help="Finished trials wanted in the study (overrides the recipe).")] = 0,
 ) -> None:
     """Search per-layer levels, schedule and distillation weight with Optuna, measuring each trial."""
+    from prunekit.allocation.search import SearchRecipe, run_search_recipe
     from prunekit.config import load_recipe
-    from prunekit.search import SearchRecipe, run_search_recipe
 
     try:
         loaded = load_recipe(recipe)

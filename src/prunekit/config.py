@@ -1,7 +1,18 @@
-"""Frozen config objects for every pruning method, per-layer rules, and YAML/JSON recipes.
+"""Frozen config objects, per-layer rules, and YAML/JSON recipes.
 
 Configs are values: immutable, comparable, hashable, and serialisable through an allow-list
-of classes (never `yaml.load` of arbitrary tags, never `exec`).
+of classes (never `yaml.load` of arbitrary tags, never `exec`). Each method's config lives
+beside its method (`UnstructuredConfig` in `methods/unstructured.py`, `ChannelConfig` in
+`structured/config.py`) and joins the allow-list with `@recipe_type`.
+
+Glossary (one word per idea, at every boundary):
+    sparsity: the fraction of zeros in a tensor, in [0, 1) (mask configs: unstructured, N:M, block).
+    ratio: the fraction of a coupled channel group's units removed, in [0, 1) (`ChannelConfig`).
+    level: whichever of the two a config varies; sensitivity scans, allocation and search talk
+        in levels and set them through `FrozenConfig.with_level`, never by field name.
+    FQN: a module's fully qualified name in `model.named_modules()` ("layer2.0.conv1"); rules,
+        errors, reports and files name layers by FQN ("fc1.weight" for one of its tensors).
+    rule: one `PerLayer` entry, an FQN or "re:<regex>" mapped to a config or None (dense).
 """
 
 from __future__ import annotations
@@ -9,11 +20,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prunekit.criteria import CriterionName
 from prunekit.errors import ConfigError
 
 RECIPE_VERSION = 1
@@ -59,6 +69,15 @@ class FrozenConfig(BaseModel):
             raise ValueError(f"needs a concrete config such as UnstructuredConfig(...) or a '_type' key, got {data!r}")
         return data
 
+    def with_level(self, level: float) -> FrozenConfig:
+        """A copy at another level (see the glossary); configs without a level raise `ConfigError`."""
+        raise ConfigError(f"{type(self).__name__} has no sparsity or ratio a scan, allocation or search can vary")
+
+    def as_layer_rule(self) -> FrozenConfig:
+        """This config as the rule for one named layer or group: the rule's key already names what
+        it prunes, so `exclude` is dropped, and nothing is ranked together with other rules."""
+        return self
+
 
 class MaskConfig(FrozenConfig):
     """Base of configs whose result is a mask on each weight (unstructured, N:M, block)."""
@@ -74,35 +93,12 @@ class MaskConfig(FrozenConfig):
         """The final fraction of zeros this config asks for."""
         raise NotImplementedError
 
+    def with_level(self, level: float) -> MaskConfig:
+        """A mask config's level is its sparsity."""
+        return self.with_sparsity(level)
 
-@recipe_type
-class UnstructuredConfig(MaskConfig):
-    """Zero the least important individual weights.
-
-    Args:
-        sparsity: fraction of zeros in [0, 1) in the pruned weights.
-        scope: "global" ranks all selected layers together (Han et al. 2015, "Learning both
-            weights and connections"), "layer" prunes each layer to `sparsity` on its own.
-        criterion: importance score name from `prunekit.criteria` ("l1" magnitude, "random").
-        exclude: layer FQNs or "re:<regex>" patterns to leave dense; each must match a layer.
-        seed: seed for criteria that draw random numbers.
-
-    Example:
-        >>> UnstructuredConfig(sparsity=0.9, scope="global")
-        UnstructuredConfig(exclude=(), sparsity=0.9, scope='global', criterion='l1', seed=0)
-    """
-
-    sparsity: float = Field(ge=0.0, lt=1.0)
-    scope: Literal["global", "layer"] = "global"
-    criterion: CriterionName = "l1"
-    seed: Seed = 0
-
-    def with_sparsity(self, sparsity: float) -> UnstructuredConfig:
-        return self.model_copy(update={"sparsity": sparsity})
-
-    @property
-    def target_sparsity(self) -> float:
-        return self.sparsity
+    def as_layer_rule(self) -> MaskConfig:
+        return self.model_copy(update={"exclude": ()})
 
 
 @recipe_type
@@ -200,7 +196,7 @@ def save_recipe(config: FrozenConfig, path: str | Path) -> Path:
     """Write `config` as a YAML (.yaml/.yml) or JSON recipe, atomically."""
     import yaml
 
-    from prunekit.files import atomic_write_text
+    from prunekit.storage.files import atomic_write_text
 
     path = Path(path)
     data = config_to_dict(config)
@@ -215,7 +211,7 @@ def load_recipe(path: str | Path) -> Any:
     """Read a recipe written by `save_recipe` (safe YAML / JSON; allow-listed types only)."""
     import yaml
 
-    from prunekit.files import check_expanded_size, read_document
+    from prunekit.storage.files import check_expanded_size, read_document
 
     path = Path(path)
     text = read_document(path, "recipe", ConfigError)
@@ -227,3 +223,9 @@ def load_recipe(path: str | Path) -> Any:
     if not isinstance(data, dict) or "_type" not in data:
         raise ConfigError(f"recipe {str(path)!r} has no top-level '_type' mapping")
     return config_from_dict(data, where=path.name)
+
+
+def __getattr__(name: str) -> Any:  # UnstructuredConfig moved to prunekit.methods.unstructured (0.1 path, warns)
+    from prunekit._moved import moved_name
+
+    return moved_name(__name__, name)

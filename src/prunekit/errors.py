@@ -33,3 +33,19 @@ class ExportCheckError(PrunekitError):
 
 class MemoryBudgetError(PrunekitError):
     """A pass would need more memory than the user's `max_memory` (the message gives both)."""
+
+
+class AllocationError(PrunekitError):
+    """A target cannot be met; the message names the binding constraint and the closest value."""
+
+
+class SearchError(PrunekitError):
+    """The study cannot run: storage unreachable, Optuna missing, or a bad search space."""
+
+
+class CalibrationError(PrunekitError, ValueError):
+    """Calibration data is missing, empty, malformed, too short, or produces NaN/Inf."""
+
+
+class SensitivityError(PrunekitError):
+    """The sensitivity scan could not measure a layer (the message names layer and level)."""

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 import prunekit as pk
-import prunekit.quantize  # noqa: F401  (imported lazily by save: import it before forking, see _Forked)
-from prunekit.export import read_checkpoint
-from prunekit.report import Report
+import prunekit.deploy.quantize  # noqa: F401  (imported lazily by save: import it before forking, see _Forked)
+from prunekit.deploy.checkpoint import read_checkpoint
+from prunekit.measure.report import Report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,10 +131,10 @@ def _report_data(title: str, log: str) -> dict:
 
 
 def test_sigkill_while_writing_a_report_keeps_the_previous_files(tmp_path, monkeypatch) -> None:
-    import prunekit.report
+    import prunekit.measure.report
 
     # The PNGs are rendered before the first write, so they only slow the loop; the writes are real.
-    monkeypatch.setattr(prunekit.report, "plots", lambda d: {})
+    monkeypatch.setattr(prunekit.measure.report, "plots", lambda d: {})
     rng = random.Random(1)
     out = tmp_path / "report"
     # A few MB of report (a long appended section), so each file takes a while to write.
@@ -199,7 +199,7 @@ def _save_forever_wide(path: str, seed: int) -> None:
 
 def test_model_cache_install_moves_the_marker_last(tmp_path, monkeypatch) -> None:
     """The LLM cache counts as complete when config.json exists: a crash mid-install leaves none."""
-    from prunekit import llm
+    from prunekit.zoo import llm
 
     src, dst = tmp_path / "src", tmp_path / "cache"
     src.mkdir()

@@ -32,11 +32,11 @@ from hypothesis import strategies as st
 
 import prunekit as pk
 from prunekit.config import _RECIPE_TYPES, FrozenConfig, config_from_dict, config_to_dict, load_recipe
-from prunekit.schedule import Schedule
+from prunekit.train.schedule import Schedule
 from tests.reliability.test_fuzz_models import CASE_LIMIT_S, time_limit
 
 try:  # block sparsity, where it exists, registers its config type on import
-    import prunekit.block  # noqa: F401
+    import prunekit.methods.block  # noqa: F401
 except ImportError:
     pass
 

@@ -35,10 +35,10 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import prunekit as pk
-from prunekit.bench import count_params
-from prunekit.criteria import get_criterion
-from prunekit.masks import get_mask, masked_modules, n_pruned
-from prunekit.quantize import finalized_copy
+from prunekit.core.criteria import get_criterion
+from prunekit.core.masks import get_mask, masked_modules, n_pruned
+from prunekit.deploy.quantize import finalized_copy
+from prunekit.measure.bench import count_params
 from tests.structured.helpers import assert_equivalent
 
 FAST, SLOW = 6, int(os.environ.get("PRUNEKIT_FUZZ_EXAMPLES", "300"))  # examples per property: default / `-m slow`

@@ -140,7 +140,7 @@ def test_run_checkpoint_header_nested_too_deep_is_a_checkpoint_error(tmp_path: P
     # Was: RecursionError out of `json.loads` of a resume checkpoint's header. Found by: a probe.
     from safetensors.torch import save_file
 
-    from prunekit.resume import _META_KEY, load_state
+    from prunekit.storage.runstate import _META_KEY, load_state
 
     path = tmp_path / "run.safetensors"
     save_file({"a": torch.zeros(2)}, str(path), metadata={_META_KEY: "[" * 100_000 + "]" * 100_000})

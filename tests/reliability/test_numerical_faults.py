@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit.core.masks import SparsityRoundingWarning
 from prunekit.errors import PlanError
-from prunekit.masks import SparsityRoundingWarning
 
 
 def _mlp() -> nn.Module:

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.calibration import get_solver
-from prunekit.memory import calibration_estimate, parse_memory, sensitivity_estimate
+from prunekit.allocation.sensitivity import sensitivity_estimate
+from prunekit.core.memory import parse_memory
+from prunekit.methods.calibration import calibration_estimate
+from prunekit.methods.calibration import get_solver
 
 
 @pytest.mark.parametrize(
@@ -172,8 +174,8 @@ _MEASURE = """
 import resource, sys, torch
 from torch import nn
 import prunekit as pk
-from prunekit.calibration import get_solver
-from prunekit.memory import calibration_estimate
+from prunekit.methods.calibration import get_solver
+from prunekit.methods.calibration import calibration_estimate
 criterion, d = sys.argv[1], 3072
 cfg = pk.UnstructuredConfig(sparsity=0.5, criterion=criterion, scope="layer")
 pk.plan(nn.Sequential(nn.Linear(64, 4)), cfg, data=[torch.randn(64, 64)])  # warm up allocators, kernels

@@ -161,7 +161,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
 
 
 def test_run_state_round_trips_without_pickle(tmp_path: Path) -> None:
-    from prunekit.resume import load_state, rng_state, save_state
+    from prunekit.storage.runstate import load_state, rng_state, save_state
 
     model = rr.mnist_mlp()
     opt = torch.optim.Adam(model.parameters())
@@ -299,7 +299,7 @@ def test_cli_prune_killed_then_resumed_writes_the_same_checkpoint(tmp_path: Path
 
 
 def test_recipe_interrupted_in_process_resumes(tmp_path: Path) -> None:
-    from prunekit.recipe import run_recipe
+    from prunekit.recipes.run import run_recipe
 
     recipe = pk.load_recipe(rr.recipe_yaml(tmp_path / "recipe.yaml"))
     run_recipe(recipe, tmp_path / "ref", progress=False)

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit.deploy.checkpoint import read_checkpoint
 from prunekit.errors import PrunekitError
-from prunekit.export import read_checkpoint
 
 HAS_ONNX = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
 HAS_OPTUNA = importlib.util.find_spec("optuna") is not None
@@ -116,14 +116,14 @@ def _report_cli(path: pathlib.Path) -> None:
 
 
 def _check_onnx(path: pathlib.Path) -> None:
-    from prunekit.onnx_check import check_onnx
+    from prunekit.deploy.onnx_check import check_onnx
 
     check_onnx(_mlp(), path, torch.randn(1, 8))
 
 
 def _smollm2_cache(path: pathlib.Path) -> None:
     """A model cache folder with a config and a planted pytorch_model.bin (a pickle)."""
-    from prunekit.llm import load_smollm2
+    from prunekit.zoo.llm import load_smollm2
 
     cache = path.parent / "cache"
     cache.mkdir()
@@ -138,7 +138,7 @@ def _smollm2_cache(path: pathlib.Path) -> None:
 
 
 def _open_storage(path: pathlib.Path) -> None:
-    from prunekit.search import open_storage
+    from prunekit.allocation.search import open_storage
 
     open_storage(f"sqlite:///{path}")
 
@@ -160,7 +160,7 @@ LOADERS: dict[str, Loader] = {
     "load_recipe(.json)": Loader(lambda p: pk.load_recipe(p), ".json", "JSON"),
     "SensitivityTable.load": Loader(lambda p: pk.SensitivityTable.load(p), ".json", "JSON"),
     "LatencyTable.load": Loader(lambda p: pk.LatencyTable.load(p), ".json", "JSON"),
-    "resume.load_state": Loader(lambda p: __import__("prunekit.resume").resume.load_state(p, "sensitivity"),
+    "resume.load_state": Loader(lambda p: __import__("prunekit.storage.runstate").storage.runstate.load_state(p, "sensitivity"),
                                 ".safetensors", "safetensors", importlib.util.find_spec("prunekit.resume") is not None),
     "llm.load_smollm2(cache)": Loader(_smollm2_cache, ".bin", "safetensors", HAS_TRANSFORMERS),
     "onnx_check.check_onnx": Loader(_check_onnx, ".onnx", "ONNX", HAS_ONNX),
@@ -381,7 +381,7 @@ def test_checkpoint_header_schema_names_the_field(tmp_path) -> None:
 
 
 def test_oversized_document_is_refused_without_parsing(tmp_path, monkeypatch) -> None:
-    from prunekit import files
+    from prunekit.storage import files
 
     monkeypatch.setattr(files, "MAX_DOCUMENT_BYTES", 1024)
     path = tmp_path / "recipe.yaml"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.bench import count_params
+from prunekit.measure.bench import count_params
 from prunekit.structured import get_group_criterion, list_group_criteria
 from tests.models import ZOO
 from tests.structured.helpers import assert_equivalent

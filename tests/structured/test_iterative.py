@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.structured.iterative import prune_iteratively
+from prunekit.train.iterative import prune_iteratively
 from tests.models import ResidualCNN
 
 

@@ -46,7 +46,7 @@ def test_minilm_heads_and_ffn(ratio: float) -> None:
 
 def test_smollm2_gqa_plans_under_budget() -> None:
     pytest.importorskip("gguf")
-    from prunekit.llm import load_smollm2
+    from prunekit.zoo.llm import load_smollm2
 
     model, _ = load_smollm2()
     x = {"input_ids": torch.randint(0, 40000, (1, 8))}

@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from prunekit.allocator import retained_memory
-from prunekit.bench import _call
 from prunekit.errors import ConfigError, PrunekitError, UnsupportedLayerError
-from prunekit.files import atomic_write_text
+from prunekit.measure.bench import _call
+from prunekit.measure.heap import retained_memory
 from prunekit.runtime import candidates as cand
 from prunekit.runtime import formats, fusion
+from prunekit.storage.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

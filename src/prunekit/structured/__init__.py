@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from prunekit.structured.config import ChannelConfig
 from prunekit.structured.groups import DependencyGraph, Group, analyze
-from prunekit.structured.iterative import prune_iteratively
 from prunekit.structured.layers import get_layer_handler, list_layer_handlers, register_layer_handler
 from prunekit.structured.mha import PrunedMultiheadAttention
 from prunekit.structured.ops import get_op_rule, list_op_rules, register_op_rule
@@ -22,6 +21,12 @@ from prunekit.structured.select import (
     register_group_criterion,
 )
 from prunekit.structured.trace import TracedModel, trace
+
+
+def __getattr__(name: str) -> object:  # prune_iteratively moved to prunekit.train (0.1 path, warns)
+    from prunekit._moved import moved_name
+
+    return moved_name(__name__, name)
 
 __all__ = [
     "ChannelConfig",
@@ -39,7 +44,6 @@ __all__ = [
     "list_layer_handlers",
     "list_op_rules",
     "plan_channels",
-    "prune_iteratively",
     "register_group_criterion",
     "register_layer_handler",
     "register_op_rule",

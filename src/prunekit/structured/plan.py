@@ -20,16 +20,16 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, model_validator
 from torch import Tensor, nn
 
 from prunekit.config import config_from_dict, config_to_dict
+from prunekit.core.plan import PlanContext, register_method
+from prunekit.core.targets import matches
 from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
-from prunekit.files import read_json_document, validate_document
-from prunekit.plan import PlanContext, register_method
+from prunekit.storage.files import read_json_document, validate_document
 from prunekit.structured.config import ChannelConfig
 from prunekit.structured.groups import DependencyGraph, Group, analyze
 from prunekit.structured.hf import update_config
 from prunekit.structured.layers import get_layer_handler, is_attention_holder, owner_of
 from prunekit.structured.select import ScoreInputs, get_group_criterion, select_units, taylor_grads
 from prunekit.structured.trace import trace
-from prunekit.targets import matches
 
 log = logging.getLogger(__name__)
 PLAN_FORMAT = "prunekit.channel_plan"
@@ -144,7 +144,7 @@ class ChannelPlan:
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON, atomically."""
-        from prunekit.files import atomic_write_text
+        from prunekit.storage.files import atomic_write_text
 
         return atomic_write_text(Path(path), json.dumps(self.to_dict()))
 
@@ -326,7 +326,7 @@ def _scores(model: nn.Module, config: ChannelConfig, groups: list[Group], ctx: P
 @register_method(ChannelConfig, per_layer=False)
 def plan_channels(model: nn.Module, config: ChannelConfig, fqns: list[str] | None, ctx: PlanContext) -> ChannelPlan:
     """Trace, find coupled groups, score, select: a `ChannelPlan` (the model is not mutated)."""
-    from prunekit.bench import count_flops, count_params
+    from prunekit.measure.bench import count_flops, count_params
 
     if any(hasattr(m, "parametrizations") for m in model.modules()):
         raise ConfigError("the model has masks attached: call prunekit.finalize(model) before structured pruning")

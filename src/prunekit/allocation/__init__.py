@@ -1,0 +1,1 @@
+"""Deciding per-layer levels: sensitivity scans, latency tables, allocation to a target, search."""

@@ -1,0 +1,445 @@
+"""Per-layer levels that meet a budget with the least predicted damage: `allocate(table, target)`.
+
+The method is the Lagrangian / greedy marginal-cost allocation of rate-distortion theory
+(Everett 1963, "Generalized Lagrange multiplier method"; Shoham & Gersho 1988, "Efficient bit
+allocation for an arbitrary set of quantizers"), with a layer's sensitivity curve in the role of
+a quantizer's distortion curve: the predicted damage of a choice of levels is the sum of each
+layer's measured degradation at its level (the additivity assumption every sensitivity method
+makes), and each step prunes further the layer whose next level buys the most budget per unit
+of damage. Why this and not an exact multiple-choice knapsack (dynamic programming)? The DP
+needs the budget discretised (millions of parameters, FLOPs or microseconds) and is exact only
+for a model that is itself an approximation; the greedy walk over each curve's lower convex hull
+is optimal at every budget the hulls' vertices reach (Shoham & Gersho, Thm. 1), runs in
+O(units x levels x log), and never prefers a noisy, non-convex point whose neighbours say it is
+a fluke. Curves are made monotone first (a level is never predicted less damaging than a lower
+one), and levels that failed to evaluate are never chosen. The walk's last step can overshoot
+the budget, so units then step back down their curves while the budget holds, and (with
+`exact=True`) one unit gets a level between two scanned ones so the target is met exactly:
+the continuous relaxation's optimum, which lies on a hull segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field
+from torch import nn
+
+from prunekit.allocation.sensitivity import leaf_at_level
+from prunekit.allocation.sensitivity.table import SensitivityTable
+from prunekit.config import FrozenConfig, PerLayer, config_from_dict, recipe_type
+from prunekit.errors import AllocationError, ConfigError, PrunekitError
+
+log = logging.getLogger(__name__)
+
+
+class Target(FrozenConfig):
+    """Base of allocation targets: a budget on one measured or predicted resource."""
+
+
+@recipe_type
+class SparsityTarget(Target):
+    """Global parameter sparsity: the fraction of zeros over all scanned layers' weights.
+
+    Example:
+        >>> SparsityTarget(sparsity=0.9).sparsity
+        0.9
+    """
+
+    sparsity: float = Field(gt=0.0, lt=1.0)
+
+
+@recipe_type
+class FlopsTarget(Target):
+    """Remove this fraction of the model's forward FLOPs.
+
+    For mask configs the FLOPs counted are those a sparse kernel executes (dense FLOPs x kept
+    fraction); for channel configs they are the FLOPs the smaller dense model measures.
+    """
+
+    reduction: float = Field(gt=0.0, lt=1.0)
+
+
+@recipe_type
+class SizeTarget(Target):
+    """The checkpoint must fit in `size_bytes`.
+
+    Predicted from `prunekit.save`'s format before compression: dense tensors at 4 bytes per
+    value, masked tensors at a 1-bit mask plus `bytes_per_value` per kept value, plus
+    `overhead_bytes` of header and metadata (about 0.5 KB measured on small MLPs). Deflate makes
+    the real file smaller still, so the prediction is an upper bound to check with `save`.
+    """
+
+    size_bytes: int = Field(gt=0)
+    bytes_per_value: float = Field(default=4.0, gt=0.0)
+    overhead_bytes: int = Field(default=1024, ge=0)
+
+
+@recipe_type
+class LatencyTarget(Target):
+    """Be `speedup` times faster than the dense model, as timed on this device by a `LatencyTable`."""
+
+    speedup: float = Field(gt=1.0)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The chosen level per unit, with what it predicts.
+
+    Attributes:
+        levels: unit (layer FQN or channel group) -> level (0.0 = left dense).
+        target: the target met.
+        achieved: the predicted value of the target's quantity (sparsity, FLOPs reduction,
+            bytes or speed-up) at these levels.
+        predicted_degradation: sum of the units' degradations at their levels.
+        family: the config family (recipe data) the levels apply to.
+        kind: "layer" or "group".
+    """
+
+    levels: dict[str, float]
+    target: Target
+    achieved: float
+    predicted_degradation: float
+    family: dict[str, Any]
+    kind: Literal["layer", "group"] = "layer"
+
+    def to_config(self, family: FrozenConfig | None = None) -> PerLayer:
+        """`PerLayer` rules: each pruned layer gets `family` at its level, dense layers None.
+
+        Works for every config type with a sparsity (`with_sparsity`: unstructured, N:M up to
+        its pattern, Wanda/SparseGPT criteria) or a `ratio`. `exclude` is dropped from the
+        leaves because the rule keys already say which layers each leaf prunes, and `scope`
+        becomes "layer" so that layers given the same level are not ranked together.
+        """
+        family = family if family is not None else config_from_dict(self.family, where="Allocation.family")
+        if self.kind == "group":
+            raise ConfigError("channel-group levels are not per-layer rules: use Allocation.apply(model, inputs)")
+        rules: dict[str, Any] = {}
+        for unit, level in self.levels.items():
+            rules[unit] = leaf_at_level(family, level) if level > 0 else None
+        return PerLayer(rules)
+
+    def apply(self, model: nn.Module, example_inputs: Any = None, data: Any = None) -> nn.Module:
+        """Prune as allocated. Layers: masks in place (mutates, returns `model`). Channel groups:
+        one channel plan removing each group's lowest-scoring units at its own ratio, applied
+        to a copy that is returned (`model` is left intact, also on error); needs `example_inputs`.
+        """
+        from prunekit.core.plan import prune
+
+        family = config_from_dict(self.family, where="Allocation.family")
+        if self.kind == "layer":
+            return prune(model, self.to_config(family), data=data)
+        from prunekit.allocation.sensitivity.groups import GroupPruner
+
+        return GroupPruner(model, family, example_inputs, data).pruned_many(
+            {u: lv for u, lv in self.levels.items() if lv > 0}
+        )
+
+    def summary(self) -> str:
+        """One line per unit with its level, then what the allocation predicts."""
+        width = max([len(u) for u in self.levels] + [4])
+        rows = [f"{u:<{width}}  {lv:6.3f}" for u, lv in self.levels.items()]
+        rows.append(f"target {self.target!r}: predicted {self.achieved:.4g}, "
+                    f"predicted degradation {self.predicted_degradation:.4g}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+# --------------------------------------------------------------------------------------------
+# Budget models: per unit and level, how much of the target's resource a level saves.
+
+
+@dataclass
+class _Budget:
+    savings: dict[str, list[float]]  # unit -> saving at each table level
+    required: float  # total saving needed
+    achieved: Any  # total saving -> the target's quantity
+    name: str  # the quantity in words, for errors
+    field: str  # the target's field, for errors
+
+
+def _budget(table: SensitivityTable, target: Target, latency: Any) -> _Budget:
+    n = len(table.levels)
+    if isinstance(target, SparsityTarget):
+        total = sum(table.params.values())
+        savings = {u: [table.removed_at("params", u, i) for i in range(n)] for u in table.units}
+        return _Budget(savings, target.sparsity * total, lambda s: s / total, "parameter sparsity", "sparsity")
+    if isinstance(target, FlopsTarget):
+        flops = table.total_flops
+        if flops is None:
+            raise ConfigError("FlopsTarget: the table has no FLOPs; pass example_inputs= to sensitivity()")
+        savings = {u: [table.removed_at("flops", u, i) for i in range(n)] for u in table.units}
+        return _Budget(savings, target.reduction * flops, lambda s: s / flops, "FLOPs reduction", "reduction")
+    if isinstance(target, SizeTarget):
+        return _size_budget(table, target)
+    if isinstance(target, LatencyTarget):
+        if latency is None:
+            raise ConfigError("LatencyTarget needs latency=measure_latency_table(model, config, levels, inputs)")
+        return latency.budget(table, target)
+    raise ConfigError(f"allocate: unknown target type {type(target).__name__}")
+
+
+def _size_budget(table: SensitivityTable, target: SizeTarget) -> _Budget:
+    n = len(table.levels)
+    if table.kind == "group":  # smaller dense tensors: every removed parameter saves 4 bytes
+        savings = {u: [4.0 * table.removed_at("params", u, i) for i in range(n)] for u in table.units}
+        dense = 4.0 * table.total_params
+    else:  # a masked tensor: numel/8 mask bytes, then bytes_per_value per kept value
+        dense = 4.0 * table.total_params
+        savings = {}
+        for u in table.units:
+            numel = table.params[u]
+            stored = [numel / 8 + target.bytes_per_value * numel * (1 - lv) for lv in table.levels]
+            savings[u] = [4.0 * numel - b for b in stored]
+    dense += target.overhead_bytes
+    return _Budget(savings, dense - target.size_bytes, lambda s: dense - s, "predicted size in bytes", "size_bytes")
+
+
+# --------------------------------------------------------------------------------------------
+# The allocation.
+
+
+def _curve(table: SensitivityTable, unit: str, savings: list[float]) -> list[tuple[float, float, float]]:
+    """(saving, damage, level) points from dense, usable (finite) and monotone in damage."""
+    points = [(0.0, 0.0, 0.0)]
+    worst = 0.0
+    for i, level in enumerate(table.levels):
+        damage = table.degradation(unit, i)
+        if math.isnan(damage):
+            break  # a failed probe: never go that far
+        worst = max(worst, damage)
+        if savings[i] > points[-1][0]:
+            points.append((savings[i], worst, level))
+    return points
+
+
+def _hull(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """Lower convex hull of (saving, damage) points sorted by saving (Andrew's monotone chain)."""
+    hull: list[tuple[float, float, float]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            # Pop hull[-1] when it lies strictly above the chord: never worth stopping there.
+            # Collinear points stay, so flat (insensitive) curves are walked level by level.
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) < 0:
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocate(
+    table: SensitivityTable,
+    target: Target,
+    *,
+    latency: Any = None,
+    max_level: float | None = None,
+    min_level: float | None = None,
+    exact: bool = True,
+) -> Allocation:
+    """Choose one level per unit that meets `target` with the least predicted degradation.
+
+    Args:
+        table: a `SensitivityTable` from `prunekit.sensitivity`.
+        target: `SparsityTarget`, `FlopsTarget`, `SizeTarget` or `LatencyTarget`.
+        latency: a `LatencyTable` (from `measure_latency_table`), needed for `LatencyTarget`.
+        max_level: never choose a level above this (e.g. to keep every layer trainable).
+        min_level: never choose a level below this: every unit starts at its lowest scanned
+            level >= `min_level` (with `max_level`, a band around the average as in OWL, Yin
+            et al. 2024, which keeps the additive prediction near where it was measured).
+        exact: give one unit an interpolated level between two scanned ones so the target is
+            met exactly instead of overshot (the continuous relaxation); False keeps scanned
+            levels only.
+
+    Returns:
+        An `Allocation`; `to_config()` turns it into `PerLayer` rules for `prunekit.prune`.
+
+    Raises:
+        AllocationError: the target cannot be met even at the highest usable level of every
+            unit; the message says which constraint binds and the closest achievable target.
+
+    Example:
+        >>> from prunekit.config import UnstructuredConfig
+        >>> from torch import nn
+        >>> from prunekit.sensitivity import sensitivity
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> t = sensitivity(model, UnstructuredConfig(sparsity=0.5), lambda m: 1.0, levels=[0.5, 0.9])
+        >>> allocate(t, SparsityTarget(sparsity=0.5)).achieved >= 0.5
+        True
+    """
+    budget = _budget(table, target, latency)
+    points = {}
+    for unit in table.units:
+        curve = _curve(table, unit, budget.savings[unit])
+        points[unit] = [p for p in curve if max_level is None or p[2] <= max_level + 1e-12]
+        if min_level is not None:
+            points[unit] = [p for p in points[unit] if p[2] >= min_level - 1e-12]
+            if not points[unit]:
+                raise AllocationError(f"unit {unit!r} has no usable scanned level in [{min_level:g}, "
+                                      f"{max_level if max_level is not None else 1:g}]: widen the band or rescan")
+    curves = {u: _hull(p) for u, p in points.items()}
+    best = sum(c[-1][0] for c in curves.values())
+    if best < budget.required - 1e-9:
+        raise AllocationError(_unreachable(table, target, budget, best, max_level))
+    # Every hull segment, cheapest damage per unit of saving first; a unit's own segments come
+    # in order because a convex hull's slopes increase.
+    segments = []
+    for unit, hull in curves.items():
+        for k in range(1, len(hull)):
+            (x0, y0, _), (x1, y1, _) = hull[k - 1], hull[k]
+            segments.append(((y1 - y0) / (x1 - x0), k, unit))
+    segments.sort()
+    position = {u: 0 for u in table.units}
+    saved = sum(c[0][0] for c in curves.values())  # each unit's starting point (dense, or min_level)
+    for _, k, unit in segments:
+        if saved >= budget.required - 1e-9:
+            break
+        position[unit] = k
+        hull = curves[unit]
+        saved += hull[k][0] - hull[k - 1][0]
+    chosen = {u: points[u].index(curves[u][position[u]]) for u in table.units}
+    saved = _trim(points, chosen, saved, budget.required)
+    levels = {u: points[u][i][2] for u, i in chosen.items()}
+    damage = sum(points[u][i][1] for u, i in chosen.items())
+    if exact and saved > budget.required + 1e-9:
+        saved, damage = _interpolate(points, chosen, levels, saved, damage, budget.required)
+    log.info("allocate: %s -> predicted %.4g, degradation %.4g", target, budget.achieved(saved), damage)
+    return Allocation(levels, target, budget.achieved(saved), damage, table.family, table.kind)
+
+
+def _trim(points: dict[str, list[tuple[float, float, float]]], chosen: dict[str, int], saved: float,
+          required: float) -> float:
+    """Step units back down their curves while the budget still holds (mutates `chosen`).
+
+    The hull walk stops at hull vertices, so its last step can overshoot the budget, and a
+    flat stretch of a curve (no measured damage) lets it jump to the highest level. Stepping
+    back never raises predicted damage; the step giving back the most damage per unit of
+    saving goes first, and on ties the highest level steps back first (prune less where the
+    scan saw no difference: the prediction is least sure there).
+    """
+    while True:
+        best = None
+        for unit, i in chosen.items():
+            if i == 0:
+                continue
+            lost = points[unit][i][0] - points[unit][i - 1][0]
+            if saved - lost < required - 1e-9:
+                continue
+            key = ((points[unit][i][1] - points[unit][i - 1][1]) / lost, points[unit][i][2], lost)
+            if best is None or key > best[0]:
+                best = (key, unit, lost)
+        if best is None:
+            return saved
+        chosen[best[1]] -= 1
+        saved -= best[2]
+
+
+def _interpolate(points: dict[str, list[tuple[float, float, float]]], chosen: dict[str, int],
+                 levels: dict[str, float], saved: float, damage: float, required: float) -> tuple[float, float]:
+    """Move one unit to an unscanned level between two scanned ones so the budget is met exactly.
+
+    The continuous relaxation of the allocation: the optimum lies on a hull segment, at the
+    point where the budget binds. Savings are linear in the level for parameters, FLOPs and
+    size, and the damage is interpolated linearly between the two measured points. The unit
+    moved is the one whose last segment costs the most damage per unit of saving.
+    """
+    excess = saved - required
+    best = None
+    for unit, i in chosen.items():
+        if i == 0:
+            continue
+        (x0, y0, l0), (x1, y1, l1) = points[unit][i - 1], points[unit][i]
+        slope = (y1 - y0) / (x1 - x0)
+        if x1 - x0 > excess and (best is None or slope > best[0]):
+            best = (slope, unit, x0, y0, l0, x1, y1, l1)
+    if best is None:
+        return saved, damage
+    _, unit, x0, y0, l0, x1, y1, l1 = best
+    t = (x1 - excess - x0) / (x1 - x0)  # the share of the segment still needed
+    levels[unit] = l0 + t * (l1 - l0)
+    return required, damage - (1 - t) * (y1 - y0)
+
+
+def _unreachable(table: SensitivityTable, target: Target, budget: _Budget, best: float, max_level: float | None) -> str:
+    top = max_level if max_level is not None else max(table.levels)
+    failed = sorted({k.rpartition("@")[0] for k in table.failures})
+    binds = f"the highest allowed level ({top:g}) in every unit"
+    if failed:
+        binds += f", and units whose probes failed stop below it ({', '.join(failed[:4])})"
+    if table.kind == "layer" and isinstance(target, (SparsityTarget, SizeTarget, FlopsTarget)):
+        binds += "; layers outside the scan stay dense"
+    if table.kind == "layer" and isinstance(target, LatencyTarget):
+        binds += ("; masks keep dense shapes, which dense kernels run no faster (use a ChannelConfig, "
+                  "or N:M with a sparse kernel)")
+    closest = budget.achieved(best)
+    return (f"{type(target).__name__}.{budget.field}={getattr(target, budget.field)!r} cannot be met: "
+            f"binding constraint is {binds}. The closest achievable {budget.name} is {closest:.4g}; "
+            "scan higher levels or relax the target")
+
+
+# --------------------------------------------------------------------------------------------
+# The `prunekit sensitivity` command: scan a recipe's model, then optionally allocate.
+
+
+def run_sensitivity_recipe(
+    recipe: Any,
+    out: Any,
+    *,
+    levels: list[float],
+    metric: Literal["accuracy", "loss"] = "accuracy",
+    loss_batches: int = 4,
+    input_shape: tuple[int, ...] | None = None,
+    target: Target | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Scan `recipe.model` with `recipe.prune` as the family; write the table, heat map, allocation.
+
+    Writes `sensitivity.json`, `sensitivity.png` (if matplotlib is installed) and, with a
+    target, `allocation.yaml`: `PerLayer` rules for `prunekit prune`. Returns the paths.
+    """
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+
+    from prunekit.allocation.sensitivity import proxy_loss, sensitivity
+    from prunekit.config import save_recipe
+    from prunekit.deploy.checkpoint import load
+    from prunekit.recipes.run import load_entry_point
+    from prunekit.train.distill import accuracy
+
+    out = Path(out)
+    model = load_entry_point(recipe.model, "model")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model entry point {recipe.model!r} returned {type(model).__name__}, not an nn.Module")
+    if recipe.checkpoint:
+        load(recipe.checkpoint, model)
+    if not recipe.data:
+        raise ConfigError("prunekit sensitivity needs recipe.data: an entry point returning (train, eval) loaders")
+    loaders = load_entry_point(recipe.data, "data")
+    if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
+        raise ConfigError(f"data entry point {recipe.data!r} must return (train_loader, eval_loader)")
+    held_out = loaders[1]
+    if metric == "accuracy":
+        evaluate, higher = (lambda m: accuracy(m, held_out)), True
+    else:
+        evaluate, higher = proxy_loss(held_out, n_batches=loss_batches), False
+    inputs = torch.zeros(input_shape) if input_shape else None
+    table = sensitivity(model, recipe.prune, evaluate, levels, higher_is_better=higher, example_inputs=inputs,
+                        progress=progress)
+    written = {"table": table.save(out / "sensitivity.json")}
+    try:
+        written["plot"] = table.plot(out / "sensitivity.png")
+    except PrunekitError as err:  # matplotlib missing: the table is still the result
+        log.warning("%s", err)
+    if target is not None:
+        allocation = allocate(table, target)
+        written["allocation"] = save_recipe(allocation.to_config(recipe.prune), out / "allocation.yaml")
+        return {"table": table, "allocation": allocation, "files": written}
+    return {"table": table, "allocation": None, "files": written}

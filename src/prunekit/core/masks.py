@@ -1,0 +1,288 @@
+"""Masks: the math (pure tensor functions), the `Mask` parametrization, and sparsity stats.
+
+A mask lives on its layer as a `torch.nn.utils.parametrize` parametrization holding a bool
+buffer, so `layer.weight` is always `original * mask`: optimizer steps update `original`,
+but a pruned weight reads as zero until a schedule recomputes the mask (torchao's
+`FakeSparsity` lifecycle: attach, update, `finalize`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from prunekit.errors import CheckpointError, ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Mask math: pure functions from scores to bool masks (True = keep).
+
+
+def n_pruned(numel: int, sparsity: float) -> int:
+    """How many of `numel` elements `sparsity` zeroes: round to nearest, so exact to one.
+
+    A sparsity below 1 never zeroes all of them: on a tiny tensor (a layer of width 1) the
+    nearest count can be all, which would cut the signal; one element is kept instead.
+    """
+    return min(max(numel - 1, 0), max(0, round(sparsity * numel)))
+
+
+class SparsityRoundingWarning(UserWarning):
+    """A sparsity rounds to none or all of a tiny layer's weights (filterable on its own, e.g.
+    early in a gradual ramp where a small layer's first steps round to zero)."""
+
+
+def warn_rounding(fqn: str, numel: int, sparsity: float, what: str = "weights") -> None:
+    """Warn, naming the layer, when `sparsity` of `numel` rounds to none or all of them."""
+    if sparsity <= 0 or numel <= 0:
+        return
+    nearest = round(sparsity * numel)
+    if nearest == 0:
+        warnings.warn(f"layer {fqn!r}: sparsity {sparsity:g} of its {numel} {what} rounds to 0; nothing is "
+                      "pruned there (exclude it or raise the sparsity)", SparsityRoundingWarning, stacklevel=3)
+    elif nearest >= numel:
+        warnings.warn(f"layer {fqn!r}: sparsity {sparsity:g} of its {numel} {what} rounds to all of them; "
+                      "one is kept (exclude it or lower the sparsity)", SparsityRoundingWarning, stacklevel=3)
+
+
+def topk_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep the highest-scoring `1 - sparsity` fraction of `scores`; exact element count."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    flat = scores.reshape(-1)
+    keep = flat.numel() - n_pruned(flat.numel(), sparsity)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[torch.topk(flat.float(), keep, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def global_topk_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Rank all tensors' scores together and keep the top `1 - sparsity` of the union."""
+    if not scores:
+        return {}
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    joint = topk_mask(flat, sparsity)
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = joint[start : start + size].view_as(scores[n])
+        start += size
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The parametrization.
+
+
+class _StraightThrough(torch.autograd.Function):
+    """w * mask forward; the gradient passes to every original weight unmasked (STE)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, mask: Tensor) -> Tensor:
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class Mask(nn.Module):
+    """Parametrization `w -> w * mask`; the bool mask is a buffer, saved with the model.
+
+    The multiply uses a copy of the mask in the weight's dtype, cached until the mask changes:
+    float * bool takes a slow casting path that made masked training steps ~1.5x a dense step.
+
+    With `straight_through=True` the backward pass skips the gradient's multiply by the mask
+    (Bengio et al. 2013's straight-through estimator, as SR-STE uses for N:M): the effective
+    weights are the same, pruned *originals* receive gradients but stay masked, and a step
+    costs one element-wise pass less. Global-norm gradient clipping then sees those gradients.
+    """
+
+    mask: Tensor
+
+    def __init__(self, mask: Tensor, straight_through: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+        self.straight_through = straight_through
+        # (the mask tensor, its version counter, its copy); holding the tensor itself keeps its
+        # identity check sound, and the version counter sees in-place updates (set_mask, load).
+        self._cache: tuple[Tensor, int, Tensor] | None = None
+
+    def _dense_mask(self, like: Tensor) -> Tensor:
+        cache = self._cache
+        if (cache is None or cache[0] is not self.mask or cache[1] != self.mask._version
+                or cache[2].dtype != like.dtype or cache[2].device != like.device):
+            cache = (self.mask, self.mask._version, self.mask.to(like.dtype))
+            self._cache = cache
+        return cache[2]
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.straight_through:
+            return _StraightThrough.apply(weight, self._dense_mask(weight))
+        return weight * self._dense_mask(weight)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.mask.shape)}, sparsity={1 - self.mask.float().mean():.4f}"
+
+
+def get_mask(module: nn.Module, name: str = "weight") -> Mask | None:
+    """The `Mask` parametrization on `module.<name>`, or None if it has none."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:  # type: ignore[union-attr, index]
+        if isinstance(p, Mask):
+            return p
+    return None
+
+
+def set_mask(module: nn.Module, mask: Tensor, name: str = "weight", *, straight_through: bool = False) -> None:
+    """Attach a mask to `module.<name>`, or overwrite the one already there (mutates).
+
+    `straight_through` applies to a new mask only; an existing mask keeps its own setting.
+    """
+    existing = get_mask(module, name)
+    if existing is not None:
+        existing.mask.copy_(mask)
+        return
+    weight = getattr(module, name)
+    parametrize.register_parametrization(module, name, Mask(mask.to(weight.device), straight_through))
+
+
+def remove_mask(module: nn.Module, name: str = "weight", *, bake: bool = True) -> None:
+    """Remove the mask from `module.<name>`; `bake=True` keeps the zeros in the weight."""
+    if get_mask(module, name) is None:
+        return
+    # parametrize gives the module a generated class that `copy.deepcopy` shares with the
+    # original, and removal deletes a property from that class: give this module its own
+    # class first, so finalizing a copy never breaks the model it was copied from.
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    parametrize.remove_parametrizations(module, name, leave_parametrized=bake)
+
+
+def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """FQN -> module for every module whose `weight` carries a `Mask`."""
+    return {fqn: m for fqn, m in model.named_modules() if get_mask(m) is not None}
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Remove every mask parametrization, leaving plain weights with zeros (mutates, returns).
+
+    The forward pass is unchanged: each weight becomes `original * mask` as a plain Parameter.
+    """
+    for module in masked_modules(model).values():
+        remove_mask(module, bake=True)
+    return model
+
+
+def mask_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Masks keyed by the FQN of the tensor they mask (e.g. "fc1.weight")."""
+    return {f"{fqn}.weight": get_mask(m).mask.clone() for fqn, m in masked_modules(model).items()}  # type: ignore[union-attr]
+
+
+def load_mask_state_dict(model: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
+    """Attach the masks of `mask_state_dict` to `model` (validated first; mutates, returns)."""
+    modules = dict(model.named_modules())
+    for key, mask in masks.items():
+        fqn = key.removesuffix(".weight")
+        module = modules.get(fqn)
+        if module is None or not hasattr(module, "weight"):
+            raise CheckpointError(f"mask {key!r} names no layer with a weight in this model")
+        if tuple(mask.shape) != tuple(module.weight.shape):
+            raise CheckpointError(
+                f"mask {key!r} has shape {tuple(mask.shape)}, layer weight is "
+                f"{tuple(module.weight.shape)}"
+            )
+    for key, mask in masks.items():
+        set_mask(modules[key.removesuffix(".weight")], mask)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Measured sparsity.
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Measured zeros: per prunable layer (by FQN) and over all of them together."""
+
+    layers: dict[str, float] = field(default_factory=dict)
+    numel: dict[str, int] = field(default_factory=dict)
+    zeros: int = 0
+    total_numel: int = 0
+
+    @property
+    def total(self) -> float:
+        """Fraction of zeros over every counted weight."""
+        return self.zeros / self.total_numel if self.total_numel else 0.0
+
+    def __float__(self) -> float:
+        return self.total
+
+    def __str__(self) -> str:
+        width = max([len(n) for n in self.layers] + [5])
+        rows = [f"{'layer':<{width}}  {'params':>10}  sparsity"]
+        rows += [f"{n:<{width}}  {self.numel[n]:>10}  {s:8.2%}" for n, s in self.layers.items()]
+        rows.append(f"{'total':<{width}}  {self.total_numel:>10}  {self.total:8.2%}")
+        return "\n".join(rows)
+
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def sparsity(model: nn.Module) -> SparsityReport:
+    """Measure the fraction of exact zeros in each prunable layer's weight and in total."""
+    layers, numel, zeros = {}, {}, 0
+    with torch.no_grad():
+        for fqn, module in model.named_modules():
+            if not isinstance(module, PRUNABLE_TYPES) and get_mask(module) is None:
+                continue
+            w = module.weight
+            z = int((w == 0).sum())
+            layers[fqn], numel[fqn] = z / w.numel(), w.numel()
+            zeros += z
+    return SparsityReport(layers, numel, zeros, sum(numel.values()))
+
+
+def base_tensor(module: nn.Module, name: str) -> Tensor:
+    """The stored tensor behind `module.<name>`: the parametrization's original if masked."""
+    if get_mask(module, name) is not None:
+        return module.parametrizations[name].original  # type: ignore[union-attr, index]
+    return getattr(module, name)
+
+
+def nm_groups(t: Tensor, m: int) -> tuple[Tensor, tuple[int, ...]]:
+    """The N:M group view: (out, in, *k) -> (groups, m) with groups running along `in`; also the
+    permuted shape (`_from_groups` undoes it)."""
+    moved = t.movedim(1, -1) if t.dim() > 2 else t  # (out, *k, in)
+    return moved.reshape(-1, m), tuple(moved.shape)
+
+
+def _from_groups(g: Tensor, shape: tuple[int, ...], dim: int) -> Tensor:
+    t = g.reshape(shape)
+    return t.movedim(-1, 1) if dim > 2 else t
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep the `n` highest scores in every group of `m` along dim 1 (True = keep).
+
+    Raises:
+        ConfigError: `n >= m`, or the input dimension is not a multiple of `m`.
+
+    Example:
+        >>> nm_mask(torch.tensor([[4.0, 1.0, 3.0, 2.0]]), 2, 4)
+        tensor([[ True, False,  True, False]])
+    """
+    if not 1 <= n < m:
+        raise ConfigError(f"N:M needs 1 <= n < m, got n={n}, m={m}")
+    if scores.dim() < 2 or scores.shape[1] % m:
+        raise ConfigError(f"N:M {n}:{m}: input dimension of shape {tuple(scores.shape)} is not a multiple of {m}")
+    groups, shape = nm_groups(scores.float(), m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
+    return _from_groups(keep, shape, scores.dim())

@@ -1,0 +1,1 @@
+"""Measuring the result: params, FLOPs, latency and memory, and the validation report."""

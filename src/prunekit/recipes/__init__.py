@@ -1,0 +1,1 @@
+"""End-to-end runs built from the library: recipe files, the demo, the sensitivity and search runners."""
