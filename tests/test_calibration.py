@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit.core.inputs import call_model
 from prunekit.errors import ConfigError, UnsupportedLayerError
-from prunekit.methods.calibration import CalibrationError, as_batches, call_model, collect_stats, find_blocks
+from prunekit.methods.calibration import CalibrationError, as_batches, collect_stats, find_blocks
 from prunekit.methods.nm import NMConfig, check_nm
 from tests.models import ResidualCNN, mlp
 

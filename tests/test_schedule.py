@@ -98,7 +98,8 @@ def test_gradual_resume_gives_same_masks(criterion: str) -> None:
         _train(resumed, resumed_pruner, range(step, step + 1), seed=step)
 
     assert resumed_pruner.current_sparsity == full_pruner.current_sparsity == pytest.approx(0.8)
-    for a, b in zip(pk.core.masks.mask_state_dict(full).values(), pk.core.masks.mask_state_dict(resumed).values(), strict=True):
+    masks = pk.core.masks.mask_state_dict
+    for a, b in zip(masks(full).values(), masks(resumed).values(), strict=True):
         assert torch.equal(a, b)
 
 

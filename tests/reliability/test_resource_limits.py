@@ -13,8 +13,7 @@ from torch import nn
 import prunekit as pk
 from prunekit.allocation.sensitivity import sensitivity_estimate
 from prunekit.core.memory import parse_memory
-from prunekit.methods.calibration import calibration_estimate
-from prunekit.methods.calibration import get_solver
+from prunekit.methods.calibration import calibration_estimate, get_solver
 
 
 @pytest.mark.parametrize(

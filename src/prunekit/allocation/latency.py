@@ -150,7 +150,7 @@ class LatencyTable:
 
 def _layer_inputs(model: nn.Module, example_inputs: Any, fqns: Sequence[str]) -> dict[str, Tensor]:
     """The input each named layer receives on `example_inputs` (first call), via forward hooks."""
-    from prunekit.measure.bench import run_with_hooks
+    from prunekit.core.inputs import run_with_hooks
 
     seen: dict[str, Tensor] = {}
 
@@ -283,9 +283,9 @@ class _Whole(nn.Module):
         self.training = model.training  # restored recursively after timing: keep the model's
 
     def forward(self, _ignored: Any = None) -> Any:
-        from prunekit.measure.bench import _call
+        from prunekit.core.inputs import call_model
 
-        return _call(self.model, self.example_inputs)
+        return call_model(self.model, self.example_inputs)
 
 
 class _Layers(nn.Module):

@@ -10,78 +10,17 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from prunekit.core.counting import count_flops, count_params
+from prunekit.core.inputs import call_model
 from prunekit.errors import ConfigError
 from prunekit.measure.heap import minor_page_faults, retained_memory
-
-
-def count_params(model: nn.Module, *, nonzero: bool = False) -> int:
-    """Number of parameters (shared ones once); `nonzero=True` counts only non-zero entries."""
-    params = {id(p): p for p in model.parameters()}.values()
-    if nonzero:
-        return int(sum(int((p != 0).sum()) for p in params))
-    return int(sum(p.numel() for p in params))
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-@torch.no_grad()
-def run_with_hooks(
-    model: nn.Module, inputs: Any, hooks: Mapping[str, Callable[..., Any]], *, pre: bool = False
-) -> None:
-    """One eval-mode forward on `inputs` with a hook on each named module (a forward-pre hook
-    if `pre`); the hooks are removed and the train/eval mode restored afterwards."""
-    modules = dict(model.named_modules())
-    register = "register_forward_pre_hook" if pre else "register_forward_hook"
-    handles = [getattr(modules[fqn], register)(hook) for fqn, hook in hooks.items()]
-    training = model.training
-    try:
-        model.eval()
-        _call(model, inputs)
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def count_flops(model: nn.Module, example_inputs: Any) -> int:
-    """FLOPs of one forward on `example_inputs` (2 per multiply-add), counted by PyTorch.
-
-    Uses `torch.utils.flop_counter.FlopCounterMode`, which counts matmuls, convolutions and
-    attention; element-wise ops (activations, norms) are not counted, as in most FLOPs tables.
-
-    Example:
-        >>> count_flops(nn.Linear(4, 2, bias=False), torch.randn(1, 4))
-        16
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    # nn.MultiheadAttention's fused fast path is invisible to the counter; count the math.
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    model.eval()
-    try:
-        torch.backends.mha.set_fastpath_enabled(False)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            _call(model, example_inputs)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        model.train(was_training)
-    return int(counter.get_total_flops())
 
 
 @dataclass(frozen=True)
@@ -156,7 +95,7 @@ def measure_latency(
         with allocator:
             for _ in range(warmup):
                 for m in models.values():
-                    _call(m, inputs)
+                    call_model(m, inputs)
             order = list(models.items())
             for i in range(repeats):
                 # Alternate the order (A B, B A, ...): the model called second always finding the
@@ -166,7 +105,7 @@ def measure_latency(
                     _sync(device)
                     before = minor_page_faults()
                     start = time.perf_counter()
-                    _call(m, inputs)
+                    call_model(m, inputs)
                     _sync(device)
                     times[name].append((time.perf_counter() - start) * 1000.0)
                     faults[name] += minor_page_faults() - before

@@ -30,9 +30,9 @@ from prunekit.config import MaskConfig, recipe_type
 from prunekit.core.criteria import CriterionName, get_criterion
 from prunekit.core.masks import global_topk_masks, topk_mask
 from prunekit.core.plan import MaskPlan, PlanContext, register_method, score_layers
-from prunekit.core.targets import split_fitting
+from prunekit.core.targets import prunable_layers, split_fitting
 from prunekit.errors import ConfigError, PlanError
-from prunekit.methods.calibration import Pattern
+from prunekit.methods.calibration import Pattern, dense_pass_stats, get_solver, plan_with_data
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,6 @@ def check_blocks(model: nn.Module, block: tuple[int, int], *, layers: list[str] 
         >>> check_blocks(nn.Linear(8, 4), (2, 2)).zero_fraction
         {'': 0.0}
     """
-    from prunekit.core.targets import prunable_layers
 
     modules = prunable_layers(model) if layers is None else {f: dict(model.named_modules())[f] for f in layers}
     blocks, zero, partial, skipped = {}, {}, {}, {}
@@ -235,8 +234,6 @@ def _global_masks(scores: dict[str, Tensor], config: BlockConfig) -> dict[str, T
 
 
 def _plan_with_data(model: nn.Module, config: BlockConfig, fqns: list[str], ctx: PlanContext) -> MaskPlan:
-    from prunekit.methods.calibration import dense_pass_stats, get_solver, plan_with_data
-
     if get_solver(config.criterion).updates_weights:
         raise ConfigError(
             f"BlockConfig.criterion: {config.criterion!r} reconstructs weights element by element, "

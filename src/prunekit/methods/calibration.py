@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from prunekit._registry import Registry
 from prunekit.core.criteria import ScoreContext, ScoreFn, register_criterion
+from prunekit.core.inputs import call_model, to_model_device
 from prunekit.core.masks import base_tensor, get_mask, n_pruned, nm_mask
 from prunekit.core.memory import MemoryEstimate, MemorySize, check_budget, data_bytes, layer_work, model_bytes
 from prunekit.core.plan import MaskPlan, PlanContext
@@ -66,20 +67,6 @@ def as_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
         if not tensors or any(t.numel() == 0 for t in tensors):
             raise CalibrationError(f"calibration batch {i} is empty (no elements)")
     return batches
-
-
-def call_model(model: nn.Module, batch: Batch) -> Any:
-    """Run `model` on one batch: `model(x)`, `model(*args)` or `model(**kwargs)`."""
-    device = next((p.device for p in model.parameters()), None)
-
-    def move(v: Any) -> Any:
-        return v.to(device) if isinstance(v, Tensor) and device is not None else v
-
-    if isinstance(batch, dict):
-        return model(**{k: move(v) for k, v in batch.items()})
-    if isinstance(batch, (tuple, list)):
-        return model(*[move(v) for v in batch])
-    return model(move(batch))
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +273,7 @@ def _inputs_to(model: nn.Module, block: nn.Module, batch: Batch) -> tuple[tuple,
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        call_model(model, batch)
+        call_model(model, to_model_device(model, batch))
     except _Stop:
         pass
     finally:
@@ -495,7 +482,7 @@ def plan_with_data(
                 log.info("calibrating %d layers outside repeated blocks in one full pass", len(rest))
                 stats = collect_stats(
                     {f: modules[f] for f in rest},
-                    lambda: _feed(lambda b: call_model(model, b), batches),
+                    lambda: _feed(lambda b: call_model(model, to_model_device(model, b)), batches),
                     hessian=solver.hessian,
                 )
                 runner.solve(stats)
@@ -517,6 +504,8 @@ def dense_pass_stats(model: nn.Module, fqns: list[str], ctx: PlanContext, criter
     check_calibration_memory(model, fqns, batches, get_solver(criterion), ctx.max_memory)
     with torch.no_grad():
         stats = collect_stats(
-            {f: modules[f] for f in fqns}, lambda: _feed(lambda b: call_model(model, b), batches), hessian=False
+            {f: modules[f] for f in fqns},
+            lambda: _feed(lambda b: call_model(model, to_model_device(model, b)), batches),
+            hessian=False,
         )
     ctx.stats.update({f: {"sq_norm": st.sq_norm} for f, st in stats.items()})

@@ -22,8 +22,9 @@ from prunekit.config import MaskConfig, recipe_type
 from prunekit.core.criteria import CriterionName, get_criterion
 from prunekit.core.masks import nm_groups, nm_mask
 from prunekit.core.plan import MaskPlan, PlanContext, register_method, score_layers
-from prunekit.core.targets import split_fitting
+from prunekit.core.targets import prunable_layers, split_fitting
 from prunekit.errors import ConfigError, PlanError
+from prunekit.methods.calibration import Pattern, plan_with_data
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,6 @@ def check_nm(model: nn.Module, n: int, m: int, *, layers: list[str] | None = Non
         >>> check_nm(nn.Linear(8, 2), 2, 4).ok
         False
     """
-    from prunekit.core.targets import prunable_layers
 
     modules = prunable_layers(model) if layers is None else {f: dict(model.named_modules())[f] for f in layers}
     groups, violations, skipped = {}, {}, {}
@@ -158,8 +158,6 @@ def _plan_nm(model: nn.Module, config: NMConfig, fqns: list[str] | None, ctx: Pl
     if not eligible:
         raise PlanError(f"N:M {config.n}:{config.m}: no layer can be pruned ({skipped})")
     if get_criterion(config.criterion).needs_data:
-        from prunekit.methods.calibration import Pattern, plan_with_data
-
         pattern = Pattern(kind="nm", n=config.n, m=config.m)
         result = plan_with_data(model, eligible, ctx, config.criterion, pattern)
     else:

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from prunekit.methods.unstructured import UnstructuredConfig
 from prunekit.core.masks import finalize, sparsity
 from prunekit.core.plan import prune
 from prunekit.deploy.checkpoint import save
 from prunekit.deploy.quantize import DynamicInt8Config, quantize
 from prunekit.measure.report import compare, write_report
+from prunekit.methods.unstructured import UnstructuredConfig
 from prunekit.train.distill import KDLoss, accuracy, finetune
 from prunekit.train.schedule import Cubic, GradualPruner
 from prunekit.zoo.data import load_mnist

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from prunekit.core.inputs import call_model
 from prunekit.errors import ConfigError, PrunekitError, UnsupportedLayerError
-from prunekit.measure.bench import _call
 from prunekit.measure.heap import retained_memory
 from prunekit.runtime import candidates as cand
 from prunekit.runtime import formats, fusion
@@ -200,7 +200,7 @@ def _measure(
             for fqn, per in built.items():
                 sink = times[fqn][name] if name in per and rep >= warmup else None
                 _set(model, fqn, _Timed(per[name] if name in per else per[fallback], sink))
-            _call(model, inputs)
+            call_model(model, inputs)
     return times
 
 
@@ -317,7 +317,7 @@ def accelerate(
             f">= {min_sparsity:.0%} zeros; prune it first"
         )
     with torch.no_grad():
-        reference = _call(model, example_inputs)
+        reference = call_model(model, example_inputs)
     siblings = fusion.sibling_groups(model, list(layers), example_inputs) if fuse else []
     built, infos, decisions = {}, {}, []
     for fqn, layer in layers.items():
@@ -346,7 +346,7 @@ def accelerate(
             else:
                 _set(model, d.fqn, built[d.fqn][d.choice] if d.choice != "dense" else layers[d.fqn])
         with torch.no_grad():
-            error = _rel_error(reference, _call(model, example_inputs))
+            error = _rel_error(reference, call_model(model, example_inputs))
         if tolerance is None:
             tolerance = TOLERANCE_INT8 if any(cand.is_int8(d.choice) for d in decisions) else TOLERANCE_FP32
         if not error <= tolerance:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from prunekit.measure.bench import run_with_hooks
+from prunekit.core.inputs import run_with_hooks
 from prunekit.runtime import candidates as cand
 from prunekit.runtime import formats
 

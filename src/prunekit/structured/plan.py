@@ -326,7 +326,7 @@ def _scores(model: nn.Module, config: ChannelConfig, groups: list[Group], ctx: P
 @register_method(ChannelConfig, per_layer=False)
 def plan_channels(model: nn.Module, config: ChannelConfig, fqns: list[str] | None, ctx: PlanContext) -> ChannelPlan:
     """Trace, find coupled groups, score, select: a `ChannelPlan` (the model is not mutated)."""
-    from prunekit.measure.bench import count_flops, count_params
+    from prunekit.core.counting import count_flops, count_params
 
     if any(hasattr(m, "parametrizations") for m in model.modules()):
         raise ConfigError("the model has masks attached: call prunekit.finalize(model) before structured pruning")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.inputs import split_inputs
 from prunekit.errors import TraceError
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,6 @@ class TracedModel:
         path = list(stack.values())[-1][0]
         path = path.removeprefix("model").removeprefix(".") if path.startswith("model") else path
         return path
-
-
-def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Normalise example inputs (a tensor, a tuple of args, or a dict of kwargs) to args, kwargs."""
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
 
 
 def _hf_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:

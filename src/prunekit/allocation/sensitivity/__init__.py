@@ -218,7 +218,7 @@ def layer_flops(model: nn.Module, example_inputs: Any, fqns: Sequence[str]) -> d
     Counted from each layer's output size with forward hooks (no graph tracing), so it works
     on any model that runs: a conv costs 2 * (in/groups) * kernel elements per output.
     """
-    from prunekit.measure.bench import run_with_hooks
+    from prunekit.core.inputs import run_with_hooks
 
     counts: dict[str, int] = {}
 

@@ -49,7 +49,7 @@ def scan_groups(
     lowest-scoring units at the level and applies the plan to a copy, so a scan costs one
     trace instead of one per probe (a large model's trace takes seconds).
     """
-    from prunekit.measure.bench import count_flops, count_params
+    from prunekit.core.counting import count_flops, count_params
 
     cells = cells or ScanCheckpoint()
     baseline, why = cells.measure("baseline", _call_evaluate, evaluate, model)
@@ -81,7 +81,7 @@ def scan_groups(
 def _probe(pruner: GroupPruner, name: str, level: float, evaluate: Evaluate,
            before: tuple[int, int, Any]) -> tuple[float, str | None, int, int]:
     """One cell: the metric of the copy without group `name` at `level`, and what it removed."""
-    from prunekit.measure.bench import count_flops, count_params
+    from prunekit.core.counting import count_flops, count_params
 
     params_before, flops_before, example_inputs = before
     pruned = pruner.pruned(name, level)
