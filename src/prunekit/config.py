@@ -25,6 +25,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunekit.errors import ConfigError
+from prunekit.storage.files import atomic_write_text, check_expanded_size, read_document
 
 RECIPE_VERSION = 1
 MAX_RECIPE_DEPTH = 64  # nesting levels `config_from_dict` follows; real recipes use fewer than 6
@@ -196,8 +197,6 @@ def save_recipe(config: FrozenConfig, path: str | Path) -> Path:
     """Write `config` as a YAML (.yaml/.yml) or JSON recipe, atomically."""
     import yaml
 
-    from prunekit.storage.files import atomic_write_text
-
     path = Path(path)
     data = config_to_dict(config)
     if path.suffix in (".yaml", ".yml"):
@@ -210,8 +209,6 @@ def save_recipe(config: FrozenConfig, path: str | Path) -> Path:
 def load_recipe(path: str | Path) -> Any:
     """Read a recipe written by `save_recipe` (safe YAML / JSON; allow-listed types only)."""
     import yaml
-
-    from prunekit.storage.files import check_expanded_size, read_document
 
     path = Path(path)
     text = read_document(path, "recipe", ConfigError)

@@ -20,7 +20,7 @@ from prunekit.config import FrozenConfig, PerLayer
 from prunekit.core.criteria import ScoreContext, get_criterion
 from prunekit.core.masks import base_tensor, get_mask, remove_mask, set_mask
 from prunekit.core.memory import parse_memory
-from prunekit.core.targets import group_by_config, resolve
+from prunekit.core.targets import check_finite_weight, group_by_config, resolve
 from prunekit.errors import ConfigError, PlanError
 
 log = logging.getLogger(__name__)
@@ -190,9 +190,7 @@ def score_layers(
     scores = {}
     for fqn in fqns:
         module = modules[fqn]
-        if not torch.isfinite(module.weight).all():  # NaN ranks unpredictably, Inf always survives
-            raise PlanError(f"layer {fqn!r}: weight has NaN/Inf; cannot rank it with {criterion!r} "
-                            "(a diverged run or a corrupt checkpoint?)")
+        check_finite_weight(fqn, module, f"rank it with {criterion!r}")
         with torch.no_grad():
             score = info.fn(module.weight, ScoreContext(fqn, module, generator, ctx.stats.get(fqn, {})))
             mask = get_mask(module)

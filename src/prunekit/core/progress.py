@@ -14,4 +14,4 @@ def progress(items: Iterable[T], desc: str, enabled: bool, **tqdm_kwargs: Any) -
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, leave=False, **tqdm_kwargs)
+    return tqdm(items, desc=desc, **{"leave": False, **tqdm_kwargs})

@@ -13,11 +13,12 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import torch
 from torch import nn
 
 from prunekit.config import FrozenConfig, PerLayer
 from prunekit.core.masks import PRUNABLE_TYPES
-from prunekit.errors import ConfigError, UnsupportedLayerError
+from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
 
 
 def matches(pattern: str, fqn: str) -> bool:
@@ -122,3 +123,13 @@ def split_fitting(
         logger.log(level, "%s: layer %r skipped (left dense, not padded): %s", pattern, fqn, why)
         skipped[fqn] = why
     return eligible, skipped
+
+
+def check_finite_weight(fqn: str, module: nn.Module, doing: str) -> None:
+    """Refuse a layer whose weight holds NaN/Inf: NaN ranks unpredictably and Inf always survives.
+
+    Raises:
+        PlanError: naming the layer and what could not be done with it (`doing`).
+    """
+    if not torch.isfinite(module.weight).all():  # type: ignore[arg-type]
+        raise PlanError(f"layer {fqn!r}: weight has NaN/Inf; cannot {doing} (a diverged run or a corrupt checkpoint?)")

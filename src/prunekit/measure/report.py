@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import prunekit
+from importlib.metadata import version as _installed_version
 from prunekit.core.masks import sparsity
 from prunekit.deploy.checkpoint import save
 from prunekit.errors import PrunekitError
@@ -182,7 +182,7 @@ def _cpu_name() -> str:
 def environment(seed: int | None = None) -> dict[str, Any]:
     """Where the numbers were measured: CPU, threads, versions, seed."""
     return {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "prunekit": prunekit.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "prunekit": _installed_version("prunekit"),
             "platform": platform.platform(), "seed": seed}
 
 

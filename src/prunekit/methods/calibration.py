@@ -31,6 +31,8 @@ from prunekit.core.inputs import call_model, to_model_device
 from prunekit.core.masks import base_tensor, get_mask, n_pruned, nm_mask
 from prunekit.core.memory import MemoryEstimate, MemorySize, check_budget, data_bytes, layer_work, model_bytes
 from prunekit.core.plan import MaskPlan, PlanContext
+from prunekit.core.progress import progress
+from prunekit.core.targets import check_finite_weight
 from prunekit.errors import CalibrationError, ConfigError, PlanError, UnsupportedLayerError
 
 log = logging.getLogger(__name__)
@@ -335,8 +337,7 @@ def _check_layers(modules: dict[str, nn.Module], fqns: list[str], criterion: str
                 f"layer {fqn!r} is a {type(module).__name__}; criterion {criterion!r} prunes nn.Linear "
                 "layers only: exclude it or use criterion='l1'"
             )
-        if not torch.isfinite(module.weight).all():
-            raise PlanError(f"layer {fqn!r}: weight has NaN/Inf; cannot prune it with {criterion!r}")
+        check_finite_weight(fqn, module, f"prune it with {criterion!r}")
 
 
 class _Runner:
@@ -443,8 +444,6 @@ def plan_with_data(
         UnsupportedLayerError: a target is not nn.Linear.
         PlanError: a target's weight has NaN/Inf, or its Hessian stays singular.
     """
-    from tqdm.auto import tqdm
-
     solver = get_solver(criterion)
     modules = dict(model.named_modules())
     _check_layers(modules, fqns, criterion)
@@ -464,7 +463,7 @@ def plan_with_data(
                 blocks = None
             if blocks:
                 last = max(i for i, (b, _) in enumerate(blocks) if any(f.startswith(b + ".") for f in fqns))
-                bar = tqdm(blocks[: last + 1], desc=f"{criterion} blocks", disable=not ctx.progress)
+                bar = progress(blocks[: last + 1], f"{criterion} blocks", ctx.progress, leave=True)
                 for i, (bname, block) in enumerate(bar):
                     names = [f for f in fqns if f.startswith(bname + ".")]
                     if names:

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunekit.core.progress import progress as progress_bar
 from prunekit.errors import CheckpointError, ConfigError
+from prunekit.storage.runstate import Checkpointer, check_same_run, loader_generators, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,6 @@ def finetune(
         CheckpointError: `checkpoint_dir` holds a checkpoint but `resume` is False, or the
             checkpoint does not fit this model, optimizer or loader.
     """
-    from prunekit.storage.runstate import Checkpointer
-
     saver = Checkpointer(checkpoint_dir, "finetune", checkpoint_every, resume)
     loop = TrainLoop(model, loader, optimizer or torch.optim.Adam(model.parameters(), lr=lr),
                      kd or KDLoss(alpha=0.5 if teacher is not None else 0.0), teacher, pruner, scheduler)
@@ -130,8 +130,6 @@ class TrainLoop:
             progress: bool, *, saved: dict[str, Any] | None = None,
             save: Callable[[dict[str, Any]], None] | None = None, every: int = 100) -> int:
         """Train for `epochs` (from `saved`'s position if given); returns the last global step."""
-        from prunekit.storage.runstate import loader_generators, rng_state, set_rng_state
-
         gens = loader_generators(self.loader)
         pos: dict[str, Any] = {"epoch": 0, "batch": 0, "step": start_step, "loss_total": 0.0}
         if saved is not None:
@@ -155,7 +153,7 @@ class TrainLoop:
             if skip:
                 set_rng_state(saved["rng"], gens)  # type: ignore[index]
             done = skip
-            for x, y in _progress(batches, f"epoch {epoch + 1}/{epochs}", progress):
+            for x, y in progress_bar(batches, f"epoch {epoch + 1}/{epochs}", progress):
                 total += self._train_step(x, y)
                 step, done = step + 1, done + 1
                 if self.pruner is not None:
@@ -186,8 +184,6 @@ class TrainLoop:
     def state_dict(self, position: dict[str, Any], epoch_rng: dict[str, Any] | None, epochs: int,
                    start_step: int) -> dict[str, Any]:
         """Everything a resumed loop needs, as nested tensors and plain values."""
-        from prunekit.storage.runstate import loader_generators, rng_state
-
         state: dict[str, Any] = {
             "run": {"epochs": epochs, "start_step": start_step},
             "position": position,
@@ -204,8 +200,6 @@ class TrainLoop:
 
     def load_state_dict(self, state: dict[str, Any], epochs: int, start_step: int) -> None:
         """Restore the model, optimizer, scheduler and pruner from `state_dict()` (mutates them)."""
-        from prunekit.storage.runstate import check_same_run
-
         check_same_run(state["run"], {"epochs": epochs, "start_step": start_step}, "finetune")
         try:
             self.model.load_state_dict(state["model"])
@@ -218,14 +212,6 @@ class TrainLoop:
                 if name not in state:
                     raise CheckpointError(f"finetune checkpoint has no {name} state, but a {name} was given")
                 owner.load_state_dict(state[name])
-
-
-def _progress(iterable: Iterable[Any], desc: str, enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False)
 
 
 @torch.no_grad()

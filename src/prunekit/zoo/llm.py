@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.progress import progress as progress_bar
 from prunekit.errors import PrunekitError
 
 log = logging.getLogger(__name__)
@@ -122,13 +123,11 @@ def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 512, *, progress: b
     Every window predicts its tokens 2..seq_len from the ones before (the standard
     WikiText-style evaluation of the SparseGPT and Wanda papers).
     """
-    from tqdm.auto import tqdm
-
     windows = token_windows(ids, seq_len)
     if not windows:
         raise PrunekitError(f"perplexity needs at least {seq_len} tokens, got {ids.numel()}")
     nll, count = 0.0, 0
-    for window in tqdm(windows, desc="perplexity", disable=not progress):
+    for window in progress_bar(windows, "perplexity", progress, leave=True):
         logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
         target = window[0, 1:]
         nll += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
