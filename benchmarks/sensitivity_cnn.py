@@ -55,7 +55,7 @@ def _allocated(dense: torch.nn.Module, table: pk.SensitivityTable, x: torch.Tens
     goal = budget
     for _ in range(5):  # the additive prediction overestimates coupled savings: aim higher
         allocation = pk.allocate(table, pk.FlopsTarget(reduction=min(goal, 0.95)))
-        pruned = allocation.apply(dense, x)
+        pruned = allocation.apply(copy.deepcopy(dense), x)  # apply mutates: keep the dense model
         measured = _reduction(dense, pruned, x)
         if measured >= budget - 0.005:
             break

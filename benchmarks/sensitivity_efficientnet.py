@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import fcntl
 import math
@@ -202,7 +203,7 @@ def closed_loop(dense: nn.Module, table: pk.SensitivityTable, lut: LatencyTable,
     for round_ in range(args.rounds):
         goal = min(args.speedup, 0.995 * _reachable(table, table_k))
         allocation = pk.allocate(table, pk.LatencyTarget(speedup=goal), latency=table_k)
-        pruned = allocation.apply(dense, x).eval()
+        pruned = allocation.apply(copy.deepcopy(dense), x).eval()  # apply mutates: keep the dense model
         measured = measure(dense, pruned, x, args.measure_repeats)
         raw_saving = (1 - 1 / allocation.achieved) / table_k.saving_scale
         print(f"round {round_ + 1}: savings scale {table_k.saving_scale:.3f}, predicted {allocation.achieved:.3f}x "

@@ -7,9 +7,17 @@ import torch
 from torch import nn
 
 import prunekit as pk
+from prunekit.core.criteria import CRITERIA
 from prunekit.core.inputs import call_model
 from prunekit.errors import ConfigError, UnsupportedLayerError
-from prunekit.methods.calibration import CalibrationError, as_batches, collect_stats, find_blocks
+from prunekit.methods.calibration import (
+    SOLVERS,
+    CalibrationError,
+    as_batches,
+    collect_stats,
+    find_blocks,
+    register_solver,
+)
 from prunekit.methods.nm import NMConfig, check_nm
 from tests.models import ResidualCNN, mlp
 
@@ -184,6 +192,29 @@ def test_dict_batches_with_lm_head_use_a_full_pass_and_finalize_works() -> None:
     assert pk.sparsity(model).layers["lm_head"] == pytest.approx(0.5)
     pk.finalize(model)
     assert not pk.core.masks.masked_modules(model)
+
+
+def test_a_new_calibration_criterion_is_one_registration(monkeypatch) -> None:
+    """One `register_solver` makes a name that configs accept, global ranking scores with, and the
+    sequential pass solves with; registering it twice is refused."""
+    monkeypatch.setattr(CRITERIA, "_entries", dict(CRITERIA._entries))
+    monkeypatch.setattr(SOLVERS, "_entries", dict(SOLVERS._entries))
+
+    def score(weight, ctx):  # |w| times the input's sum of squares: a toy activation-aware score
+        return weight.detach().abs() * ctx.stats["sq_norm"].unsqueeze(0)
+
+    @register_solver("toy", score=score, reference="a test")
+    def solve(weight, keep, stats, pattern, fqn):
+        return pattern.select(weight.detach().abs() * stats.sq_norm.unsqueeze(0)), None
+
+    torch.manual_seed(0)
+    data = [torch.randn(8, 64) for _ in range(2)]
+    for scope in ("layer", "global"):
+        model = mlp()
+        pk.prune(model, pk.UnstructuredConfig(sparsity=0.5, criterion="toy", scope=scope), data=data)
+        assert float(pk.sparsity(model)) == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ConfigError, match="already registered"):
+        register_solver("toy")(solve)
 
 
 def test_sparsegpt_global_scope_is_refused() -> None:

@@ -8,6 +8,7 @@ feature goes from the folder names, and no stage can grow a hidden dependency on
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def _read_graph() -> Graph:
                 g.stage_edges.append((name, module, node.lineno))
                 if module not in packages:
                     g.edges[name].add(module)
-                if alias.startswith("_") and not alias.startswith("__") and candidate not in g.modules and module != name:
+                private = alias.startswith("_") and not alias.startswith("__")
+                if private and candidate not in g.modules and module != name:
                     g.private.append(f"{name}:{node.lineno} imports {module}.{alias}")
     return g
 
@@ -144,6 +146,17 @@ def test_no_stage_imports_a_later_one(graph: Graph) -> None:
         if _stage(imported) > _stage(module)
     ]
     assert late == []
+
+
+def test_readme_tree_lists_every_folder_in_stage_order() -> None:
+    """The README's layout is the tree, one line per folder or top-level module, so it cannot go stale."""
+    readme = (ROOT.parents[1] / "README.md").read_text()
+    tree = readme[readme.index("## Layout"):]
+    listed = re.findall(r"^[├└]── (\S+?)(?:/|\.py)?\s", tree, flags=re.MULTILINE)
+    present = {p.stem for p in ROOT.glob("*.py") if p.name != "__init__.py"}
+    present |= {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    assert sorted(listed) == sorted(present)
+    assert [_stage(f"prunekit.{name}") for name in listed] == sorted(_stage(f"prunekit.{name}") for name in listed)
 
 
 def test_the_checks_catch_what_they_claim() -> None:

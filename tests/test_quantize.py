@@ -8,7 +8,8 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.config import config_from_dict, config_to_dict
-from prunekit.deploy.quantize import DynamicInt8Config, StaticInt8Config, finalized_copy, int8_sparsity, quantize
+from prunekit.deploy.int8 import int8_sparsity
+from prunekit.deploy.quantize import DynamicInt8Config, StaticInt8Config, finalized_copy, quantize
 from prunekit.errors import ConfigError
 from tests.models import ZOO, ResidualCNN
 

@@ -174,7 +174,7 @@ def postgres_url():
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed and could not be installed")
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         pytest.skip("running as root without runuser: cannot start PostgreSQL as an unprivileged user")
-    pytest.importorskip("psycopg2", reason="optuna's PostgreSQL storage needs psycopg2 (prunekit[search])")
+    import psycopg  # noqa: F401  (prunekit[search] installs psycopg 3: the driver optuna's URL below names)
     root = Path(tempfile.mkdtemp(prefix="prunekit-pg-"))  # not under pytest's 0700 root-owned tmp
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
@@ -194,7 +194,7 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]}")
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run(_as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"]),
                        capture_output=True, timeout=120)

@@ -42,8 +42,6 @@ from prunekit.errors import (
 )
 from prunekit.measure.bench import compare_speed, count_flops, count_params, measure_latency
 from prunekit.measure.report import Report, compare, write_report
-from prunekit.methods import sparsegpt as _sparsegpt  # noqa: F401  (registers the criterion)
-from prunekit.methods import wanda as _wanda  # noqa: F401  (registers the criterion)
 from prunekit.methods.block import BlockConfig, BlockReport, check_blocks
 from prunekit.methods.nm import NMConfig, NMReport, check_nm
 from prunekit.methods.unstructured import UnstructuredConfig

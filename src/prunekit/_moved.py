@@ -51,6 +51,10 @@ MODULES: dict[str, str] = {
     "prunekit.allocate": "prunekit.allocation.allocate",
     "prunekit.search": "prunekit.allocation.search",
     "prunekit.recipe": "prunekit.recipes.run",
+    "prunekit.structured.ops_matmul": "prunekit.structured.ops.matmul",
+    "prunekit.structured.ops_shape": "prunekit.structured.ops.shape",
+    "prunekit.runtime.kernels_numba": "prunekit.runtime.kernels.numba",
+    "prunekit.runtime.kernels_avx512": "prunekit.runtime.kernels.avx512",
     "prunekit.demo": "prunekit.recipes.demo",
 }
 
@@ -58,6 +62,15 @@ MODULES: dict[str, str] = {
 NAMES: dict[tuple[str, str], str] = {
     ("prunekit.structured", "prune_iteratively"): "prunekit.train.iterative",
     ("prunekit.config", "UnstructuredConfig"): "prunekit.methods.unstructured",
+    ("prunekit.runtime.kernels_numba", "sparse_linear"): "prunekit.runtime.kernels",
+    ("prunekit.allocation.allocate", "run_sensitivity_recipe"): "prunekit.recipes.sensitivity",
+    ("prunekit.allocation.search", "run_search_recipe"): "prunekit.recipes.search",
+    ("prunekit.deploy.quantize", "is_quantized_linear"): "prunekit.deploy.int8",
+    ("prunekit.deploy.quantize", "int8_state"): "prunekit.deploy.int8",
+    ("prunekit.deploy.quantize", "load_int8_state"): "prunekit.deploy.int8",
+    ("prunekit.deploy.quantize", "int8_sparsity"): "prunekit.deploy.int8",
+    ("prunekit.deploy.onnx_export", "export_command"): "prunekit.cli",
+    ("prunekit.deploy.checkpoint", "MAX_HEADER_BYTES"): "prunekit.storage.safetensors",
 }
 
 
@@ -88,6 +101,8 @@ class _Alias(types.ModuleType):
         target = self.__dict__.get("_target")
         if target is None:  # asked before exec_module ran (import machinery probing attributes)
             raise AttributeError(name)
+        if not hasattr(target, name) and (self.__name__, name) in NAMES:
+            return moved_name(self.__name__, name)
         return getattr(target, name)
 
     def __dir__(self) -> list[str]:
@@ -106,7 +121,8 @@ class _AliasLoader(importlib.abc.Loader):
         _warn(module.__name__, new)
         target = importlib.import_module(new)
         module._target = target  # type: ignore[attr-defined]
-        module.__all__ = list(getattr(target, "__all__", [n for n in vars(target) if not n.startswith("_")]))
+        names = getattr(target, "__all__", [n for n in vars(target) if not n.startswith("_")])
+        setattr(module, "__all__", list(names))  # noqa: B010  (ModuleType declares no __all__)
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder):

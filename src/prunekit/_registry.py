@@ -8,12 +8,13 @@ unknown name both fail with a `ConfigError` that says which table and, for a mis
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from prunekit.errors import ConfigError
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+T = TypeVar("T")
 
 
 def _name(key: object) -> str:
@@ -46,11 +47,11 @@ class Registry(Generic[K, V]):
         self._entries[key] = entry
         return entry
 
-    def decorator(self, key: K, make: Callable[[V], object] | None = None) -> Callable[[V], V]:
+    def decorator(self, key: K, make: Callable[[T], V] | None = None) -> Callable[[T], T]:
         """`@registry.decorator(key)`: register the decorated object (or `make(obj)`) and return it unchanged."""
 
-        def wrap(obj: V) -> V:
-            self.register(key, make(obj) if make is not None else obj)  # type: ignore[arg-type]
+        def wrap(obj: T) -> T:
+            self.register(key, make(obj) if make is not None else cast(V, obj))
             return obj
 
         return wrap

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
+from torch import nn
 
-from prunekit.errors import PrunekitError
+from prunekit.allocation.allocate import SparsityTarget
+from prunekit.allocation.search import SearchRecipe
+from prunekit.config import load_recipe
+from prunekit.core.masks import sparsity
+from prunekit.core.targets import prunable_layers
+from prunekit.deploy.checkpoint import load, read_checkpoint
+from prunekit.deploy.onnx_export import ExportReport, export_onnx
+from prunekit.deploy.quantize import DynamicInt8Config, quantize
+from prunekit.errors import ConfigError, PrunekitError
+from prunekit.measure.report import compare, write_report
+from prunekit.recipes.demo import DemoSettings, run_demo
+from prunekit.recipes.run import Recipe, load_entry_point, run_recipe
+from prunekit.recipes.search import run_search_recipe
+from prunekit.recipes.sensitivity import run_sensitivity_recipe
+from prunekit.structured import analyze, trace
+from prunekit.structured.layers import owner_of
+from prunekit.structured.plan import excluded_layers
+from prunekit.zoo import models as zoo
 
 app = typer.Typer(help="Prune trained PyTorch models and measure what it bought.", no_args_is_help=True)
 
@@ -38,8 +58,6 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Compress LeNet-300-100 on real MNIST for a 1 MB budget and report the measured result."""
-    from prunekit.recipes.demo import DemoSettings, run_demo
-
     if quick:
         epochs, finetune_epochs = min(epochs, 1), min(finetune_epochs, 2)
     try:
@@ -76,8 +94,6 @@ def inspect(
                                                            "(repeatable).")] = None,
 ) -> None:
     """Print a checkpoint's tensors, or a model's prunable layers and structured channel groups."""
-    from prunekit.deploy.checkpoint import read_checkpoint
-
     path = Path(target)
     try:
         if not path.exists() and ":" in target:
@@ -109,8 +125,6 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 20,
 ) -> None:
     """Export a checkpoint to ONNX, check the file kept its sparsity, and print its sizes."""
-    from prunekit.deploy.onnx_export import export_command
-
     try:
         shape = tuple(int(s) for s in input_shape.split(","))
     except ValueError:
@@ -124,14 +138,56 @@ def export(
         return
     typer.echo(report.summary())
 
+
+def export_command(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    model: str = "lenet_300_100",
+    input_shape: tuple[int, ...] = (1, 1, 28, 28),
+    int8: bool = False,
+    check: bool = True,
+    opset: int | None = None,
+) -> ExportReport:
+    """Load a `prunekit.save` checkpoint into a `prunekit.zoo` model and export it to ONNX (the body
+    of `prunekit export`, testable without Typer; writes `out`, mutates nothing else).
+
+    Args:
+        checkpoint: a file written by `prunekit.save` (fp32 or INT8: an INT8 file, recognised
+            by its per-channel '*.weight_scale' tensors, is loaded into a dynamic-INT8 model).
+        out: the .onnx file to write (atomically, after the check).
+        model: name of a constructor in `prunekit.zoo` that builds the architecture.
+        input_shape: shape of the random example input used to trace and check.
+        int8: quantize an fp32 checkpoint to dynamic INT8 (`DynamicInt8Config`) first.
+        check: verify the file (see `export_onnx`).
+        opset: ONNX opset (default 20).
+
+    Raises:
+        ConfigError: unknown zoo model.
+        CheckpointError: the checkpoint does not fit the model.
+    """
+    build = getattr(zoo, model, None)
+    if not callable(build) or model.startswith("_"):
+        known = ", ".join(n for n in dir(zoo) if not n.startswith("_") and callable(getattr(zoo, n))
+                          and n[0].islower())
+        raise ConfigError(f"export --model: unknown zoo model {model!r}; known: {known}")
+    net: nn.Module = build()
+    state, _ = read_checkpoint(checkpoint)
+    stored_int8 = any(k.endswith(".weight_scale") for k in state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        if stored_int8:
+            net = load(checkpoint, quantize(net, DynamicInt8Config()))
+        else:
+            net = load(checkpoint, net)
+            if int8:
+                net = quantize(net, DynamicInt8Config())
+    example = torch.randn(*input_shape)
+    return export_onnx(net, out, example, check=check, opset=opset)
+
+
 def _inspect_model(entry_point: str, input_shape: str = "", example_inputs: str = "",
                    exclude: list[str] | None = None) -> None:
-    import torch
-
-    from prunekit.core.masks import sparsity
-    from prunekit.core.targets import prunable_layers
-    from prunekit.recipes.run import load_entry_point
-
     model = load_entry_point(entry_point, "model")
     inputs = _example_inputs(entry_point, input_shape, example_inputs)
     measured = sparsity(model)
@@ -153,8 +209,6 @@ def _example_inputs(entry_point: str, input_shape: str, example_inputs: str) -> 
 
     import torch
 
-    from prunekit.recipes.run import load_entry_point
-
     if input_shape:
         shape = [int(v) for v in _floats(input_shape, "--input-shape")]
         if not shape or min(shape) < 1 or any(float(v) != int(float(v)) for v in input_shape.split(",")):
@@ -170,12 +224,8 @@ def _example_inputs(entry_point: str, input_shape: str, example_inputs: str) -> 
 
 def _echo_groups(model: object, inputs: object, exclude: list[str]) -> None:
     """Trace, then print each coupled channel group and each layer whose outputs cannot shrink."""
-    from prunekit.structured import analyze, trace
-    from prunekit.structured.layers import owner_of
-    from prunekit.structured.plan import _excluded
-
     model.eval()  # type: ignore[attr-defined]
-    graph = analyze(model, trace(model, inputs), _excluded(model, tuple(exclude)))  # type: ignore[arg-type]
+    graph = analyze(model, trace(model, inputs), excluded_layers(model, tuple(exclude)))  # type: ignore[arg-type]
     typer.echo(f"\nprunable channel groups: {len(graph.groups)} (units removed together; a ratio applies per group)")
     for i, g in enumerate(graph.groups):
         width = min(len(g.positions[m][0]) for m in g.members)
@@ -205,9 +255,6 @@ def prune_command(
     With --checkpoint-dir the fine-tuning state is saved as it goes; after a crash or a kill,
     the same command with --resume continues from the last checkpoint.
     """
-    from prunekit.config import load_recipe
-    from prunekit.recipes.run import Recipe, run_recipe
-
     try:
         loaded = load_recipe(recipe)
         if not isinstance(loaded, Recipe):
@@ -238,10 +285,6 @@ def report(
              "default, which page-faults large activations back on every call).")] = True,
 ) -> None:
     """Measure a pruned checkpoint against its baseline and write the validation report."""
-    from prunekit.deploy.checkpoint import load
-    from prunekit.measure.report import compare, write_report
-    from prunekit.recipes.run import load_entry_point
-
     try:
         from functools import partial
 
@@ -290,10 +333,6 @@ def sensitivity_command(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Prune each layer alone at each level, measure it, and (optionally) allocate a budget."""
-    from prunekit.allocation.allocate import SparsityTarget, run_sensitivity_recipe
-    from prunekit.config import load_recipe
-    from prunekit.recipes.run import Recipe
-
     try:
         if metric not in ("accuracy", "loss"):
             raise PrunekitError(f"--metric must be 'accuracy' or 'loss', got {metric!r}")
@@ -324,9 +363,6 @@ def search_command(
     trials: Annotated[int, typer.Option(help="Finished trials wanted in the study (overrides the recipe).")] = 0,
 ) -> None:
     """Search per-layer levels, schedule and distillation weight with Optuna, measuring each trial."""
-    from prunekit.allocation.search import SearchRecipe, run_search_recipe
-    from prunekit.config import load_recipe
-
     try:
         loaded = load_recipe(recipe)
         if not isinstance(loaded, SearchRecipe):

@@ -24,6 +24,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from prunekit._moved import moved_name
 from prunekit.errors import ConfigError
 from prunekit.storage.files import atomic_write_text, check_expanded_size, read_document
 
@@ -223,6 +224,4 @@ def load_recipe(path: str | Path) -> Any:
 
 
 def __getattr__(name: str) -> Any:  # UnstructuredConfig moved to prunekit.methods.unstructured (0.1 path, warns)
-    from prunekit._moved import moved_name
-
     return moved_name(__name__, name)

@@ -23,6 +23,7 @@ from torch import nn
 import prunekit as pk
 from prunekit.deploy.checkpoint import read_checkpoint
 from prunekit.errors import PrunekitError
+from prunekit.storage import runstate
 
 HAS_ONNX = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
 HAS_OPTUNA = importlib.util.find_spec("optuna") is not None
@@ -160,8 +161,7 @@ LOADERS: dict[str, Loader] = {
     "load_recipe(.json)": Loader(lambda p: pk.load_recipe(p), ".json", "JSON"),
     "SensitivityTable.load": Loader(lambda p: pk.SensitivityTable.load(p), ".json", "JSON"),
     "LatencyTable.load": Loader(lambda p: pk.LatencyTable.load(p), ".json", "JSON"),
-    "resume.load_state": Loader(lambda p: importlib.import_module("prunekit.storage.runstate").load_state(p, "sensitivity"),
-                                ".safetensors", "safetensors", True),
+    "resume.load_state": Loader(lambda p: runstate.load_state(p, "sensitivity"), ".safetensors", "safetensors", True),
     "llm.load_smollm2(cache)": Loader(_smollm2_cache, ".bin", "safetensors", HAS_TRANSFORMERS),
     "onnx_check.check_onnx": Loader(_check_onnx, ".onnx", "ONNX", HAS_ONNX),
     "search.open_storage(sqlite)": Loader(_open_storage, ".db", "storage", HAS_OPTUNA),

@@ -53,6 +53,7 @@ def test_installs_the_winner_keeps_names_and_outputs(monkeypatch: pytest.MonkeyP
     assert set(table["layers"][0]["ms"]) >= {"dense", "onednn", "torch_csr", "numba_csr"}
     assert "dense_int8" not in table["layers"][0]["ms"]  # INT8 only when allowed
     assert table["max_rel_error"] <= 1e-4
+    assert (table["format"], table["report_version"]) == ("prunekit.acceleration_report", 1)
 
 
 def test_keeps_dense_when_nothing_wins(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,15 +86,15 @@ def test_real_measurement_matches_dense(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
     choices = {row["choice"] for row in json.loads((tmp_path / "t.json").read_text())["layers"]}
-    assert choices <= set(cand.list_candidates()) - {n for n in cand.list_candidates() if cand.is_int8(n)}
+    assert choices <= set(cand.list_candidates()) - {n for n in cand.list_candidates() if cand.is_int8_candidate(n)}
 
 
-def test_wrong_outputs_restore_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_outputs_restore_the_model(monkeypatch: pytest.MonkeyPatch, extra_candidate) -> None:
     class Broken(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.zeros(*x.shape[:-1], 128)
 
-    monkeypatch.setitem(cand._CANDIDATES, "broken", lambda info: Broken() if info.fqn == "0" else None)
+    extra_candidate("broken", lambda info: Broken() if info.fqn == "0" else None)
     monkeypatch.setattr(acc, "_measure", _fake_measure("broken"))
     model = _mlp()
     before = list(model)
@@ -109,6 +110,16 @@ def test_bad_input_is_a_clear_error() -> None:
         pk.accelerate(_mlp(), torch.randn(1, 64), candidates=["nope"], verbose=False)
     with pytest.raises(UnsupportedLayerError, match="prune it first"):
         pk.accelerate(nn.Sequential(nn.Linear(4, 4)), torch.randn(1, 4), verbose=False)
+
+
+def test_candidates_are_listed_sorted_and_a_miss_names_them() -> None:
+    names = cand.list_candidates()
+    assert names == sorted(names) and {"dense", "numba_csr", "numba_nm24r_int8_1t"} <= set(names)
+    with pytest.raises(ConfigError, match=r"unknown candidate 'nope'; known: .*numba_csr"):
+        cand.get_candidate("nope")
+    with pytest.raises(ConfigError, match="candidate 'dense' is already registered"):
+        cand.register_candidate("dense")(lambda info: None)
+    assert cand.is_int8_candidate("numba_nm24_int8_1t") and not cand.is_int8_candidate("numba_nm24_1t")
 
 
 def test_leaves_multihead_attention_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -105,11 +105,13 @@ def test_accelerate_keeps_siblings_separate_when_told_or_slower(monkeypatch: pyt
     assert "not fused (b1 2.250 vs 1.500 ms" in next(d for d in model.prunekit_acceleration.layers).reason
 
 
-def test_siblings_on_different_kernels_fuse_with_one_that_takes_the_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_siblings_on_different_kernels_fuse_with_one_that_takes_the_stack(
+    monkeypatch: pytest.MonkeyPatch, extra_candidate
+) -> None:
     def only_q(info: cand.LayerInfo) -> nn.Module | None:  # a kernel for q alone: none for the stacked weight
         return cand.DenseLinear(info.fqn, info.weight, info.bias) if info.fqn == "q" else None
 
-    monkeypatch.setitem(cand._CANDIDATES, "only_q", only_q)
+    extra_candidate("only_q", only_q)
     monkeypatch.setattr(acc, "_measure", _fake_measure)
     model = _pruned()
     x = torch.randn(2, 64)

@@ -9,8 +9,9 @@ from torch.nn import functional as F
 
 from prunekit.errors import PrunekitError, UnsupportedLayerError
 from prunekit.runtime import candidates as cand
-from prunekit.runtime import formats
-from prunekit.runtime import kernels_numba as kn
+from prunekit.runtime import formats, kernels
+from prunekit.runtime.kernels import avx512
+from prunekit.runtime.kernels import numba as kn
 
 pytest.importorskip("numba")
 
@@ -54,7 +55,7 @@ def test_kernel_matches_dense(kind: str, int8: bool, batch: int, parallel: bool)
     bias = torch.randn(24)
     x = torch.randn(batch, 32)
     packed = _pack(kind, w, int8)
-    y = torch.from_numpy(kn.sparse_linear(packed, x.numpy(), bias.numpy(), parallel=parallel))
+    y = torch.from_numpy(kernels.sparse_linear(packed, x.numpy(), bias.numpy(), parallel=parallel))
     ref_w = _dequantized(packed, w) if int8 else w
     torch.testing.assert_close(y, F.linear(x, ref_w, bias), rtol=1e-5, atol=1e-5)
     if int8:  # and close to the float layer, as INT8 goes
@@ -71,7 +72,7 @@ def test_bsr_kernels_take_any_block_shape(block: tuple[int, int], batch: int) ->
     keep = torch.rand(18 // br, 48 // bc, generator=g) > 0.6
     w = torch.randn(18, 48, generator=g) * keep.repeat_interleave(br, 0).repeat_interleave(bc, 1)
     bias, x = torch.randn(18, generator=g), torch.randn(batch, 48, generator=g)
-    y = kn.sparse_linear(formats.pack_bsr(w, block), x.numpy(), bias.numpy())
+    y = kernels.sparse_linear(formats.pack_bsr(w, block), x.numpy(), bias.numpy())
     torch.testing.assert_close(torch.from_numpy(y), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
 
 
@@ -81,7 +82,7 @@ def test_all_zero_weight_gives_bias(kind: str) -> None:
     bias = torch.randn(16)
     packed = _pack(kind, w, int8=True)
     assert packed.values.size == 0 or not packed.values.any()
-    y = kn.sparse_linear(packed, np.random.rand(3, 32).astype(np.float32), bias.numpy())
+    y = kernels.sparse_linear(packed, np.random.rand(3, 32).astype(np.float32), bias.numpy())
     torch.testing.assert_close(torch.from_numpy(y), bias.expand(3, 16))
 
 
@@ -139,14 +140,12 @@ def test_missing_numba_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("in_f", [36, 64])  # 9 groups (an odd one left over) and 16
 @pytest.mark.parametrize("parallel", [False, True])
 def test_row_lane_2_4_int8_matches_the_scalar_kernel(batch: int, in_f: int, parallel: bool) -> None:
-    from prunekit.runtime import kernels_avx512
-
-    if not kernels_avx512.available():
+    if not avx512.available():
         pytest.skip("needs AVX-512F")
     w = _weight("nm24", 32, in_f, seed=batch)
     bias, x = torch.randn(32), torch.randn(batch, in_f)
     rows, scalar = formats.pack_nm24_rows(w), formats.pack_nm24(w, int8=True)
-    y = torch.from_numpy(kn.sparse_linear(rows, x.numpy(), bias.numpy(), parallel=parallel))
+    y = torch.from_numpy(kernels.sparse_linear(rows, x.numpy(), bias.numpy(), parallel=parallel))
     torch.testing.assert_close(y, F.linear(x, _dequantized(scalar, w), bias), rtol=1e-5, atol=1e-5)
     # 0.5 B of value and 1/8 B of positions a weight (an odd last group gets a byte to itself)
     assert rows.values.nbytes + rows.cols.nbytes == 32 * in_f // 2 + 32 * -(-in_f // 8)
@@ -161,11 +160,9 @@ def test_row_lanes_need_16_output_rows() -> None:
 
 
 def test_row_lane_kernel_refuses_a_cpu_without_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
-    from prunekit.runtime import kernels_avx512
-
-    monkeypatch.setattr(kernels_avx512, "available", lambda: False)
+    monkeypatch.setattr(avx512, "available", lambda: False)
     packed = formats.pack_nm24_rows(_weight("nm24", 16, 32))
     with pytest.raises(PrunekitError, match="needs a CPU with AVX-512F"):
-        kn.sparse_linear(packed, np.zeros((1, 32), np.float32), np.zeros(16, np.float32))
+        kernels.sparse_linear(packed, np.zeros((1, 32), np.float32), np.zeros(16, np.float32))
     info = cand.LayerInfo("fc", _weight("nm24", 16, 32), None, None, True, True)
     assert cand.get_candidate("numba_nm24r_int8_1t")(info) is None

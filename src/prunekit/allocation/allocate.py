@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field
 from torch import nn
 
-from prunekit.allocation.sensitivity import leaf_at_level
+from prunekit._moved import moved_name
+from prunekit.allocation.sensitivity.groups import GroupPruner
 from prunekit.allocation.sensitivity.table import SensitivityTable
 from prunekit.config import FrozenConfig, PerLayer, config_from_dict, recipe_type
-from prunekit.errors import AllocationError, ConfigError, PrunekitError
+from prunekit.core.plan import prune
+from prunekit.errors import AllocationError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -107,36 +110,36 @@ class Allocation:
     kind: Literal["layer", "group"] = "layer"
 
     def to_config(self, family: FrozenConfig | None = None) -> PerLayer:
-        """`PerLayer` rules: each pruned layer gets `family` at its level, dense layers None.
+        """`PerLayer` rules (a new config; nothing mutated): each pruned layer gets `family` at its
+        level, dense layers None.
 
-        Works for every config type with a sparsity (`with_sparsity`: unstructured, N:M up to
-        its pattern, Wanda/SparseGPT criteria) or a `ratio`. `exclude` is dropped from the
-        leaves because the rule keys already say which layers each leaf prunes, and `scope`
-        becomes "layer" so that layers given the same level are not ranked together.
+        Works for every config with a level (`FrozenConfig.with_level`: a mask config's
+        sparsity, N:M up to its pattern, Wanda/SparseGPT criteria included). Each leaf is
+        `family.with_level(level).as_layer_rule()`: the rule key already says which layer it
+        prunes, and layers given the same level are not ranked together.
         """
         family = family if family is not None else config_from_dict(self.family, where="Allocation.family")
         if self.kind == "group":
             raise ConfigError("channel-group levels are not per-layer rules: use Allocation.apply(model, inputs)")
         rules: dict[str, Any] = {}
         for unit, level in self.levels.items():
-            rules[unit] = leaf_at_level(family, level) if level > 0 else None
+            rules[unit] = family.with_level(level).as_layer_rule() if level > 0 else None
         return PerLayer(rules)
 
     def apply(self, model: nn.Module, example_inputs: Any = None, data: Any = None) -> nn.Module:
-        """Prune as allocated. Layers: masks in place (mutates, returns `model`). Channel groups:
-        one channel plan removing each group's lowest-scoring units at its own ratio, applied
-        to a copy that is returned (`model` is left intact, also on error); needs `example_inputs`.
-        """
-        from prunekit.core.plan import prune
+        """Prune `model` as allocated, in place (mutates and returns `model`), all or nothing.
 
+        Layers: masks, as `prunekit.prune(model, self.to_config())`. Channel groups: one
+        channel plan removing each group's lowest-scoring units at its own ratio, applied to
+        `model` itself as `ChannelPlan.apply` does (on error it is rolled back, `model` left
+        intact); needs `example_inputs` to trace. Pass `copy.deepcopy(model)` to keep the
+        dense model, e.g. to compare the two or to apply several allocations.
+        """
         family = config_from_dict(self.family, where="Allocation.family")
         if self.kind == "layer":
             return prune(model, self.to_config(family), data=data)
-        from prunekit.allocation.sensitivity.groups import GroupPruner
-
-        return GroupPruner(model, family, example_inputs, data).pruned_many(
-            {u: lv for u, lv in self.levels.items() if lv > 0}
-        )
+        pruner = GroupPruner(model, family, example_inputs, data)
+        return pruner.plan_many({u: lv for u, lv in self.levels.items() if lv > 0}).apply(model)
 
     def summary(self) -> str:
         """One line per unit with its level, then what the allocation predicts."""
@@ -155,26 +158,31 @@ class Allocation:
 
 
 @dataclass
-class _Budget:
+class Budget:
+    """A target's resource as the allocation walks it: per unit and level, how much it saves.
+
+    `allocate` builds one per target type; `LatencyTable.budget` builds the latency one.
+    """
+
     savings: dict[str, list[float]]  # unit -> saving at each table level
     required: float  # total saving needed
-    achieved: Any  # total saving -> the target's quantity
+    achieved: Callable[[float], float]  # total saving -> the target's quantity
     name: str  # the quantity in words, for errors
     field: str  # the target's field, for errors
 
 
-def _budget(table: SensitivityTable, target: Target, latency: Any) -> _Budget:
+def _budget(table: SensitivityTable, target: Target, latency: Any) -> Budget:
     n = len(table.levels)
     if isinstance(target, SparsityTarget):
         total = sum(table.params.values())
         savings = {u: [table.removed_at("params", u, i) for i in range(n)] for u in table.units}
-        return _Budget(savings, target.sparsity * total, lambda s: s / total, "parameter sparsity", "sparsity")
+        return Budget(savings, target.sparsity * total, lambda s: s / total, "parameter sparsity", "sparsity")
     if isinstance(target, FlopsTarget):
         flops = table.total_flops
         if flops is None:
             raise ConfigError("FlopsTarget: the table has no FLOPs; pass example_inputs= to sensitivity()")
         savings = {u: [table.removed_at("flops", u, i) for i in range(n)] for u in table.units}
-        return _Budget(savings, target.reduction * flops, lambda s: s / flops, "FLOPs reduction", "reduction")
+        return Budget(savings, target.reduction * flops, lambda s: s / flops, "FLOPs reduction", "reduction")
     if isinstance(target, SizeTarget):
         return _size_budget(table, target)
     if isinstance(target, LatencyTarget):
@@ -184,7 +192,7 @@ def _budget(table: SensitivityTable, target: Target, latency: Any) -> _Budget:
     raise ConfigError(f"allocate: unknown target type {type(target).__name__}")
 
 
-def _size_budget(table: SensitivityTable, target: SizeTarget) -> _Budget:
+def _size_budget(table: SensitivityTable, target: SizeTarget) -> Budget:
     n = len(table.levels)
     if table.kind == "group":  # smaller dense tensors: every removed parameter saves 4 bytes
         savings = {u: [4.0 * table.removed_at("params", u, i) for i in range(n)] for u in table.units}
@@ -197,7 +205,7 @@ def _size_budget(table: SensitivityTable, target: SizeTarget) -> _Budget:
             stored = [numel / 8 + target.bytes_per_value * numel * (1 - lv) for lv in table.levels]
             savings[u] = [4.0 * numel - b for b in stored]
     dense += target.overhead_bytes
-    return _Budget(savings, dense - target.size_bytes, lambda s: dense - s, "predicted size in bytes", "size_bytes")
+    return Budget(savings, dense - target.size_bytes, lambda s: dense - s, "predicted size in bytes", "size_bytes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,9 +273,9 @@ def allocate(
             unit; the message says which constraint binds and the closest achievable target.
 
     Example:
-        >>> from prunekit.config import UnstructuredConfig
+        >>> from prunekit.methods.unstructured import UnstructuredConfig
         >>> from torch import nn
-        >>> from prunekit.sensitivity import sensitivity
+        >>> from prunekit.allocation.sensitivity import sensitivity
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> t = sensitivity(model, UnstructuredConfig(sparsity=0.5), lambda m: 1.0, levels=[0.5, 0.9])
         >>> allocate(t, SparsityTarget(sparsity=0.5)).achieved >= 0.5
@@ -366,7 +374,7 @@ def _interpolate(points: dict[str, list[tuple[float, float, float]]], chosen: di
     return required, damage - (1 - t) * (y1 - y0)
 
 
-def _unreachable(table: SensitivityTable, target: Target, budget: _Budget, best: float, max_level: float | None) -> str:
+def _unreachable(table: SensitivityTable, target: Target, budget: Budget, best: float, max_level: float | None) -> str:
     top = max_level if max_level is not None else max(table.levels)
     failed = sorted({k.rpartition("@")[0] for k in table.failures})
     binds = f"the highest allowed level ({top:g}) in every unit"
@@ -383,63 +391,5 @@ def _unreachable(table: SensitivityTable, target: Target, budget: _Budget, best:
             "scan higher levels or relax the target")
 
 
-# --------------------------------------------------------------------------------------------
-# The `prunekit sensitivity` command: scan a recipe's model, then optionally allocate.
-
-
-def run_sensitivity_recipe(
-    recipe: Any,
-    out: Any,
-    *,
-    levels: list[float],
-    metric: Literal["accuracy", "loss"] = "accuracy",
-    loss_batches: int = 4,
-    input_shape: tuple[int, ...] | None = None,
-    target: Target | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Scan `recipe.model` with `recipe.prune` as the family; write the table, heat map, allocation.
-
-    Writes `sensitivity.json`, `sensitivity.png` (if matplotlib is installed) and, with a
-    target, `allocation.yaml`: `PerLayer` rules for `prunekit prune`. Returns the paths.
-    """
-    from pathlib import Path
-
-    import torch
-    from torch import nn
-
-    from prunekit.allocation.sensitivity import proxy_loss, sensitivity
-    from prunekit.config import save_recipe
-    from prunekit.deploy.checkpoint import load
-    from prunekit.recipes.run import load_entry_point
-    from prunekit.train.distill import accuracy
-
-    out = Path(out)
-    model = load_entry_point(recipe.model, "model")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model entry point {recipe.model!r} returned {type(model).__name__}, not an nn.Module")
-    if recipe.checkpoint:
-        load(recipe.checkpoint, model)
-    if not recipe.data:
-        raise ConfigError("prunekit sensitivity needs recipe.data: an entry point returning (train, eval) loaders")
-    loaders = load_entry_point(recipe.data, "data")
-    if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
-        raise ConfigError(f"data entry point {recipe.data!r} must return (train_loader, eval_loader)")
-    held_out = loaders[1]
-    if metric == "accuracy":
-        evaluate, higher = (lambda m: accuracy(m, held_out)), True
-    else:
-        evaluate, higher = proxy_loss(held_out, n_batches=loss_batches), False
-    inputs = torch.zeros(input_shape) if input_shape else None
-    table = sensitivity(model, recipe.prune, evaluate, levels, higher_is_better=higher, example_inputs=inputs,
-                        progress=progress)
-    written = {"table": table.save(out / "sensitivity.json")}
-    try:
-        written["plot"] = table.plot(out / "sensitivity.png")
-    except PrunekitError as err:  # matplotlib missing: the table is still the result
-        log.warning("%s", err)
-    if target is not None:
-        allocation = allocate(table, target)
-        written["allocation"] = save_recipe(allocation.to_config(recipe.prune), out / "allocation.yaml")
-        return {"table": table, "allocation": allocation, "files": written}
-    return {"table": table, "allocation": None, "files": written}
+def __getattr__(name: str) -> Any:  # run_sensitivity_recipe moved to prunekit.recipes.sensitivity (warns)
+    return moved_name(__name__, name)

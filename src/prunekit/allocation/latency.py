@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -24,11 +24,19 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from prunekit.allocation.allocate import Budget, LatencyTarget
+from prunekit.allocation.sensitivity.groups import GroupPruner
+from prunekit.allocation.sensitivity.table import SensitivityTable
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer
+from prunekit.core.inputs import call_model, run_with_hooks
+from prunekit.core.progress import progress as progress_bar
+from prunekit.core.targets import resolve
 from prunekit.errors import ConfigError
+from prunekit.measure.bench import Latency, measure_latency
 from prunekit.storage.files import atomic_write_text, read_json_document, validate_document
 
-FORMAT = "prunekit.latency_table"
+FORMAT = "prunekit.latency_table"  # the on-disk tag of a saved table; files written by 0.1 carry it too
+FORMAT_VERSION = 1
 
 
 class _LatencyDocument(BaseModel):
@@ -91,18 +99,14 @@ class LatencyTable:
             predicted_speedup: what this table predicted for an allocation (`Allocation.achieved`).
             measured_speedup: dense latency / pruned latency, timed interleaved on this device.
         """
-        import dataclasses
-
         if predicted_speedup <= 1.0 or measured_speedup <= 1.0:
             raise ConfigError(f"calibrated: speed-ups must be > 1 to calibrate savings, got predicted "
                               f"{predicted_speedup:.4g}, measured {measured_speedup:.4g}")
         ratio = (1 - 1 / measured_speedup) / (1 - 1 / predicted_speedup)
-        return dataclasses.replace(self, saving_scale=self.saving_scale * ratio)
+        return replace(self, saving_scale=self.saving_scale * ratio)
 
-    def budget(self, table: Any, target: Any) -> Any:
+    def budget(self, table: SensitivityTable, target: LatencyTarget) -> Budget:
         """The allocation budget of a `LatencyTarget` over a sensitivity table's units and levels."""
-        from prunekit.allocation.allocate import _Budget
-
         missing = [u for u in table.units if u not in self.latency_ms]
         if missing:
             raise ConfigError(f"latency table has no timing for {missing[:4]}: measure it with the scan's config")
@@ -119,10 +123,11 @@ class LatencyTable:
 
         savings = {u: [saving(u, lv) for lv in table.levels] for u in table.units}
         required = total * (1.0 - 1.0 / target.speedup)
-        return _Budget(savings, required, lambda s: total / max(total - s, 1e-12), "measured-LUT speed-up", "speedup")
+        return Budget(savings, required, lambda s: total / max(total - s, 1e-12), "measured-LUT speed-up", "speedup")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": 1, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+        """Plain JSON-able data, tagged with `FORMAT` and `FORMAT_VERSION`."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
 
     def save(self, path: str | Path) -> Path:
         """Write the table as JSON, atomically."""
@@ -132,7 +137,7 @@ class LatencyTable:
     def load(cls, path: str | Path) -> LatencyTable:
         """Read a table written by `save`."""
         data = read_json_document(path, "latency table", ConfigError)
-        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != 1:
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
             raise ConfigError(f"{str(path)!r} is not a version-1 prunekit latency table")
         doc = validate_document(data, _LatencyDocument, f"latency table {str(path)!r}", ConfigError)
         return cls(**doc.model_dump(exclude={"format", "version"}))
@@ -150,8 +155,6 @@ class LatencyTable:
 
 def _layer_inputs(model: nn.Module, example_inputs: Any, fqns: Sequence[str]) -> dict[str, Tensor]:
     """The input each named layer receives on `example_inputs` (first call), via forward hooks."""
-    from prunekit.core.inputs import run_with_hooks
-
     seen: dict[str, Tensor] = {}
 
     def hook(fqn: str) -> Callable[..., None]:
@@ -192,9 +195,6 @@ def measure_latency_table(
     Returns:
         A `LatencyTable` to pass to `prunekit.allocate(..., latency=)`.
     """
-    from prunekit.allocation.sensitivity import _progress
-    from prunekit.measure.bench import measure_latency
-
     levels = [float(lv) for lv in levels]
     model_ms = _cost_ms(measure_latency({"model": model}, example_inputs, repeats=repeats, warmup=warmup,
                                         threads=threads)["model"])
@@ -203,15 +203,13 @@ def measure_latency_table(
         group_ms, group_levels_ms, reference = _time_groups(model, config, levels, example_inputs, repeats, warmup,
                                                             threads, progress)
         return LatencyTable(list(group_ms), levels, group_ms, group_levels_ms, model_ms, "group", used, reference)
-    from prunekit.core.targets import resolve
-
     units = {f: [f] for f in resolve(model, config)}
     modules = dict(model.named_modules())
     inputs = _layer_inputs(model, example_inputs, sorted({f for fs in units.values() for f in fs}))
     dense_ms: dict[str, float] = {}
     latency_ms: dict[str, list[float]] = {}
     reference_ms: dict[str, float] = {}
-    for unit, fqns in _progress(list(units.items()), progress):
+    for unit, fqns in progress_bar(list(units.items()), "latency table", progress):
         totals = [0.0] * (len(levels) + 1)
         references: list[float] = []
         for fqn in fqns:
@@ -239,15 +237,11 @@ def _time_groups(
     receive in the dense model and in each pruned copy. Timing only those layers, instead of
     the whole model, keeps a small group's saving above the timer's noise.
     """
-    from prunekit.allocation.sensitivity import _progress
-    from prunekit.allocation.sensitivity.groups import GroupPruner
-    from prunekit.measure.bench import measure_latency
-
     pruner = GroupPruner(model, config, example_inputs)
     dense_ms: dict[str, float] = {}
     latency_ms: dict[str, list[float]] = {}
     reference_ms: dict[str, float] = {}
-    for name, group in _progress(list(pruner.groups.items()), progress):
+    for name, group in progress_bar(list(pruner.groups.items()), "latency table", progress):
         touched = sorted({fqn.rpartition(".")[0] for fqn, _ in group.members})
         variants = {"model": _Whole(model, example_inputs), "dense": _Layers(model, example_inputs, touched)}
         for i, level in enumerate(levels):
@@ -259,7 +253,7 @@ def _time_groups(
     return dense_ms, latency_ms, reference_ms
 
 
-def _cost_ms(latency: Any) -> float:
+def _cost_ms(latency: Latency) -> float:
     """A table entry: the fastest of the interleaved calls, not their median.
 
     Other processes only ever add time. A layer that runs in a millisecond is either
@@ -283,8 +277,6 @@ class _Whole(nn.Module):
         self.training = model.training  # restored recursively after timing: keep the model's
 
     def forward(self, _ignored: Any = None) -> Any:
-        from prunekit.core.inputs import call_model
-
         return call_model(self.model, self.example_inputs)
 
 

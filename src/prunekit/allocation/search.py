@@ -17,22 +17,32 @@ are not counted; finished trials are never re-run.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
 import logging
 import os
+import random
 import socket
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from prunekit._moved import moved_name
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer, recipe_type
+from prunekit.core.masks import finalize, sparsity
+from prunekit.core.targets import resolve
 from prunekit.errors import ConfigError, SearchError
+from prunekit.measure.bench import measure_latency
+from prunekit.storage.runstate import loader_generators
+from prunekit.train.distill import KDLoss, finetune
+from prunekit.train.schedule import Cubic, GradualPruner
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +114,14 @@ class SearchResult:
     best: list[dict[str, Any]]
 
     def best_config(self, family: FrozenConfig) -> PerLayer:
-        """`PerLayer` rules of the best trial by the first objective (among the Pareto front)."""
-        from prunekit.allocation.sensitivity import leaf_at_level
-
+        """`PerLayer` rules (a new config) of the best trial by the first objective (among the Pareto
+        front): `family.with_level(level).as_layer_rule()` per pruned layer, None for dense ones."""
         if not self.best:
             raise SearchError(f"study {self.study_name!r} has no finished trial yet")
         sign = 1 if _DIRECTIONS[self.objectives[0]] == "maximize" else -1
         top = max(self.best, key=lambda t: sign * t["values"][0])
-        return PerLayer({u: leaf_at_level(family, lv) if lv > 0 else None for u, lv in top["levels"].items()})
+        return PerLayer({u: family.with_level(lv).as_layer_rule() if lv > 0 else None
+                         for u, lv in top["levels"].items()})
 
     def summary(self) -> str:
         """The Pareto front, one trial per line, with the measured values and the choices."""
@@ -183,8 +193,6 @@ def _with_driver(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if scheme not in ("postgresql", "postgres"):
         return url
-    import importlib.util
-
     for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
         if importlib.util.find_spec(module) is not None:
             return f"postgresql+{driver}{sep}{rest}"
@@ -220,13 +228,8 @@ def _trial_model(
     train: Iterable[Any],
 ) -> nn.Module:
     """Prune a copy of `base` gradually to `levels` while fine-tuning it; returns it finalized."""
-    from prunekit.allocation.sensitivity import leaf_at_level
-    from prunekit.core.masks import finalize
-    from prunekit.train.distill import KDLoss, finetune
-    from prunekit.train.schedule import Cubic, GradualPruner
-
     model = copy.deepcopy(base)
-    rules = {u: leaf_at_level(family, lv) for u, lv in levels.items() if lv > 0}
+    rules = {u: family.with_level(lv).as_layer_rule() for u, lv in levels.items() if lv > 0}
     steps = config.finetune_steps
     pruner = None
     if rules:
@@ -270,10 +273,6 @@ def search(
         >>> result = search(model, UnstructuredConfig(sparsity=0.5), train, evaluate, x[:1],
         ...                 SearchConfig(trials=20), storage="postgresql://u:p@db/optuna")  # doctest: +SKIP
     """
-    from prunekit.core.masks import sparsity
-    from prunekit.core.targets import resolve
-    from prunekit.measure.bench import measure_latency
-
     optuna = _optuna()
     config = config or SearchConfig()
     if not isinstance(family, MaskConfig):
@@ -339,13 +338,6 @@ def search(
 
 def _seed_everything(seed: int, train: Iterable[Any]) -> None:
     """Seed torch, Python and numpy and the loader's own generators (a reproducible trial)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    from prunekit.storage.runstate import loader_generators
-
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -392,33 +384,5 @@ class SearchRecipe(FrozenConfig):
     storage: str | None = None
 
 
-def run_search_recipe(recipe: SearchRecipe, out: str | Path, *, storage: str | None = None,
-                      trials: int | None = None) -> SearchResult:
-    """Build the recipe's model and data, run `search`, write `best_recipe.yaml` to `out`."""
-    import torch
-
-    from prunekit.config import save_recipe
-    from prunekit.deploy.checkpoint import load
-    from prunekit.recipes.run import load_entry_point
-    from prunekit.train.distill import accuracy
-
-    model = load_entry_point(recipe.model, "model")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model entry point {recipe.model!r} returned {type(model).__name__}, not an nn.Module")
-    if recipe.checkpoint:
-        load(recipe.checkpoint, model)
-    loaders = load_entry_point(recipe.data, "data")
-    if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
-        raise ConfigError(f"data entry point {recipe.data!r} must return (train_loader, eval_loader)")
-    train, held_out = loaders
-    if not isinstance(recipe.prune, MaskConfig):
-        kind = type(recipe.prune).__name__
-        raise ConfigError(f"SearchRecipe.prune must be a mask config (with a sparsity), got {kind}")
-    config = recipe.search if trials is None else recipe.search.model_copy(update={"trials": trials})
-    url = storage or recipe.storage or f"sqlite:///{Path(out) / 'search.db'}"
-    Path(out).mkdir(parents=True, exist_ok=True)
-    result = search(model, recipe.prune, train, lambda m: accuracy(m, held_out), torch.zeros(recipe.input_shape),
-                    config, storage=url)
-    if result.best:
-        save_recipe(result.best_config(recipe.prune), Path(out) / "best_recipe.yaml")
-    return result
+def __getattr__(name: str) -> Any:  # run_search_recipe moved to prunekit.recipes.search (warns)
+    return moved_name(__name__, name)

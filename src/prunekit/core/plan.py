@@ -8,7 +8,7 @@ Each method registers how to plan it with `register_method(ConfigType)`. Mask me
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,7 +49,7 @@ class PlanContext:
 PlanFn = Callable[[nn.Module, Any, "list[str] | None", PlanContext], Plan]
 # Plans several `PerLayer` leaves of one method together (Wanda/SparseGPT leaves that differ only in
 # sparsity share one calibration pass); returns their plans and the leaves it left for `plan_fn`.
-PlanManyFn = Callable[[nn.Module, "dict[Any, list[str]]", PlanContext], "tuple[list[Plan], dict[Any, list[str]]]"]
+PlanManyFn = Callable[[nn.Module, "dict[Any, list[str]]", PlanContext], "tuple[Sequence[Plan], dict[Any, list[str]]]"]
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ def plan(
         for _, info in METHODS.items():
             if info.plan_many is not None:
                 done, groups = info.plan_many(model, groups, ctx)
-                plans += done
+                plans.extend(done)
         return _merge(plans + [get_method(type(c)).plan_fn(model, c, fqns, ctx) for c, fqns in groups.items()])
     method = get_method(type(config))
     fqns = list(resolve(model, config)) if method.per_layer else None

@@ -23,9 +23,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, NonNegativeInt
 from torch import Tensor, nn
 
+from prunekit._moved import moved_name
 from prunekit.core.masks import get_mask, set_mask
+from prunekit.deploy.int8 import int8_state, load_int8_state
 from prunekit.errors import CheckpointError
-from prunekit.storage.files import atomic_write_bytes, sniff_format, validate_document
+from prunekit.storage.files import atomic_write_bytes, validate_document
+from prunekit.storage.safetensors import check_safetensors_layout
+from prunekit.structured.plan import replay
 
 FORMAT = "prunekit.sparse"
 FORMAT_VERSION = 1
@@ -78,9 +82,7 @@ def effective_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if rest == "original":  # one entry per parametrized tensor; masks are implied by zeros
             fqn = head.removesuffix(".")
             out[f"{fqn}.{name}" if fqn else name] = getattr(modules[fqn], name).detach()
-    from prunekit.deploy.quantize import int8_state  # INT8 layers: packed params -> plain int8 + scales
-
-    return int8_state(model, out)
+    return int8_state(model, out)  # INT8 layers: packed params -> plain int8 + scales
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,67 +212,11 @@ class _EncodedInfo(BaseModel):
 class _Header(BaseModel):
     """The prunekit JSON header inside the safetensors metadata (validated before decoding)."""
 
-    format: Literal["prunekit.sparse"]
-    version: Literal[1]
+    format: str  # `read_checkpoint` checks format and version against FORMAT/FORMAT_VERSION first
+    version: int
     encoded: dict[str, _EncodedInfo] = {}
     aliases: dict[str, str] = {}  # tied weights: name -> the name it is stored under
     user: dict[str, Any] = {}
-
-
-# safetensors' own cap on the JSON header; anything larger is not a checkpoint we wrote.
-MAX_HEADER_BYTES = 100 * 2**20
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-                "F8_E8M0": 1}
-
-
-def check_safetensors_layout(path: Path) -> None:
-    """Check a safetensors file's header against its size before any tensor is read.
-
-    Every tensor's byte range must lie inside the file and match its shape and dtype, so a
-    file whose header claims more data than it holds is refused without reading past its end.
-
-    Raises:
-        CheckpointError: another format (a pickle, a torch.save zip), a truncated file, or a
-            header entry out of bounds; the message names the file and the tensor.
-    """
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            found = sniff_format(head)
-            if found is not None:
-                raise CheckpointError(f"{str(path)!r} is not a valid safetensors file: it is {found}, and "
-                                      "prunekit never unpickles")
-            if len(head) < 8:
-                raise CheckpointError(f"{str(path)!r} is not a valid safetensors file: {size} bytes, no header")
-            n = int.from_bytes(head, "little")
-            if n > min(size - 8, MAX_HEADER_BYTES):
-                raise CheckpointError(f"{str(path)!r} is not a valid safetensors file: its header claims {n:,} "
-                                      f"bytes but the file holds {size:,} (truncated, or another format)")
-            header = json.loads(f.read(n))
-    except OSError as err:
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise CheckpointError(f"{str(path)!r} is not a valid safetensors file: its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{str(path)!r}: the safetensors header is not a JSON object")
-    data_bytes = size - 8 - n
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, end = (int(v) for v in entry["data_offsets"])
-            numel = int(np.prod([int(d) for d in entry["shape"]], dtype=np.float64))
-            nbytes = numel * _ST_ITEMSIZE[entry["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{str(path)!r}: tensor {key!r} has a malformed header entry") from None
-        if not 0 <= begin <= end <= data_bytes:
-            raise CheckpointError(f"{str(path)!r}: tensor {key!r} claims bytes [{begin:,}, {end:,}) but the file "
-                                  f"holds {data_bytes:,} bytes of data (truncated or forged)")
-        if end - begin != nbytes:
-            raise CheckpointError(f"{str(path)!r}: tensor {key!r} spans {end - begin:,} bytes, its shape and "
-                                  f"dtype need {nbytes:,}")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -345,8 +291,6 @@ def load(path: str | Path, model: nn.Module | Callable[[], nn.Module]) -> nn.Mod
     if not isinstance(model, nn.Module):
         model = model()  # a build function: a fresh dense model
     if "channel_plan" in user:  # structurally pruned: rebuild the shapes first (no pickle)
-        from prunekit.structured.plan import replay
-
         if given:  # replay on a copy and check that first: a refused load leaves `model` as it was
             _check_fits(path, state, replay(user["channel_plan"], copy.deepcopy(model)))
         model = replay(user["channel_plan"], model)
@@ -354,8 +298,6 @@ def load(path: str | Path, model: nn.Module | Callable[[], nn.Module]) -> nn.Mod
     modules = dict(model.named_modules())
     plain = {k: v for k, v in state.items() if not _is_masked(modules, k)}
     with torch.no_grad():
-        from prunekit.deploy.quantize import load_int8_state
-
         plain = load_int8_state(model, plain)  # INT8 layers are set from int8 weights + scales
         # Keys were checked exactly above; strict=False only skips the masked tensors handled below.
         model.load_state_dict(plain, strict=False)
@@ -372,3 +314,7 @@ def _is_masked(modules: dict[str, nn.Module], key: str) -> bool:
     fqn, _, name = key.rpartition(".")
     module = modules.get(fqn)
     return module is not None and get_mask(module, name) is not None
+
+
+def __getattr__(name: str) -> Any:  # the safetensors layout check moved to prunekit.storage.safetensors (warns)
+    return moved_name(__name__, name)

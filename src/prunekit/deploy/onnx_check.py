@@ -11,6 +11,7 @@ is not found (folded away, say) is listed in the report instead.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prunekit.core.masks import PRUNABLE_TYPES, get_mask
+from prunekit.core.masks import PRUNABLE_TYPES, get_mask, nm_groups
+from prunekit.deploy.int8 import is_quantized_linear
 from prunekit.errors import ConfigError, ExportCheckError, PrunekitError
 from prunekit.storage.files import sniff_format
 
@@ -81,13 +83,51 @@ def reference_weights(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 def _module_weight(module: nn.Module) -> np.ndarray | None:
-    from prunekit.deploy.quantize import is_quantized_linear
-
     if isinstance(module, PRUNABLE_TYPES) or get_mask(module) is not None:
         return module.weight.detach().cpu().double().numpy()  # type: ignore[operator]
     if is_quantized_linear(module):
         return module.weight().int_repr().double().numpy()  # type: ignore[operator]
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# INT8 models: what the file is checked against.
+
+
+def is_int8(model: nn.Module) -> bool:
+    """True for a model holding PyTorch quantized modules or an onnxruntime INT8 module."""
+    return hasattr(model, "onnx_model_bytes") or any(is_quantized_linear(mod) for mod in model.modules())
+
+
+class _MatMulLinear(nn.Linear):
+    """A Linear the exporter writes as MatMul (+ Add), never Gemm: onnxruntime's quantizer
+    rewrites Gemm nodes under new names, so a per-node choice of what to quantize would miss."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.matmul(x, self.weight.t())
+        return y + self.bias if self.bias is not None else y
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A float copy of a dynamic-INT8 model (`model` is untouched): each quantized Linear becomes
+    an `nn.Linear` holding its dequantized weight (exactly int8 * scale), so zeros stay exactly zero.
+
+    The exporter writes the twin (then onnxruntime re-quantizes it), and the check compares
+    outputs against it: the same int8 weights, float activations.
+    """
+    twin = copy.deepcopy(model)
+    for fqn, module in list(twin.named_modules()):
+        if not is_quantized_linear(module):
+            continue
+        weight, bias = module.weight().dequantize(), module.bias()
+        linear = _MatMulLinear(module.in_features, module.out_features, bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, child, linear)
+    return twin.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,8 +222,8 @@ def nm_ok(weight: np.ndarray, n: int, m: int) -> bool:
     """True if every group of `m` consecutive input channels (dim 1) holds at most `n` non-zeros."""
     if weight.ndim < 2 or weight.shape[1] % m:
         return False
-    grouped = np.moveaxis(weight, 1, -1).reshape(-1, m)
-    return bool(((grouped != 0).sum(axis=1) <= n).all())
+    groups, _ = nm_groups(torch.from_numpy(weight != 0), m)  # a fresh bool array: safe to share
+    return bool((groups.sum(dim=1) <= n).all())
 
 
 def detect_nm(weight: np.ndarray) -> tuple[int, int] | None:
@@ -342,8 +382,6 @@ def check_onnx(
     for batch in list(_take(data, max_batches)):
         # A batch holds the model's k inputs first, then anything else (labels): (x, y) or (ids, mask).
         batches.append(tuple(batch[: len(batches[0])]) if isinstance(batch, (tuple, list)) else (batch,))
-    from prunekit.deploy.onnx_export import float_twin, is_int8
-
     twin = float_twin(model) if is_int8(model) and not hasattr(model, "onnx_model_bytes") else None
     worst, count = compare_outputs(model, session, batches, atol, rtol, twin)
     return CheckResult(tuple(checks), tuple(unmapped), worst, count)
@@ -390,8 +428,6 @@ def _used_weights(model: nn.Module, inputs: tuple[Tensor, ...]) -> set[str] | No
     The exporter drops layers whose output is unused (a pooler nobody reads), so only those
     may be missing from the file. A dynamic-INT8 model is probed through its float twin.
     """
-    from prunekit.deploy.onnx_export import float_twin, is_int8
-
     if hasattr(model, "onnx_model_bytes"):
         return None
     probe = float_twin(model) if is_int8(model) else model

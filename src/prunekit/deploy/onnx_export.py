@@ -1,7 +1,7 @@
 """`export_onnx`: write a pruned (or INT8) model to ONNX, check the file kept what pruning bought.
 
-The file is built in memory, checked (see `prunekit.onnx_check`), and only then written through
-`prunekit.files.atomic_writer` (a temporary file in the target folder, renamed into place), so
+The file is built in memory, checked (see `prunekit.deploy.onnx_check`), and only then written
+through `prunekit.storage.files.atomic_writer` (a temporary file in the target folder, renamed into place), so
 a failed export or a failed check never leaves a file, whole or half, at the target path.
 
 Dynamic INT8 models (`prunekit.quantize` with `DynamicInt8Config`) are exported as a float twin
@@ -12,7 +12,6 @@ the int8 weights in the file equal PyTorch's and every pruned zero stays an int8
 
 from __future__ import annotations
 
-import copy
 import logging
 import lzma
 import tempfile
@@ -26,11 +25,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunekit._moved import moved_name
+from prunekit.deploy.int8 import is_quantized_linear
 from prunekit.deploy.onnx_check import (
     CheckResult,
     TensorCheck,
     check_onnx,
+    float_twin,
+    is_int8,
     match_initializers,
+    reference_weights,
     require_onnx,
     validate_nm,
 )
@@ -196,13 +200,6 @@ def _check_opset(onnx: Any, opset: int | None) -> int:
 # Building the file.
 
 
-def is_int8(model: nn.Module) -> bool:
-    """True for a model holding PyTorch quantized modules or an onnxruntime INT8 module."""
-    from prunekit.deploy.quantize import is_quantized_linear
-
-    return hasattr(model, "onnx_model_bytes") or any(is_quantized_linear(mod) for mod in model.modules())
-
-
 def onnx_bytes(model: nn.Module, inputs: tuple[Tensor, ...], *, dynamic_batch: bool, opset: int) -> bytes:
     """The serialised ONNX model for `model` (no file is written, nothing is checked)."""
     if hasattr(model, "onnx_model_bytes"):  # an onnxruntime-backed module: it already is a file
@@ -247,8 +244,6 @@ def _int8_bytes(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: boo
     from onnx import numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from prunekit.deploy.onnx_check import reference_weights
-
     twin = float_twin(model)
     proto = _export_proto(twin, inputs, dynamic_batch, opset)
     quantized = set(reference_weights(model)) - set(_float_weight_names(model))
@@ -274,90 +269,9 @@ def _int8_bytes(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: boo
 
 
 def _float_weight_names(model: nn.Module) -> list[str]:
-    from prunekit.deploy.quantize import is_quantized_linear
-
     return [f"{fqn}.weight" for fqn, mod in model.named_modules()
             if not is_quantized_linear(mod) and isinstance(getattr(mod, "weight", None), Tensor)]
 
 
-class _MatMulLinear(nn.Linear):
-    """A Linear the exporter writes as MatMul (+ Add), never Gemm: onnxruntime's quantizer
-    rewrites Gemm nodes under new names, so a per-node choice of what to quantize would miss."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = torch.matmul(x, self.weight.t())
-        return y + self.bias if self.bias is not None else y
-
-
-def float_twin(model: nn.Module) -> nn.Module:
-    """A float copy of a dynamic-INT8 model: each quantized Linear becomes an `nn.Linear`
-    holding its dequantized weight (exactly int8 * scale), so zeros stay exactly zero."""
-    twin = copy.deepcopy(model)
-    from prunekit.deploy.quantize import is_quantized_linear
-
-    for fqn, module in list(twin.named_modules()):
-        if not is_quantized_linear(module):
-            continue
-        weight, bias = module.weight().dequantize(), module.bias()
-        linear = _MatMulLinear(module.in_features, module.out_features, bias=bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        parent_name, _, child = fqn.rpartition(".")
-        setattr(twin.get_submodule(parent_name) if parent_name else twin, child, linear)
-    return twin.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# The body of `prunekit export` (the CLI wraps this; it stays testable without Typer).
-
-
-def export_command(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    model: str = "lenet_300_100",
-    input_shape: tuple[int, ...] = (1, 1, 28, 28),
-    int8: bool = False,
-    check: bool = True,
-    opset: int | None = None,
-) -> ExportReport:
-    """Load a `prunekit.save` checkpoint into a `prunekit.zoo` model and export it to ONNX.
-
-    Args:
-        checkpoint: a file written by `prunekit.save` (fp32 or INT8: an INT8 file, recognised
-            by its per-channel '*.weight_scale' tensors, is loaded into a dynamic-INT8 model).
-        out: the .onnx file to write (atomically, after the check).
-        model: name of a constructor in `prunekit.zoo` that builds the architecture.
-        input_shape: shape of the random example input used to trace and check.
-        int8: quantize an fp32 checkpoint to dynamic INT8 (`DynamicInt8Config`) first.
-        check: verify the file (see `export_onnx`).
-        opset: ONNX opset (default 20).
-
-    Raises:
-        ConfigError: unknown zoo model.
-        CheckpointError: the checkpoint does not fit the model.
-    """
-    from prunekit.deploy.checkpoint import load, read_checkpoint
-    from prunekit.deploy.quantize import DynamicInt8Config, quantize
-    from prunekit.zoo import models as zoo
-
-    build = getattr(zoo, model, None)
-    if not callable(build) or model.startswith("_"):
-        known = ", ".join(n for n in dir(zoo) if not n.startswith("_") and callable(getattr(zoo, n))
-                          and n[0].islower())
-        raise ConfigError(f"export --model: unknown zoo model {model!r}; known: {known}")
-    net: nn.Module = build()
-    state, _ = read_checkpoint(checkpoint)
-    stored_int8 = any(k.endswith(".weight_scale") for k in state)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
-        if stored_int8:
-            net = load(checkpoint, quantize(net, DynamicInt8Config()))
-        else:
-            net = load(checkpoint, net)
-            if int8:
-                net = quantize(net, DynamicInt8Config())
-    example = torch.randn(*input_shape)
-    return export_onnx(net, out, example, check=check, opset=opset)
+def __getattr__(name: str) -> Any:  # float_twin/is_int8 moved to onnx_check, export_command to cli (old path, warns)
+    return moved_name(__name__, name)

@@ -21,7 +21,6 @@ Two methods, one verb, dispatched on the config's type:
 
 from __future__ import annotations
 
-import collections
 import copy
 import logging
 import tempfile
@@ -35,9 +34,14 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from prunekit._moved import moved_name
+from prunekit._registry import Registry
 from prunekit.config import FrozenConfig, recipe_type
 from prunekit.core.masks import finalize
 from prunekit.core.targets import matches
+from prunekit.deploy.int8 import is_quantized_linear
+from prunekit.deploy.onnx_check import reference_weights
+from prunekit.deploy.onnx_export import onnx_bytes
 from prunekit.errors import ConfigError, PrunekitError
 
 log = logging.getLogger(__name__)
@@ -74,19 +78,16 @@ class StaticInt8Config(FrozenConfig):
 
 
 QuantizeFn = Callable[[nn.Module, Any, "Iterable[Any] | None", Any], nn.Module]
-_QUANTIZERS: dict[type[FrozenConfig], QuantizeFn] = {}
+_QUANTIZERS: Registry[type[FrozenConfig], QuantizeFn] = Registry("quantizer")
 
 
 def register_quantizer(config_type: type[FrozenConfig]) -> Callable[[QuantizeFn], QuantizeFn]:
-    """Decorator: quantize configs of `config_type` with the decorated function."""
+    """Decorator: quantize configs of `config_type` with the decorated function (a type registers once).
 
-    def wrap(fn: QuantizeFn) -> QuantizeFn:
-        if config_type in _QUANTIZERS:
-            raise ConfigError(f"a quantizer for {config_type.__name__} is already registered")
-        _QUANTIZERS[config_type] = fn
-        return fn
-
-    return wrap
+    Raises:
+        ConfigError: `config_type` already has a quantizer.
+    """
+    return _QUANTIZERS.decorator(config_type)
 
 
 def quantize(
@@ -109,10 +110,9 @@ def quantize(
     Example:
         >>> q = quantize(model, DynamicInt8Config())  # doctest: +SKIP
     """
-    fn = _QUANTIZERS.get(type(config))
+    fn = _QUANTIZERS.find(type(config))
     if fn is None:
-        known = ", ".join(sorted(t.__name__ for t in _QUANTIZERS))
-        raise ConfigError(f"no quantizer for {type(config).__name__}; known: {known}")
+        raise ConfigError(f"no quantizer for {type(config).__name__}; known: {', '.join(_QUANTIZERS.names())}")
     return fn(model, config, data, example_inputs)
 
 
@@ -169,72 +169,6 @@ def _check_zeros_kept(float_model: nn.Module, quantized: nn.Module) -> None:
         lost = int(((floats[fqn].weight == 0) & (q.int_repr() != 0)).sum())
         if lost or bool((q.q_per_channel_zero_points() != 0).any()):
             raise PrunekitError(f"layer {fqn!r}: INT8 quantization made {lost} pruned weights non-zero")
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """True for PyTorch's quantized Linear modules (their `weight()` is a method)."""
-    return type(module).__module__.startswith("torch.ao.nn.quantized") and callable(
-        getattr(module, "weight", None)) and hasattr(module, "in_features")
-
-
-def int8_sparsity(model: nn.Module) -> dict[str, float]:
-    """Fraction of int8 zeros in each quantized Linear's weight, by FQN."""
-    return {fqn: float((m.weight().int_repr() == 0).float().mean())
-            for fqn, m in model.named_modules() if is_quantized_linear(m)}
-
-
-# --------------------------------------------------------------------------------------------
-# INT8 in `prunekit.save` checkpoints: plain tensors instead of packed params.
-
-
-def int8_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`state` with each quantized Linear's packed params replaced by plain tensors.
-
-    A quantized layer 'fc' is stored as 'fc.weight' (int8, so the sparse encoding stores one
-    byte per non-zero), 'fc.weight_scale' (float32, one per output channel) and 'fc.bias'.
-    """
-    layers = {fqn: m for fqn, m in model.named_modules() if is_quantized_linear(m)}
-    if not layers:
-        return state
-    prefixes = tuple(f"{fqn}." if fqn else "" for fqn in layers)
-    out = {k: v for k, v in state.items() if not k.startswith(prefixes)}
-    for fqn, module in layers.items():
-        q = module.weight()
-        if q.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            scale, zero = q.q_per_channel_scales().float(), q.q_per_channel_zero_points()
-        else:
-            scale = torch.full((q.shape[0],), q.q_scale(), dtype=torch.float32)
-            zero = torch.tensor([q.q_zero_point()])
-        if bool((zero != 0).any()):
-            raise PrunekitError(f"layer {fqn!r}: only symmetric INT8 (zero point 0) can be saved; "
-                                "quantize with prunekit.quantize")
-        out[f"{fqn}.weight"], out[f"{fqn}.weight_scale"] = q.int_repr(), scale
-        if module.bias() is not None:
-            out[f"{fqn}.bias"] = module.bias().detach()
-    return out
-
-
-def load_int8_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Set each quantized Linear from the tensors `int8_state` wrote (mutates `model`).
-
-    Returns the other entries of `state`, plus each quantized layer's own updated state, ready
-    for `model.load_state_dict`.
-    """
-    layers = {fqn: m for fqn, m in model.named_modules() if is_quantized_linear(m)}
-    if not layers:
-        return state
-    rest = collections.OrderedDict(state)
-    # Quantized layers read their format version from the metadata a real state_dict carries.
-    rest._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
-    for fqn, module in layers.items():
-        weight, scale = rest.pop(f"{fqn}.weight"), rest.pop(f"{fqn}.weight_scale")
-        bias = rest.pop(f"{fqn}.bias", None)
-        qweight = torch._make_per_channel_quantized_tensor(
-            weight, scale.double(), torch.zeros(len(scale), dtype=torch.int64), 0)
-        module.set_weight_bias(qweight, bias)
-        # Hand the layer's own (now updated) state back, for `load_state_dict` expects it.
-        rest.update({f"{fqn}.{k}" if fqn else k: v for k, v in module.state_dict().items()})
-    return rest
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,9 +243,6 @@ def _quantize_static(model: nn.Module, config: StaticInt8Config, data: Any, exam
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from prunekit.deploy.onnx_check import reference_weights
-    from prunekit.deploy.onnx_export import onnx_bytes
-
     float_model = finalized_copy(model).eval()
     if example_inputs is None:
         first = next(iter(data))
@@ -335,3 +266,7 @@ def _quantize_static(model: nn.Module, config: StaticInt8Config, data: Any, exam
             root.disabled = was
         quantized = dst.read_bytes()
     return OrtModule(quantized, reference_weights(float_model))
+
+
+def __getattr__(name: str) -> Any:  # the INT8 encoding moved to prunekit.deploy.int8 (old path, warns)
+    return moved_name(__name__, name)

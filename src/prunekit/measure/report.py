@@ -20,13 +20,13 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import version as _installed_version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from importlib.metadata import version as _installed_version
 from prunekit.core.masks import sparsity
 from prunekit.deploy.checkpoint import save
 from prunekit.errors import PrunekitError

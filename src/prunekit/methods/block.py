@@ -72,6 +72,9 @@ class BlockConfig(MaskConfig):
     def with_sparsity(self, sparsity: float) -> BlockConfig:
         return self.model_copy(update={"sparsity": sparsity})
 
+    def as_layer_rule(self) -> BlockConfig:
+        return self.model_copy(update={"exclude": (), "scope": "layer"})
+
     @property
     def target_sparsity(self) -> float:
         return self.sparsity

@@ -21,11 +21,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from prunekit.allocation.search import SearchRecipe
 from prunekit.config import FrozenConfig, Seed, recipe_type
+from prunekit.core.masks import finalize
+from prunekit.core.plan import prune
+from prunekit.deploy.checkpoint import load, save
 from prunekit.errors import ConfigError
+from prunekit.measure.report import compare, write_report
+from prunekit.storage.runstate import Checkpointer
+from prunekit.train.distill import KDLoss, finetune
+from prunekit.train.schedule import GradualPruner, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +85,32 @@ def load_entry_point(spec: str, what: str) -> Any:
         raise ConfigError(f"{what} entry point {spec!r} raised {type(err).__name__}: {err}") from err
 
 
+def build(recipe: Recipe | SearchRecipe) -> tuple[nn.Module, Any, Any]:
+    """Build a recipe's model (with its checkpoint loaded) and its data; nothing else is touched.
+
+    The one place the `prune`, `sensitivity` and `search` commands turn entry points into
+    objects, so they fail alike.
+
+    Returns:
+        (model, train_loader, eval_loader); both loaders are None when `recipe.data` is not set.
+
+    Raises:
+        ConfigError: an entry point fails, the model is not an `nn.Module`, or the data entry
+            point does not return (train_loader, eval_loader).
+    """
+    model = load_entry_point(recipe.model, "model")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model entry point {recipe.model!r} returned {type(model).__name__}, not an nn.Module")
+    if recipe.checkpoint:
+        load(recipe.checkpoint, model)
+    if not recipe.data:
+        return model, None, None
+    loaders = load_entry_point(recipe.data, "data")
+    if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
+        raise ConfigError(f"data entry point {recipe.data!r} must return (train_loader, eval_loader)")
+    return model, loaders[0], loaders[1]
+
+
 def run_recipe(
     recipe: Recipe,
     out: str | Path,
@@ -98,32 +133,14 @@ def run_recipe(
             bit-identical to an uninterrupted run's on CPU (the report's latencies are
             measured afresh).
     """
-    import torch
-
-    from prunekit.core.masks import finalize
-    from prunekit.core.plan import prune
-    from prunekit.deploy.checkpoint import load, save
-    from prunekit.measure.report import compare, write_report
-    from prunekit.storage.runstate import Checkpointer
-    from prunekit.train.distill import KDLoss, finetune
-    from prunekit.train.schedule import GradualPruner, Schedule
-
     Checkpointer(checkpoint_dir, "finetune", checkpoint_every, resume)  # bad settings fail before any work
     saving: dict[str, Any] = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every, "resume": resume}
     out = Path(out)
     torch.manual_seed(recipe.seed)
-    model = load_entry_point(recipe.model, "model")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model entry point {recipe.model!r} returned {type(model).__name__}, not an nn.Module")
-    if recipe.checkpoint:
-        load(recipe.checkpoint, model)
-    loaders = load_entry_point(recipe.data, "data") if recipe.data else None
-    if loaders is not None and not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
-        raise ConfigError(f"data entry point {recipe.data!r} must return (train_loader, eval_loader)")
-    train, evaluate = loaders if loaders is not None else ([], None)
+    model, train, evaluate = build(recipe)
     baseline = copy.deepcopy(model).eval()
     tune = recipe.finetune
-    if (recipe.schedule is not None or tune is not None) and loaders is None:
+    if (recipe.schedule is not None or tune is not None) and not recipe.data:
         raise ConfigError("recipe.schedule/finetune need training data: set recipe.data")
 
     if recipe.schedule is not None:

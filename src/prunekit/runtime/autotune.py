@@ -10,14 +10,12 @@ candidates take turns forward by forward (interleaved), so load on the machine h
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,84 +28,14 @@ from prunekit.errors import ConfigError, PrunekitError, UnsupportedLayerError
 from prunekit.measure.heap import retained_memory
 from prunekit.runtime import candidates as cand
 from prunekit.runtime import formats, fusion
-from prunekit.storage.files import atomic_write_text
+from prunekit.runtime.decisions import AccelerationReport, LayerDecision
+from prunekit.runtime.kernels.numba_setup import import_numba
 
 log = logging.getLogger(__name__)
 
 MAX_SLOWDOWN = 0.05  # a kernel may be at most 5 % slower than dense at any tuned batch size
 TOLERANCE_FP32 = 1e-4  # max |y - y_dense| / max |y_dense| over the outputs on example_inputs
 TOLERANCE_INT8 = 5e-2
-
-
-@dataclass
-class LayerDecision:
-    """One row of the decision table; times are median ms per call, keyed by candidate then batch size."""
-
-    fqn: str
-    shape: tuple[int, int]
-    sparsity: float
-    block: tuple[int, int] | None
-    ms: dict[str, dict[int, float]]
-    choice: str = "dense"
-    reason: str = ""
-    check_ms: dict[str, dict[int, float]] = field(default_factory=dict)
-    fused_with: list[str] = field(default_factory=list)  # siblings sharing this layer's kernel call
-
-    def speedup(self, name: str, batch: int) -> float:
-        return self.ms["dense"][batch] / max(self.ms[name][batch], 1e-9)
-
-
-@dataclass
-class AccelerationReport:
-    """The decision table of one `accelerate` call; `save` writes it as JSON, `summary` as text."""
-
-    batch_sizes: tuple[int, ...]
-    threads: int
-    tolerance: float
-    max_rel_error: float
-    layers: list[LayerDecision]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"report_version": 1, **asdict(self)}
-
-    def save(self, path: str | Path) -> Path:
-        """Write the table as JSON atomically and return the path."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=str))
-
-    def rich_table(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title=f"prunekit.accelerate ({self.threads} threads; ms = median per call)")
-        for col in ("layer", "shape", "sparsity", "batch", "candidates (ms)", "choice"):
-            table.add_column(col)
-        for d in self.layers:
-            for b in self.batch_sizes:
-                times = "\n".join(f"{k} {v[b]:.3f}" for k, v in sorted(d.ms.items(), key=lambda kv: kv[1][b]))
-                table.add_row(
-                    d.fqn,
-                    f"{d.shape[0]}x{d.shape[1]}",
-                    f"{d.sparsity:.1%}",
-                    str(b),
-                    times,
-                    (f"{d.choice} ({d.speedup(d.choice, b):.2f}x)" if d.choice in d.ms else d.choice)
-                    + (" fused" if d.fused_with else ""),
-                )
-        return table
-
-    def summary(self) -> str:
-        lines = [
-            f"accelerate: batch sizes {self.batch_sizes}, {self.threads} threads, "
-            f"max relative output error {self.max_rel_error:.2e} (tolerance {self.tolerance:.0e})"
-        ]
-        for d in self.layers:
-            gains = ", ".join(f"b{b} {d.speedup(d.choice, b):.2f}x" for b in self.batch_sizes if d.choice in d.ms)
-            fused = f" fused with {', '.join(d.fused_with)}" if d.fused_with else ""
-            head = f"  {d.fqn} {d.shape[0]}x{d.shape[1]} {d.sparsity:.1%}: {d.choice}{fused}"
-            lines.append(f"{head} ({gains}) {d.reason}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
 
 
 class _Timed(nn.Module):
@@ -237,9 +165,7 @@ def _validate(batch_sizes: Sequence[int], names: Sequence[str], repeats: int, wa
             f"accelerate: need repeats >= 1, warmup >= 0, 0 <= margin < 1; got {repeats}, {warmup}, {margin}"
         )
     if any(n.startswith("numba") for n in names):
-        from prunekit.runtime.kernels_numba import kernels
-
-        kernels()  # numba missing: a PrunekitError naming `pip install 'prunekit[speed]'`, before any change
+        import_numba()  # numba missing: a PrunekitError naming `pip install 'prunekit[speed]'`, before any change
 
 
 def accelerate(
@@ -348,7 +274,7 @@ def accelerate(
         with torch.no_grad():
             error = _rel_error(reference, call_model(model, example_inputs))
         if tolerance is None:
-            tolerance = TOLERANCE_INT8 if any(cand.is_int8(d.choice) for d in decisions) else TOLERANCE_FP32
+            tolerance = TOLERANCE_INT8 if any(cand.is_int8_candidate(d.choice) for d in decisions) else TOLERANCE_FP32
         if not error <= tolerance:
             replaced = [d for d in decisions if d.choice != "dense"]
             kinds = Counter(d.choice for d in replaced)
@@ -357,7 +283,7 @@ def accelerate(
                 f"accelerate: outputs differ from dense by {error:.2e} relative (tolerance {tolerance:.2e}) "
                 f"after replacing {len(replaced)} layers ({', '.join(f'{n}: {c}' for n, c in kinds.items())}; "
                 f"{first}); model restored. Pass a larger tolerance= if that error is acceptable"
-                f"{', or allow_int8=False' if any(cand.is_int8(n) for n in kinds) else ''}"
+                f"{', or allow_int8=False' if any(cand.is_int8_candidate(n) for n in kinds) else ''}"
             )
     except BaseException:
         for fqn, layer in layers.items():

@@ -1,9 +1,9 @@
 """The implementations `accelerate` chooses between for one nn.Linear, each a small nn.Module.
 
 Every candidate is built from the layer's effective weight (masks applied) and bias, takes any
-leading batch dimensions like `nn.Linear`, and is inference-only. A registry keyed by name says
-which candidates exist; a builder returns None where its candidate does not apply to a layer
-(e.g. BSR without a block structure, INT8 when not allowed).
+leading batch dimensions like `nn.Linear`, and is inference-only. A registry keyed by name
+(`CANDIDATES`) says which candidates exist; a builder returns None where its candidate does not
+apply to a layer (e.g. BSR without a block structure, INT8 when not allowed).
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from prunekit.errors import ConfigError, UnsupportedLayerError
+from prunekit._registry import Registry
+from prunekit.errors import UnsupportedLayerError
 from prunekit.runtime import formats
+from prunekit.runtime.kernels import avx512, bind
 
 
 @dataclass(frozen=True)
@@ -33,30 +35,26 @@ class LayerInfo:
 
 
 Builder = Callable[[LayerInfo], nn.Module | None]
-_CANDIDATES: dict[str, Builder] = {}
+CANDIDATES: Registry[str, Builder] = Registry("candidate")
 
 
 def register_candidate(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: add a candidate builder under `name` (an error if the name is taken)."""
-
-    def wrap(fn: Builder) -> Builder:
-        if name in _CANDIDATES:
-            raise ConfigError(f"candidate {name!r} is already registered")
-        _CANDIDATES[name] = fn
-        return fn
-
-    return wrap
+    """Decorator: add a candidate builder under `name` to `CANDIDATES` (mutates it; a taken name is a `ConfigError`)."""
+    return CANDIDATES.decorator(name)
 
 
 def get_candidate(name: str) -> Builder:
-    return _CANDIDATES[name]
+    """The builder registered as `name`; a `ConfigError` naming the known candidates if there is none."""
+    return CANDIDATES.get(name)
 
 
 def list_candidates() -> list[str]:
-    return list(_CANDIDATES)
+    """The registered candidates' names, sorted."""
+    return CANDIDATES.names()
 
 
-def is_int8(name: str) -> bool:
+def is_int8_candidate(name: str) -> bool:
+    """Whether candidate `name` computes in INT8 (its outputs then differ from dense by ~1 %)."""
     return "int8" in name
 
 
@@ -92,7 +90,7 @@ class _Flat(nn.Module):
 
 
 class NumbaSparseLinear(_Flat):
-    """prunekit's own kernel (`kernels_numba`) on a `formats.PackedWeight`."""
+    """prunekit's own kernel (`kernels.bind`: numba, or AVX-512 for ``nm24r``) on a `formats.PackedWeight`."""
 
     bias: Tensor
 
@@ -104,8 +102,6 @@ class NumbaSparseLinear(_Flat):
         self._bind()
 
     def _bind(self) -> None:
-        from prunekit.runtime.kernels_numba import bind
-
         self._run = bind(self.packed, self.bias.numpy(), parallel=self.parallel)
 
     def __getstate__(self) -> dict:
@@ -224,9 +220,7 @@ def _pack(info: LayerInfo, kind: str, int8: bool) -> formats.PackedWeight | None
     if kind == "bsr":
         return formats.pack_bsr(info.weight, info.block, int8=int8) if info.block else None
     if kind == "nm24r":
-        from prunekit.runtime.kernels_avx512 import available
-
-        fits = info.nm24 and int8 and info.weight.shape[0] % formats.ROW_LANES == 0 and available()
+        fits = info.nm24 and int8 and info.weight.shape[0] % formats.ROW_LANES == 0 and avx512.available()
         return formats.pack_nm24_rows(info.weight) if fits else None
     return formats.pack_nm24(info.weight, int8=int8) if info.nm24 else None
 

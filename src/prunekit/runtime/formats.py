@@ -8,7 +8,7 @@ Three layouts, all row-major over output channels so a thread owns whole output 
 * ``nm24``: exactly 2 kept values in every group of 4 inputs (2:4), with both positions packed
   into 4 bits; 1.25 bytes per int8 non-zero, 0.625 bytes per weight, no row pointers.
 * ``nm24r``: the same int8 2:4 weight with 16 output rows side by side (row lanes), one byte of
-  positions per row and pair of groups: what the AVX-512 kernel (`kernels_avx512`) loads as
+  positions per row and pair of groups: what the AVX-512 kernel (`kernels.avx512`) loads as
   vectors; 0.625 bytes per weight.
 
 Values are float32, or int8 with one fp32 scale per output row (symmetric, so a pruned weight

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +26,7 @@ from torch import Tensor, nn
 from prunekit.core.inputs import run_with_hooks
 from prunekit.runtime import candidates as cand
 from prunekit.runtime import formats
-
-if TYPE_CHECKING:
-    from prunekit.runtime.autotune import LayerDecision
+from prunekit.runtime.decisions import LayerDecision
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from prunekit.errors import CheckpointError, ConfigError
 from prunekit.storage.files import atomic_write_bytes
+from prunekit.storage.safetensors import check_safetensors_layout
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ def load_state(path: str | Path, kind: str) -> dict[str, Any]:
             unread), another format or version, or was written by another kind of run.
     """
     from safetensors import SafetensorError, safe_open
-
-    from prunekit.deploy.checkpoint import check_safetensors_layout
 
     path = Path(path)
     if not path.is_file():

@@ -1,13 +1,14 @@
 """Structured pruning: physically remove channels, neurons and attention heads.
 
 `trace` exports the model to an ATen graph, `analyze` finds coupled channel groups with the
-op-rule table (`ops.py`), `select` scores and picks units, and `ChannelPlan` removes them
+op-rule table (`ops/`), `select` scores and picks units, and `ChannelPlan` removes them
 atomically through per-layer handlers (`layers.py`). `prunekit.plan(model, ChannelConfig(...),
 example_inputs)` drives all of it.
 """
 
 from __future__ import annotations
 
+from prunekit._moved import moved_name
 from prunekit.structured.config import ChannelConfig
 from prunekit.structured.groups import DependencyGraph, Group, analyze
 from prunekit.structured.layers import get_layer_handler, list_layer_handlers, register_layer_handler
@@ -24,9 +25,8 @@ from prunekit.structured.trace import TracedModel, trace
 
 
 def __getattr__(name: str) -> object:  # prune_iteratively moved to prunekit.train (0.1 path, warns)
-    from prunekit._moved import moved_name
-
     return moved_name(__name__, name)
+
 
 __all__ = [
     "ChannelConfig",

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from prunekit.config import FrozenConfig, Seed, recipe_type
+from prunekit.structured.select import GroupCriterionName
 
 
 @recipe_type
@@ -21,7 +22,8 @@ class ChannelConfig(FrozenConfig):
             half the FFN neurons but a third of the heads); None uses `ratio`.
         criterion: "l1"/"l2" group norm (Li et al. 2017; Fang et al. 2023), "bn_scale"
             (Liu et al. 2017, network slimming), "taylor" (Molchanov et al. 2019; needs
-            `data=`), or "random" (a control).
+            `data=`), "random" (a control), or any name registered with
+            `register_group_criterion`.
         scope: "layer" removes `ratio` of every group; "global" ranks units of all groups
             together (scores normalised per group) and removes `ratio` of all of them.
         round_to: kept units per group are rounded up to a multiple of this (e.g. 8 for
@@ -37,7 +39,7 @@ class ChannelConfig(FrozenConfig):
 
     ratio: float = Field(ge=0.0, lt=1.0)
     head_ratio: float | None = Field(default=None, ge=0.0, lt=1.0)
-    criterion: Literal["l1", "l2", "bn_scale", "taylor", "random"] = "l1"
+    criterion: GroupCriterionName = "l1"
     scope: Literal["layer", "global"] = "layer"
     round_to: int = Field(default=1, ge=1)
     exclude: tuple[str, ...] = ()
@@ -47,3 +49,11 @@ class ChannelConfig(FrozenConfig):
     @classmethod
     def _as_tuple(cls, value: object) -> object:
         return tuple(value) if isinstance(value, list) else value
+
+    def with_level(self, level: float) -> ChannelConfig:
+        """A copy removing `level` of each group's units: a channel config's level is its ratio."""
+        return self.model_copy(update={"ratio": level})
+
+    def as_layer_rule(self) -> ChannelConfig:
+        """This config as the rule for one group: nothing excluded, nothing ranked across groups."""
+        return self.model_copy(update={"exclude": (), "scope": "layer"})

@@ -1,6 +1,6 @@
 """Coupled channel groups from a traced graph (Torch-Pruning's dependency graph, as data).
 
-`analyze` walks the ATen graph once, applying the op-rule table (`ops.py`) to move channel
+`analyze` walks the ATen graph once, applying the op-rule table (`ops/`) to move channel
 labels forward and couple what must be removed together. Connected components of coupled
 atoms are *units* (one channel, one neuron, one attention head with all its rows). Units
 that touch exactly the same parameter dimensions form a `Group`: the thing a ratio applies

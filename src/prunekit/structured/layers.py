@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from prunekit._registry import Registry
 from prunekit.errors import ConfigError
 
 Dims = dict[str, tuple[int, ...]]
@@ -36,8 +37,8 @@ class LayerHandler:
     update: Callable[[Any], None]
 
 
-_BY_TYPE: dict[type, LayerHandler] = {}
-_BY_NAME: dict[str, LayerHandler] = {}
+LAYER_HANDLERS: Registry[type | str, LayerHandler] = Registry("layer handler")
+"""Module type (matched along the MRO) or class name (optional libraries) -> its handler."""
 
 
 def register_layer_handler(
@@ -51,10 +52,7 @@ def register_layer_handler(
     """
 
     def wrap(update: Callable[[Any], None]) -> Callable[[Any], None]:
-        table: dict[Any, LayerHandler] = _BY_TYPE if isinstance(key, type) else _BY_NAME  # type: ignore[assignment]
-        if key in table:
-            raise ConfigError(f"a layer handler for {key!r} is already registered")
-        table[key] = LayerHandler(shrinkable, outputs, update)
+        LAYER_HANDLERS.register(key, LayerHandler(shrinkable, outputs, update))
         return update
 
     return wrap
@@ -65,16 +63,16 @@ def get_layer_handler(module: nn.Module | None) -> LayerHandler | None:
     if module is None:
         return None
     for cls in type(module).__mro__:
-        if cls in _BY_TYPE:
-            return _BY_TYPE[cls]
-        if cls.__name__ in _BY_NAME:
-            return _BY_NAME[cls.__name__]
+        for key in (cls, cls.__name__):
+            handler = LAYER_HANDLERS.find(key)
+            if handler is not None:
+                return handler
     return None
 
 
 def list_layer_handlers() -> list[str]:
     """Names of the module types with a handler, sorted."""
-    return sorted([t.__name__ for t in _BY_TYPE] + list(_BY_NAME))
+    return LAYER_HANDLERS.names()
 
 
 def owner_of(tensor_fqn: str) -> tuple[str, str]:

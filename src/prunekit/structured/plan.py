@@ -20,10 +20,11 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, model_validator
 from torch import Tensor, nn
 
 from prunekit.config import config_from_dict, config_to_dict
+from prunekit.core.counting import count_flops, count_params
 from prunekit.core.plan import PlanContext, register_method
 from prunekit.core.targets import matches
 from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
-from prunekit.storage.files import read_json_document, validate_document
+from prunekit.storage.files import atomic_write_text, read_json_document, validate_document
 from prunekit.structured.config import ChannelConfig
 from prunekit.structured.groups import DependencyGraph, Group, analyze
 from prunekit.structured.hf import update_config
@@ -32,8 +33,8 @@ from prunekit.structured.select import ScoreInputs, get_group_criterion, select_
 from prunekit.structured.trace import trace
 
 log = logging.getLogger(__name__)
-PLAN_FORMAT = "prunekit.channel_plan"
-PLAN_VERSION = 1
+FORMAT = "prunekit.channel_plan"
+FORMAT_VERSION = 1
 
 
 class _PlanTensor(BaseModel):
@@ -115,8 +116,8 @@ class ChannelPlan:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data, tagged with format and version."""
         return {
-            "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
             "config": config_to_dict(self.config),
             "tensors": {
                 k: {"shape": self.shapes[k], "keep": {str(d): v for d, v in dims.items()}}
@@ -129,8 +130,8 @@ class ChannelPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChannelPlan:
         """Rebuild a plan from `to_dict` output; raises `PlanError` on anything malformed."""
-        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION:
-            raise PlanError(f"not a {PLAN_FORMAT} v{PLAN_VERSION} document")
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+            raise PlanError(f"not a {FORMAT} v{FORMAT_VERSION} document")
         validate_document(data, _PlanDocument, "channel plan", PlanError)
         try:
             config = config_from_dict(data["config"], "plan.config")
@@ -144,8 +145,6 @@ class ChannelPlan:
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON, atomically."""
-        from prunekit.storage.files import atomic_write_text
-
         return atomic_write_text(Path(path), json.dumps(self.to_dict()))
 
     @classmethod
@@ -269,7 +268,12 @@ def _restore(snapshot: list[tuple[Any, dict[str, Any]]]) -> None:
 # Planning.
 
 
-def _excluded(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+def excluded_layers(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """FQNs of `model`'s modules matched by `patterns` (FQNs or "re:<regex>"), in pattern order.
+
+    Raises:
+        ConfigError: a pattern matches no module (a typo must not silently prune everything).
+    """
     names = [n for n, _ in model.named_modules() if n]
     out = []
     for pattern in patterns:
@@ -326,11 +330,9 @@ def _scores(model: nn.Module, config: ChannelConfig, groups: list[Group], ctx: P
 @register_method(ChannelConfig, per_layer=False)
 def plan_channels(model: nn.Module, config: ChannelConfig, fqns: list[str] | None, ctx: PlanContext) -> ChannelPlan:
     """Trace, find coupled groups, score, select: a `ChannelPlan` (the model is not mutated)."""
-    from prunekit.core.counting import count_flops, count_params
-
     if any(hasattr(m, "parametrizations") for m in model.modules()):
         raise ConfigError("the model has masks attached: call prunekit.finalize(model) before structured pruning")
-    excluded = _excluded(model, config.exclude)
+    excluded = excluded_layers(model, config.exclude)
     was_training = model.training
     model.eval()
     try:

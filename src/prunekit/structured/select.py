@@ -12,13 +12,16 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator
 from torch import Tensor, nn
 
+from prunekit._registry import Registry
+from prunekit.core.inputs import call_model
 from prunekit.errors import ConfigError, PlanError
 from prunekit.structured.groups import Group, Member
 
@@ -48,7 +51,8 @@ class GroupCriterionInfo:
     reference: str = ""
 
 
-_GROUP_CRITERIA: dict[str, GroupCriterionInfo] = {}
+GROUP_CRITERIA: Registry[str, GroupCriterionInfo] = Registry("structured criterion")
+"""Name -> group criterion (`ChannelConfig.criterion` is checked against it)."""
 
 
 def register_group_criterion(
@@ -57,9 +61,7 @@ def register_group_criterion(
     """Decorator: register a per-unit group score under `name`."""
 
     def wrap(fn: GroupScoreFn) -> GroupScoreFn:
-        if name in _GROUP_CRITERIA:
-            raise ConfigError(f"group criterion {name!r} is already registered")
-        _GROUP_CRITERIA[name] = GroupCriterionInfo(name, fn, needs_data, reference)
+        GROUP_CRITERIA.register(name, GroupCriterionInfo(name, fn, needs_data, reference))
         return fn
 
     return wrap
@@ -67,16 +69,21 @@ def register_group_criterion(
 
 def get_group_criterion(name: str) -> GroupCriterionInfo:
     """Look up a group criterion; the error lists the known ones."""
-    try:
-        return _GROUP_CRITERIA[name]
-    except KeyError:
-        known = ", ".join(list_group_criteria())
-        raise ConfigError(f"unknown structured criterion {name!r}; known: {known}") from None
+    return GROUP_CRITERIA.get(name)
 
 
 def list_group_criteria() -> list[str]:
     """Names of the registered group criteria, sorted."""
-    return sorted(_GROUP_CRITERIA)
+    return GROUP_CRITERIA.names()
+
+
+def _registered(name: str) -> str:
+    get_group_criterion(name)  # ConfigError is a ValueError: pydantic reports it under the field's name
+    return name
+
+
+GroupCriterionName = Annotated[str, AfterValidator(_registered)]
+"""A config field holding the name of a registered group criterion (`ChannelConfig.criterion`)."""
 
 
 def _per_position(t: Tensor, dim: int, fn: Callable[[Tensor], Tensor]) -> np.ndarray:
@@ -156,7 +163,8 @@ def taylor_grads(model: nn.Module, data: Iterable[Any], tensors: dict[str, Tenso
     """Gradients of the loss summed over `data` batches, without touching `.grad` (no mutation).
 
     A batch `(x, y)` uses cross-entropy on the model's logits; a bare batch `x` uses the mean
-    squared output (a label-free proxy).
+    squared output (a label-free proxy). `x` is called as `call_model` calls any input: a
+    tensor, a tuple of positional args, or a dict of keyword args.
     """
     names = [n for n, t in tensors.items() if isinstance(t, nn.Parameter) and t.requires_grad]
     params = [tensors[n] for n in names]
@@ -166,7 +174,7 @@ def taylor_grads(model: nn.Module, data: Iterable[Any], tensors: dict[str, Tenso
     try:
         for batch in data:
             x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
-            out = model(**x) if isinstance(x, dict) else model(x)
+            out = call_model(model, x)
             if not isinstance(out, Tensor):
                 out = out.logits if getattr(out, "logits", None) is not None else out[0]
             loss = F.cross_entropy(out, y) if y is not None else out.float().pow(2).mean()

@@ -9,25 +9,30 @@ channels also narrow the layers it feeds.
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
-from prunekit.allocation.sensitivity import (
+from prunekit.allocation.sensitivity.common import (
     Evaluate,
     ScanCheckpoint,
-    SensitivityError,
-    _call_evaluate,
-    _progress,
+    call_evaluate,
+    measure_baseline,
+    record_failure,
 )
 from prunekit.allocation.sensitivity.table import SensitivityTable
 from prunekit.config import FrozenConfig, config_to_dict
+from prunekit.core.counting import count_flops, count_params
+from prunekit.core.progress import progress as progress_bar
 from prunekit.errors import ConfigError
-
-log = logging.getLogger(__name__)
+from prunekit.structured.config import ChannelConfig
+from prunekit.structured.groups import DependencyGraph, Group, analyze
+from prunekit.structured.plan import ChannelPlan, build_plan
+from prunekit.structured.select import ScoreInputs, get_group_criterion, select_units, taylor_grads
+from prunekit.structured.trace import trace
 
 
 def scan_groups(
@@ -49,29 +54,21 @@ def scan_groups(
     lowest-scoring units at the level and applies the plan to a copy, so a scan costs one
     trace instead of one per probe (a large model's trace takes seconds).
     """
-    from prunekit.core.counting import count_flops, count_params
-
     cells = cells or ScanCheckpoint()
-    baseline, why = cells.measure("baseline", _call_evaluate, evaluate, model)
-    if why is not None:
-        raise SensitivityError(f"evaluate fails on the unpruned model ({why}); fix it before scanning")
+    baseline = measure_baseline(cells, evaluate, model)
     pruner = GroupPruner(model, config, example_inputs, data)
     groups = pruner.groups
     params_before, flops_before = count_params(model), count_flops(model, example_inputs)
     values: dict[str, list[float]] = {n: [] for n in groups}
     removed: dict[str, dict[str, list[int]]] = {"params": {n: [] for n in groups}, "flops": {n: [] for n in groups}}
     failures: dict[str, str] = {}
-    for name, level in _progress([(n, lv) for n in groups for lv in levels], progress):
+    for name, level in progress_bar([(n, lv) for n in groups for lv in levels], "sensitivity", progress):
         value, why, gone_params, gone_flops = cells.measure(
             f"{name}@{level!r}", _probe, pruner, name, level, evaluate, (params_before, flops_before, example_inputs))
         removed["params"][name].append(gone_params)
         removed["flops"][name].append(gone_flops)
         values[name].append(value)
-        if why is not None:
-            failures[f"{name}@{level:g}"] = why
-            log.warning("sensitivity: group %r at level %g: %s", name, level, why)
-            if on_error == "stop":
-                raise SensitivityError(f"group {name!r} at level {level:g}: {why} (use on_error='continue' to skip)")
+        record_failure(failures, "group", name, level, why, on_error)
     params = {n: sum(int(p.numel()) for p in _group_tensors(model, g)) for n, g in groups.items()}
     cells.finish()
     return SensitivityTable(list(groups), levels, values, baseline, higher_is_better, config_to_dict(config),
@@ -81,13 +78,11 @@ def scan_groups(
 def _probe(pruner: GroupPruner, name: str, level: float, evaluate: Evaluate,
            before: tuple[int, int, Any]) -> tuple[float, str | None, int, int]:
     """One cell: the metric of the copy without group `name` at `level`, and what it removed."""
-    from prunekit.core.counting import count_flops, count_params
-
     params_before, flops_before, example_inputs = before
     pruned = pruner.pruned(name, level)
     gone_params = params_before - count_params(pruned)
     gone_flops = flops_before - count_flops(pruned, example_inputs)
-    return (*_call_evaluate(evaluate, pruned), gone_params, gone_flops)
+    return (*call_evaluate(evaluate, pruned), gone_params, gone_flops)
 
 
 class GroupPruner:
@@ -98,10 +93,11 @@ class GroupPruner:
     `ChannelConfig` with every other group excluded would.
     """
 
-    def __init__(self, model: nn.Module, config: Any, example_inputs: Any, data: Iterable[Any] | None = None):
-        self.model, self.config = model, config
-        self.graph, self.scores = _scored_graph(model, config, example_inputs, data)
-        self.groups = channel_groups(model, config, example_inputs, self.graph)
+    def __init__(self, model: nn.Module, config: FrozenConfig, example_inputs: Any,
+                 data: Iterable[Any] | None = None) -> None:
+        self.model, self.config = model, _channel_config(config)
+        self.graph, self.scores = _scored_graph(model, self.config, example_inputs, data)
+        self.groups = channel_groups(model, self.config, example_inputs, self.graph)
         self.index = {g.name: i for i, g in enumerate(self.graph.groups)}
 
     def pruned(self, name: str, level: float) -> nn.Module:
@@ -110,28 +106,32 @@ class GroupPruner:
 
     def pruned_many(self, levels: dict[str, float]) -> nn.Module:
         """A copy of the model with each named group's channels removed at its own ratio."""
-        from prunekit.structured.plan import build_plan
-        from prunekit.structured.select import select_units
+        return self.plan_many(levels).apply(copy.deepcopy(self.model))
 
+    def plan_many(self, levels: dict[str, float]) -> ChannelPlan:
+        """The channel plan removing each named group's lowest-scoring units at its own ratio.
+
+        Nothing is mutated; `plan.apply(model)` then prunes `model` itself (all or nothing).
+        """
         unknown = [n for n in levels if n not in self.groups]
         if unknown:
             raise ConfigError(f"no prunable channel group named {unknown[:4]} (groups: {list(self.groups)[:6]})")
         gone = [np.zeros(0, dtype=np.int64)] * len(self.graph.groups)
-        round_to = getattr(self.config, "round_to", 1)
         for name, level in levels.items():
             i = self.index[name]
-            gone[i] = select_units([self.graph.groups[i]], [self.scores[i]], level, "layer", round_to)[0]
-        return build_plan(self.model, self.config, self.graph, gone).apply(copy.deepcopy(self.model))
+            gone[i] = select_units([self.graph.groups[i]], [self.scores[i]], level, "layer", self.config.round_to)[0]
+        return build_plan(self.model, self.config, self.graph, gone)
 
 
-def _scored_graph(model: nn.Module, config: Any, example_inputs: Any, data: Iterable[Any] | None) -> tuple[Any, list]:
-    """The dependency graph (traced once, nothing excluded) and every group's unit scores."""
-    import torch
-
-    from prunekit.structured.select import ScoreInputs, get_group_criterion, taylor_grads
-
-    if "ratio" not in type(config).model_fields or not hasattr(config, "criterion"):
+def _channel_config(config: FrozenConfig) -> ChannelConfig:
+    if not isinstance(config, ChannelConfig):
         raise ConfigError(f"{type(config).__name__} is neither a mask config nor a channel config")
+    return config
+
+
+def _scored_graph(model: nn.Module, config: ChannelConfig, example_inputs: Any,
+                  data: Iterable[Any] | None) -> tuple[DependencyGraph, list[np.ndarray]]:
+    """The dependency graph (traced once, nothing excluded) and every group's unit scores."""
     if example_inputs is None:
         raise ConfigError("a ChannelConfig scan traces the model: pass example_inputs=")
     graph = _trace(model, example_inputs)
@@ -146,13 +146,13 @@ def _scored_graph(model: nn.Module, config: Any, example_inputs: Any, data: Iter
     return graph, [np.asarray(info.fn(g, inputs), dtype=np.float64) for g in graph.groups]
 
 
-def channel_groups(model: nn.Module, config: FrozenConfig, example_inputs: Any, graph: Any = None) -> dict[str, Any]:
+def channel_groups(model: nn.Module, config: FrozenConfig, example_inputs: Any,
+                   graph: DependencyGraph | None = None) -> dict[str, Group]:
     """Name -> coupled channel group (`prunekit.structured.Group`) a channel config can prune.
 
     `graph` is a `DependencyGraph` already traced from `model` (traced here if None).
     """
-    if "ratio" not in type(config).model_fields or not hasattr(config, "exclude"):
-        raise ConfigError(f"{type(config).__name__} is neither a mask config nor a channel config")
+    config = _channel_config(config)
     if example_inputs is None:
         raise ConfigError("a ChannelConfig scan traces the model: pass example_inputs=")
     if graph is None:
@@ -164,9 +164,7 @@ def channel_groups(model: nn.Module, config: FrozenConfig, example_inputs: Any, 
     return groups
 
 
-def _trace(model: nn.Module, example_inputs: Any) -> Any:
-    from prunekit.structured import analyze, trace
-
+def _trace(model: nn.Module, example_inputs: Any) -> DependencyGraph:
     training = model.training
     model.eval()
     try:
@@ -175,6 +173,6 @@ def _trace(model: nn.Module, example_inputs: Any) -> Any:
         model.train(training)
 
 
-def _group_tensors(model: nn.Module, group: Any) -> list[Tensor]:
+def _group_tensors(model: nn.Module, group: Group) -> list[Tensor]:
     tensors = dict(model.named_parameters())
     return list({id(tensors[f]): tensors[f] for f, _ in group.members if f in tensors}.values())

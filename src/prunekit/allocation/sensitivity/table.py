@@ -16,10 +16,10 @@ from pydantic import BaseModel
 
 from prunekit.config import FrozenConfig, config_from_dict
 from prunekit.errors import ConfigError, PrunekitError
-from prunekit.storage.files import atomic_write_text, read_json_document, validate_document
+from prunekit.storage.files import atomic_write_bytes, atomic_write_text, read_json_document, validate_document
 
-TABLE_FORMAT = "prunekit.sensitivity"
-TABLE_VERSION = 1
+FORMAT = "prunekit.sensitivity"  # the on-disk tag of a saved table; files written by 0.1 carry it too
+FORMAT_VERSION = 1
 
 
 class _TableDocument(BaseModel):
@@ -118,8 +118,8 @@ class SensitivityTable:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data; NaN cells become null."""
         return {
-            "format": TABLE_FORMAT,
-            "version": TABLE_VERSION,
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
             "kind": self.kind,
             "units": self.units,
             "levels": self.levels,
@@ -138,10 +138,10 @@ class SensitivityTable:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SensitivityTable:
         """Rebuild a table from `to_dict` output (checks the format tag and version)."""
-        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-            raise ConfigError(f"not a sensitivity table: 'format' must be {TABLE_FORMAT!r}")
-        if data.get("version") != TABLE_VERSION:
-            raise ConfigError(f"sensitivity table version {data.get('version')!r} is not {TABLE_VERSION}")
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ConfigError(f"not a sensitivity table: 'format' must be {FORMAT!r}")
+        if data.get("version") != FORMAT_VERSION:
+            raise ConfigError(f"sensitivity table version {data.get('version')!r} is not {FORMAT_VERSION}")
         validate_document(data, _TableDocument, "sensitivity table", ConfigError)
         try:
             values = {u: [math.nan if v is None else float(v) for v in vs] for u, vs in data["values"].items()}
@@ -186,8 +186,6 @@ def _plot_table(table: SensitivityTable, path: str | Path) -> Path:
     import io
 
     import numpy as np
-
-    from prunekit.storage.files import atomic_write_bytes
 
     grid = np.array([[table.degradation(u, i) for i in range(len(table.levels))] for u in table.units])
     width = 2.5 + 0.9 * len(table.levels) + 0.06 * max(len(u) for u in table.units)

@@ -1,6 +1,6 @@
 """2:4 INT8 at batch 1 with AVX-512 permutes: 16 output rows per vector, no per-weight index decode.
 
-The scalar 2:4 kernel (`kernels_numba`) decodes two 2-bit positions and loads x twice per group
+The scalar 2:4 kernel (`kernels.numba`) decodes two 2-bit positions and loads x twice per group
 and row: 0.5x of fbgemm's dense INT8 here. This one keeps 16 rows in the lanes of a register
 (`formats.pack_nm24_rows`): per group of 4 inputs it broadcasts x[4g : 4g + 4] into a table and
 picks each row's input for each kept value with one `vpermps` (`llvm.x86.avx512.permvar.sf.512`)
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from prunekit.errors import PrunekitError
-from prunekit.runtime.kernels_numba import _import_numba, _prefer_workqueue
+from prunekit.runtime.kernels.numba_setup import import_numba, prefer_workqueue
 
 LANES = 16
 ROWS = 4  # rows of x per pass over the weights
@@ -45,8 +45,8 @@ def available() -> bool:
 
 @cache
 def _kernel() -> dict[bool, Any]:
-    numba = _import_numba()
-    _prefer_workqueue(numba)  # the same threading layer as prunekit's other parallel kernels
+    numba = import_numba()
+    prefer_workqueue(numba)  # the same threading layer as prunekit's other parallel kernels
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
@@ -205,7 +205,7 @@ def bind_nm24r(packed: Any, bias: np.ndarray, *, parallel: bool = False) -> Call
     if not available():
         raise PrunekitError("the nm24r kernel needs a CPU with AVX-512F; this one has none: use the 'nm24' format")
     kernel, args, out_f = _kernel()[parallel], (packed.values, packed.cols, packed.scales, bias), packed.shape[0]
-    threads = _import_numba().get_num_threads
+    threads = import_numba().get_num_threads
 
     def run(x: np.ndarray) -> np.ndarray:
         y = np.empty((x.shape[0], out_f), np.float32)

@@ -13,9 +13,12 @@ when a kernel is first used, so `import prunekit` stays light; `cache=True` keep
 code across processes.
 
 Threads: the parallel kernels use numba's workqueue pool unless `NUMBA_THREADING_LAYER` says
-otherwise (see `_prefer_workqueue`); it does not take launches from several Python threads at
-once: call one model from one thread, or use the single-threaded kernels (`parallel=False`, the
-`*_1t` candidates).
+otherwise (see `numba_setup.prefer_workqueue`); it does not take launches from several Python
+threads at once: call one model from one thread, or use the single-threaded kernels
+(`parallel=False`, the `*_1t` candidates).
+
+These kernels take the ``csr``, ``bsr`` and ``nm24`` formats; ``nm24r`` has its own (`avx512`),
+and `prunekit.runtime.kernels.bind` picks between them by format.
 
 Batch layout: batch 1 uses x as a vector. Larger batches are cut into tiles of 8 rows stored
 (tile, in * 8): the 8 values of one input feature are adjacent, and each output row keeps its 8
@@ -31,22 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from prunekit.errors import PrunekitError
+from prunekit.runtime.kernels.numba_setup import import_numba, prefer_workqueue
 
 TILE = 8  # batch rows per tile in the batched kernels (one AVX2 vector of fp32)
 
 _KERNELS: dict[bool, dict[str, Any]] | None = None
-
-
-def _import_numba() -> Any:
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise PrunekitError(
-            "prunekit's sparse CPU kernels need numba, which is not installed; "
-            "install it with: pip install 'prunekit[speed]'"
-        ) from None
-    return numba
 
 
 def kernels(parallel: bool = True) -> dict[str, Any]:
@@ -60,27 +52,10 @@ def kernels(parallel: bool = True) -> dict[str, Any]:
     """
     global _KERNELS
     if _KERNELS is None:
-        numba = _import_numba()
-        _prefer_workqueue(numba)
+        numba = import_numba()
+        prefer_workqueue(numba)
         _KERNELS = {True: _build(numba, True), False: _build(numba, False)}
     return _KERNELS[parallel]
-
-
-def _prefer_workqueue(numba: Any) -> None:
-    """Use numba's workqueue thread pool unless the user chose a threading layer.
-
-    numba's default here is OpenMP, whose idle workers spin; so do torch's own OpenMP workers
-    (a separate libgomp). Alternating torch ops and numba kernels then leaves four spinning
-    threads fighting over two cores: we measured a 0.7 ms kernel taking 24 ms and torch's dense
-    `F.linear` 30x slower. workqueue's workers sleep on a semaphore instead, but waking them
-    costs ~80 us a launch here against ~2 us for OpenMP's spinning ones: where the torch ops
-    between kernels are small (batch-1 LLM decoding), `NUMBA_THREADING_LAYER=omp` made SmolLM2's
-    2:4 kernels worth running on both cores (RESULTS.md); `accelerate` measures either way.
-    """
-    import os
-
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
 
 
 def _build(numba: Any, parallel: bool) -> dict[str, Any]:
@@ -251,15 +226,11 @@ def _to_tiles(x: np.ndarray) -> np.ndarray:
 
 
 def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[np.ndarray], np.ndarray]:
-    """`sparse_linear` for one weight, its kernels and arguments looked up once: ``run(x) -> y``.
+    """``run(x) -> x @ W.T + bias`` for a ``csr``, ``bsr`` or ``nm24`` weight, kernels and arguments looked up once.
 
     x is a C-contiguous float32 (n, in) array. This is the per-call path of the runtime's modules:
     decoding calls ~200 layers a token, and every lookup skipped here is a microsecond saved.
     """
-    if packed.kind == "nm24r":  # row-lane 2:4 INT8, AVX-512 only
-        from prunekit.runtime.kernels_avx512 import bind_nm24r
-
-        return bind_nm24r(packed, bias, parallel=parallel)
     k = kernels(parallel)
     out_f = packed.shape[0]
     if packed.kind == "nm24":
@@ -267,7 +238,7 @@ def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[n
     else:
         args = (packed.rowptr, packed.cols, packed.values, packed.scales, bias)
     b1, tiles = k[f"{packed.kind}_b1"], k[f"{packed.kind}_tiles"]
-    config = _import_numba().core.config  # looked up once, not on every call
+    config = import_numba().core.config  # looked up once, not on every call
 
     def run(x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
@@ -281,7 +252,3 @@ def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[n
 
     return run
 
-
-def sparse_linear(packed: Any, x: np.ndarray, bias: np.ndarray, *, parallel: bool = True) -> np.ndarray:
-    """y = x @ W.T + bias for a `formats.PackedWeight` W and a float32 (n, in) array x; returns (n, out)."""
-    return bind(packed, bias, parallel=parallel)(np.ascontiguousarray(x, dtype=np.float32))

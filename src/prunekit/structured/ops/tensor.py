@@ -1,78 +1,22 @@
-"""The op-rule table: how each ATen op moves channel labels and which channels it couples.
+"""Op rules for element-wise ops, concatenation and layers with parameters.
 
-A rule gets the node and an `OpContext` and returns the output's labels. Ops missing from the
-table are barriers (see `groups.py`): their inputs are frozen and one warning names them.
-Rules are registered with `register_op_rule(*targets)`; `get_op_rule`/`list_op_rules` look
-them up.
+Linear, addmm (GPT-2's `Conv1D`), convolutions, batch/layer/group norms and embeddings couple
+their input channels with a weight's columns and give the output the weight's rows. Shape ops
+live in `shape.py`, activation @ activation matmuls in `matmul.py`; the table in `rules.py`.
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch.fx import Node
 
-from prunekit.errors import ConfigError
-from prunekit.structured.labels import AtomGraph, Entry, Labels, entry_on, make_entry
+from prunekit.structured.labels import Entry, Labels, entry_on, make_entry
+from prunekit.structured.ops.rules import OpContext, args_of, kwarg, norm_dim, register_op_rule
 
 aten = torch.ops.aten
-
-
-class OpContext(Protocol):
-    """What a rule may ask about the graph being analysed."""
-
-    atoms: AtomGraph
-
-    def labels(self, arg: Any) -> Labels: ...
-
-    def shape(self, arg: Any) -> tuple[int, ...] | None: ...
-
-    def param_fqn(self, arg: Any) -> str | None: ...
-
-
-Rule = Callable[[OpContext, Node], Any]
-_RULES: dict[Any, Rule] = {}
-
-
-def register_op_rule(*targets: Any) -> Callable[[Rule], Rule]:
-    """Decorator: use the decorated rule for every op in `targets`."""
-
-    def wrap(fn: Rule) -> Rule:
-        for target in targets:
-            if target in _RULES:
-                raise ConfigError(f"an op rule for {target} is already registered")
-            _RULES[target] = fn
-        return fn
-
-    return wrap
-
-
-def get_op_rule(target: Any) -> Rule | None:
-    """The rule for `target`, or None (the op is a barrier)."""
-    return _RULES.get(target)
-
-
-def list_op_rules() -> list[str]:
-    """Names of the ops with a rule, sorted."""
-    return sorted(str(t) for t in _RULES)
-
-
-def args_of(node: Node) -> Any:
-    """`node.args`, untyped (fx types arguments as a wide union that rules narrow by position)."""
-    return node.args
-
-
-def kwarg(node: Node, name: str, default: Any) -> Any:
-    """`node.kwargs[name]`, untyped like `args_of`."""
-    return node.kwargs.get(name, default)
-
-
-def _dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
 
 
 def _param_entry(ctx: OpContext, arg: Any, dim: int) -> np.ndarray:
@@ -250,7 +194,7 @@ def cat(ctx: OpContext, node: Node) -> Labels:
     if out is None:
         return []
     rank = len(out)
-    dim = _dim(args_of(node)[1] if len(args_of(node)) > 1 else kwarg(node, "dim", 0), rank)
+    dim = norm_dim(args_of(node)[1] if len(args_of(node)) > 1 else kwarg(node, "dim", 0), rank)
     inputs = [a for a in args_of(node)[0] if isinstance(a, Node) and int(np.prod(ctx.shape(a) or (0,))) > 0]
     aligned = [_aligned(ctx, a, rank) for a in inputs]
     result: Labels = []
@@ -419,11 +363,3 @@ def _barrier_like(ctx: OpContext, node: Node) -> Labels:
         for e in ctx.labels(arg):
             ctx.atoms.pin_all(e)
     return []
-
-
-# Shape ops, reductions and attention live in ops_shape.py, activation @ activation matmuls
-# (eager attention) in ops_matmul.py, to keep this file short.
-from prunekit.structured import ops_matmul as _ops_matmul  # noqa: E402,F401
-from prunekit.structured import ops_shape as _ops_shape  # noqa: E402,F401
-
-__all__ = ["OpContext", "get_op_rule", "list_op_rules", "operator", "register_op_rule"]

@@ -1,4 +1,4 @@
-"""Op rules for shape ops, reductions, pooling and attention (see `ops.py` for the table)."""
+"""Op rules for shape ops, reductions, pooling and attention (see `rules.py` for the table)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch.fx import Node
 
 from prunekit.structured.labels import Entry, Labels, entry_on, make_entry
-from prunekit.structured.ops import OpContext, _dim, args_of, kwarg, register_op_rule
+from prunekit.structured.ops.rules import OpContext, args_of, kwarg, norm_dim, register_op_rule
 
 aten = torch.ops.aten
 
@@ -63,7 +63,7 @@ def source(ctx: OpContext, node: Node) -> Labels:
 # Views.
 
 
-def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
     """Pair runs of input dims with runs of output dims of equal product (None: cannot)."""
     groups, i, j = [], 0, 0
     while i < len(src) or j < len(dst):
@@ -95,7 +95,7 @@ def reshape_labels(ctx: OpContext, labels: Labels, src: tuple[int, ...], dst: tu
     """Labels of a tensor of shape `src` viewed as `dst` (row-major), exactly per element."""
     if not labels:
         return []
-    groups = _reshape_groups(src, dst) if 0 not in src else None
+    groups = reshape_groups(src, dst) if 0 not in src else None
     if groups is None:
         for e in labels:
             ctx.atoms.pin_all(e)
@@ -146,9 +146,12 @@ def permute(ctx: OpContext, node: Node) -> Labels:
     """Reorder dims: each entry's dims are renamed."""
     rank = len(ctx.shape(node) or ())
     if node.target is aten.permute.default:
-        order = [_dim(d, rank) for d in args_of(node)[1]]
+        order = [norm_dim(d, rank) for d in args_of(node)[1]]
     else:
-        a, b = (0, 1) if node.target is aten.t.default else (_dim(args_of(node)[1], rank), _dim(args_of(node)[2], rank))
+        if node.target is aten.t.default:
+            a, b = 0, 1
+        else:
+            a, b = norm_dim(args_of(node)[1], rank), norm_dim(args_of(node)[2], rank)
         order = list(range(rank))
         order[a], order[b] = order[b], order[a]
     where = {old: new for new, old in enumerate(order)}
@@ -176,7 +179,7 @@ def select(ctx: OpContext, node: Node) -> Any:
     x = args_of(node)[0]
     shape = ctx.shape(x) or ()
     rank = len(shape)
-    dim = _dim(args_of(node)[1] if len(args_of(node)) > 1 else 0, rank)
+    dim = norm_dim(args_of(node)[1] if len(args_of(node)) > 1 else 0, rank)
     picks = [args_of(node)[2]] if node.target is aten.select.int else list(range(shape[dim]))
     outs = []
     for index in picks:
@@ -186,7 +189,7 @@ def select(ctx: OpContext, node: Node) -> Any:
                 ctx.atoms.pin(e, e.axis(dim))
                 if len(e.dims) == 1:
                     continue
-                arr = np.take(e.atoms, _dim(index, shape[dim]), axis=e.axis(dim))
+                arr = np.take(e.atoms, norm_dim(index, shape[dim]), axis=e.axis(dim))
                 labels.append(Entry(tuple(d - (d > dim) for d in e.dims if d != dim), arr))
             else:
                 labels.append(Entry(tuple(d - (d > dim) for d in e.dims), e.atoms))
@@ -199,7 +202,7 @@ def slice_(ctx: OpContext, node: Node) -> Labels:
     """x[start:end:step] on a dim: a partial slice of a labeled dim pins it."""
     x = args_of(node)[0]
     shape = ctx.shape(x) or ()
-    dim = _dim(args_of(node)[1] if len(args_of(node)) > 1 else 0, len(shape))
+    dim = norm_dim(args_of(node)[1] if len(args_of(node)) > 1 else 0, len(shape))
     start = args_of(node)[2] if len(args_of(node)) > 2 else None
     end = args_of(node)[3] if len(args_of(node)) > 3 else None
     step = args_of(node)[4] if len(args_of(node)) > 4 else 1
@@ -223,7 +226,7 @@ def split(ctx: OpContext, node: Node) -> list[Labels]:
     """Equal chunks of a labeled dim (GPT-2's packed q/k/v) shrink together: coupled by position."""
     x = args_of(node)[0]
     shape = ctx.shape(x) or ()
-    dim = _dim(args_of(node)[2] if len(args_of(node)) > 2 else kwarg(node, "dim", 0), len(shape))
+    dim = norm_dim(args_of(node)[2] if len(args_of(node)) > 2 else kwarg(node, "dim", 0), len(shape))
     outs = node.meta.get("val") or []
     sizes = [int(o.shape[dim]) for o in outs]
     result: list[Labels] = [[] for _ in sizes]
@@ -286,7 +289,7 @@ def reduce(ctx: OpContext, node: Node) -> Any:
     dims_arg = args_of(node)[1] if len(args_of(node)) > 1 else None
     if isinstance(dims_arg, int):
         dims_arg = [dims_arg]
-    dims = set(range(rank)) if not dims_arg else {_dim(d, rank) for d in dims_arg}
+    dims = set(range(rank)) if not dims_arg else {norm_dim(d, rank) for d in dims_arg}
     keep = (
         bool(args_of(node)[2])
         if len(args_of(node)) > 2 and isinstance(args_of(node)[2], bool)
@@ -314,7 +317,7 @@ def reduce(ctx: OpContext, node: Node) -> Any:
 def softmax(ctx: OpContext, node: Node) -> Labels:
     """Softmax normalises over one dim: that dim is pinned, the rest pass."""
     labels = ctx.labels(args_of(node)[0])
-    dim = _dim(args_of(node)[1], len(ctx.shape(node) or ()))
+    dim = norm_dim(args_of(node)[1], len(ctx.shape(node) or ()))
     for e in labels:
         if dim in e.dims:
             ctx.atoms.pin(e, e.axis(dim))

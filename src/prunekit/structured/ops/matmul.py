@@ -6,7 +6,7 @@ index heads, and a head can go as long as it goes from q, k and v at once (its r
 q/k/v projections and its columns in the output projection). So the rule:
 
 - collapses each operand's labels over its batch dims to one atom per batch position (a head
-  is removed whole, as `ops_shape.attention` does) and couples the two operands' atoms;
+  is removed whole, as `shape.attention` does) and couples the two operands' atoms;
 - lets the output carry those head atoms over its batch dims and over a free dim (rows of
   `a`, columns of `b`) that the operand's head labels covered;
 - refuses (pins) what it cannot express: labels on the contracted dim that are not per head,
@@ -24,8 +24,8 @@ import torch
 from torch.fx import Node
 
 from prunekit.structured.labels import Entry, Labels, make_entry
-from prunekit.structured.ops import OpContext, _dim, args_of, register_op_rule
-from prunekit.structured.ops_shape import _reshape_groups
+from prunekit.structured.ops.rules import OpContext, args_of, norm_dim, register_op_rule
+from prunekit.structured.ops.shape import reshape_groups
 
 aten = torch.ops.aten
 
@@ -38,9 +38,9 @@ def _order(node: Node) -> list[int]:
     """A permute's dim order: output dim i is input dim order[i]."""
     rank = len(node.meta["val"].shape)
     if node.target is aten.permute.default:
-        return [_dim(d, rank) for d in args_of(node)[1]]
+        return [norm_dim(d, rank) for d in args_of(node)[1]]
     order = list(range(rank))
-    a, b = _dim(args_of(node)[1], rank), _dim(args_of(node)[2], rank)
+    a, b = norm_dim(args_of(node)[1], rank), norm_dim(args_of(node)[2], rank)
     order[a], order[b] = order[b], order[a]
     return order
 
@@ -54,7 +54,7 @@ def _spelled_sizes(view: Node, rank: int) -> list[Any]:
     """The sizes a view op spells per output dim (None where it spells none)."""
     if view.target is aten.unflatten.int:
         sizes = list(args_of(view)[2])
-        dim = _dim(args_of(view)[1], rank - len(sizes) + 1)
+        dim = norm_dim(args_of(view)[1], rank - len(sizes) + 1)
         return [None] * dim + sizes + [None] * (rank - dim - len(sizes))
     return list(args_of(view)[1])
 
@@ -63,7 +63,7 @@ def _view_fixes_heads(view: Node, ids_src: np.ndarray, ids_dst: np.ndarray) -> b
     """Whether `view` spells every size of a run of dims that holds heads (no -1 to absorb fewer)."""
     sizes = _spelled_sizes(view, ids_dst.ndim)
     src_heads, dst_heads = _head_dims(ids_src), _head_dims(ids_dst)
-    for g_src, g_dst in _reshape_groups(ids_src.shape, ids_dst.shape) or []:
+    for g_src, g_dst in reshape_groups(ids_src.shape, ids_dst.shape) or []:
         if (set(g_src) & src_heads or set(g_dst) & dst_heads) and all(
             isinstance(sizes[d], int) and sizes[d] != -1 for d in g_dst
         ):

@@ -1,0 +1,34 @@
+"""prunekit's own sparse CPU kernels, one entry point for every packed format: `bind` and `sparse_linear`.
+
+`numba` holds the kernels for ``csr``, ``bsr`` and ``nm24`` (numba-compiled loops), `avx512` the
+row-lane 2:4 INT8 kernel for ``nm24r`` (LLVM IR with AVX-512 permutes), and `numba_setup` what
+both need first (numba itself, imported on a kernel's first use, and the threading layer).
+`bind` dispatches on `PackedWeight.kind`, so callers need not know which module runs a format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from prunekit.runtime.formats import PackedWeight
+from prunekit.runtime.kernels import avx512, numba
+
+__all__ = ["bind", "sparse_linear"]
+
+
+def bind(packed: PackedWeight, bias: np.ndarray, *, parallel: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+    """`sparse_linear` for one weight, its kernel and arguments looked up once: ``run(x) -> y``.
+
+    x is a C-contiguous float32 (n, in) array. This is the per-call path of the runtime's modules:
+    decoding calls ~200 layers a token, and every lookup skipped here is a microsecond saved.
+    """
+    if packed.kind == "nm24r":  # row-lane 2:4 INT8, AVX-512 only
+        return avx512.bind_nm24r(packed, bias, parallel=parallel)
+    return numba.bind(packed, bias, parallel=parallel)
+
+
+def sparse_linear(packed: PackedWeight, x: np.ndarray, bias: np.ndarray, *, parallel: bool = True) -> np.ndarray:
+    """y = x @ W.T + bias for a `formats.PackedWeight` W and a float32 (n, in) array x; returns (n, out)."""
+    return bind(packed, bias, parallel=parallel)(np.ascontiguousarray(x, dtype=np.float32))
