@@ -243,7 +243,7 @@ def _echo_groups(model: object, inputs: object, exclude: list[str]) -> None:
 
 @app.command("prune")
 def prune_command(
-    recipe: Annotated[Path, typer.Option(help="YAML/JSON recipe (see prunekit.recipe for the format).")],
+    recipe: Annotated[Path, typer.Option(help="YAML/JSON recipe (see prunekit.recipes.run for the format).")],
     out: Annotated[Path, typer.Option(help="Folder for pruned.safetensors and the report.")] = Path("out/prune"),
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Folder for resumable fine-tuning checkpoints.")] = None,

@@ -4,7 +4,7 @@ The approach of NetAdapt (Yang et al. 2018, "NetAdapt: platform-aware neural net
 adaptation for mobile applications") and AMC (He et al. 2018): time each layer alone, on the
 input it really receives, at every candidate width or sparsity, and predict the model's latency
 as the measured dense latency minus the per-layer savings. Each layer's variants are timed
-interleaved call by call (`prunekit.bench.measure_latency`), so drift on a shared machine hits
+interleaved call by call (`prunekit.measure.bench.measure_latency`), so drift on a shared machine hits
 them alike.
 
 Mask configs keep dense shapes, so with dense kernels their rows show what they really buy
@@ -189,7 +189,7 @@ def measure_latency_table(
         levels: the levels of the sensitivity scan.
         example_inputs: the inputs to serve (e.g. batch 1); each layer is timed on the input
             it receives from them.
-        repeats, warmup, threads: as in `prunekit.bench.measure_latency`.
+        repeats, warmup, threads: as in `prunekit.measure.bench.measure_latency`.
         progress: show a progress bar over units.
 
     Returns:

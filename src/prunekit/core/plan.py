@@ -236,7 +236,7 @@ def plan(
         progress: show a progress bar on long planning work.
         max_memory: memory budget of a calibration pass (Wanda, SparseGPT), in bytes or as
             "4GB"/"512MiB"; the pass estimates its peak first and raises `MemoryBudgetError`
-            instead of starting when it would not fit (`prunekit.memory`).
+            instead of starting when it would not fit (`prunekit.core.memory`).
 
     Returns:
         A plan with `summary()` and `apply(model)`.

@@ -66,7 +66,7 @@ def measure_latency(
         repeats: timed calls per model.
         warmup: untimed calls per model first (allocator, caches, lazy init).
         threads: `torch.set_num_threads` during the run (restored after); None keeps it.
-        retain_memory: keep freed memory mapped while timing (`prunekit.allocator`), as
+        retain_memory: keep freed memory mapped while timing (`prunekit.measure.heap`), as
             jemalloc/tcmalloc would; False times glibc's default, which re-faults every large
             activation on every call (the faults per call are recorded either way).
 

@@ -212,7 +212,7 @@ def compare(
         curve: optional accuracy-against-sparsity points ({"sparsity", "accuracy"}, optionally
             "series" to draw several lines) to plot.
         seed: recorded in the environment fingerprint.
-        retain_memory: time with freed memory kept mapped (see `prunekit.allocator`); False
+        retain_memory: time with freed memory kept mapped (see `prunekit.measure.heap`); False
             times glibc's default allocator. The report records which.
 
     Returns:

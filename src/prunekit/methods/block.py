@@ -133,7 +133,7 @@ def block_mask(scores: Tensor, sparsity: float, block: tuple[int, int]) -> Tenso
 
 @dataclass(frozen=True)
 class _BlockPattern(Pattern):
-    """A calibration pattern (see `prunekit.calibration`) that selects whole tiles per layer."""
+    """A calibration pattern (see `prunekit.methods.calibration`) that selects whole tiles per layer."""
 
     block: tuple[int, int] = (1, 1)
 

@@ -2,7 +2,7 @@
 
 Train the dense baseline, prune it globally with the cubic schedule while fine-tuning with
 distillation from the baseline, stack dynamic INT8 on top, then measure and write what it bought: accuracy, sparsity and
-the size of the saved files on disk, in the full validation report of `prunekit.report`
+the size of the saved files on disk, in the full validation report of `prunekit.measure.report`
 (`report.json`, `report.md`, `report.html`, plots, and the two model files).
 """
 

@@ -5,7 +5,7 @@ the schedule step, RNG states, the data loader's position). It is written as one
 file: the tensors as tensors, everything else as JSON in the header, so loading it runs no
 code (no pickle, unlike `torch.save`). Tuples, non-string dict keys (an optimizer's state is
 keyed by parameter index) and numpy arrays are tagged in the JSON so they come back as they
-were. The file is replaced atomically (`prunekit.files`): a run killed while saving leaves the
+were. The file is replaced atomically (`prunekit.storage.files`): a run killed while saving leaves the
 previous checkpoint intact.
 
 Bit-identical resumption also needs the RNG streams back where they were: `rng_state()`

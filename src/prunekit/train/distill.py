@@ -86,7 +86,7 @@ def finetune(
         checkpoint_dir: folder for `finetune.ckpt.safetensors`, written atomically every
             `checkpoint_every` optimizer steps and at each epoch's end: the model (masks
             included), optimizer, scheduler and pruner states, the position in the loader and
-            the RNG states (see `prunekit.resume`). None: no checkpoints.
+            the RNG states (see `prunekit.storage.runstate`). None: no checkpoints.
         checkpoint_every: optimizer steps between checkpoints.
         resume: continue from the checkpoint in `checkpoint_dir` if there is one. Build the
             model, pruner, optimizer and loader as for the first run; with the same seeds on

@@ -128,7 +128,7 @@ class GradualPruner:
     Call `step(step)` after each optimizer step with the global step: the pruner has no hidden
     counter, so a run resumed from `state_dict()` continues exactly where it stopped.
     `straight_through=True` makes the masks pass gradients unmasked to the stored originals
-    (see `prunekit.masks.Mask`): the same effective weights for a cheaper step. Masks only
+    (see `prunekit.core.masks.Mask`): the same effective weights for a cheaper step. Masks only
     grow here, so a pruned weight stays pruned either way.
 
     Example:
