@@ -74,6 +74,10 @@ def test_old_paths_keep_the_verbs_and_moved_names() -> None:
         "from prunekit.structured import prune_iteratively\n"
         "assert UnstructuredConfig is pk.UnstructuredConfig and prune_iteratively is pk.prune_iteratively\n"
         "assert pk.masks.finalize is pk.finalize\n"
+        "import importlib\n"
+        "from prunekit._moved import NAMES\n"
+        "for (old, name), new in NAMES.items():\n"
+        "    assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name), name\n"
         "model = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
         "print(type(pk.plan(model, pk.UnstructuredConfig(sparsity=0.5))).__name__)\n"
     )
