@@ -125,9 +125,7 @@ def load_state(path: str | Path, kind: str) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"run checkpoint {str(path)!r} does not exist")
-    check_safetensors_layout(path)
+    check_safetensors_layout(path, "run checkpoint")
     try:
         with safe_open(str(path), framework="pt") as f:
             document = json.loads((f.metadata() or {}).get(_META_KEY, "null"))

@@ -23,16 +23,19 @@ _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 
                 "F8_E8M0": 1}
 
 
-def check_safetensors_layout(path: Path) -> None:
-    """Check a safetensors file's header against its size before any tensor is read.
+def check_safetensors_layout(path: Path, what: str = "checkpoint") -> None:
+    """Check that a safetensors file exists and that its header fits its size, before any tensor is read.
 
     Every tensor's byte range must lie inside the file and match its shape and dtype, so a
     file whose header claims more data than it holds is refused without reading past its end.
 
     Raises:
-        CheckpointError: another format (a pickle, a torch.save zip), a truncated file, or a
-            header entry out of bounds; the message names the file and the tensor.
+        CheckpointError: no such file (named as `what`), another format (a pickle, a torch.save
+            zip), a truncated file, or a header entry out of bounds; the message names the file
+            and the tensor.
     """
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
