@@ -237,3 +237,47 @@ def test_two_workers_share_one_postgres_study(postgres_url, tmp_path) -> None:
     owners = {t.user_attrs["worker"] for t in complete}
     assert len(owners) == 2  # both workers ran trials of the one study
     assert max(mine.n_complete, int(out.strip().splitlines()[-1])) == len(complete)
+
+
+_DOOMED = """
+import sys, time, pathlib
+import prunekit as pk
+from prunekit.allocation.search import SearchConfig, search
+from tests.recipe_entry_points import build_model, loaders
+url, inside = sys.argv[1], pathlib.Path(sys.argv[2])
+model, (train, held_out) = build_model(), loaders()
+def evaluate(m):
+    inside.write_text("mid-trial")
+    time.sleep(600)  # SIGKILLed here, with its trial RUNNING in the shared study
+config = SearchConfig(trials=3, finetune_steps=2, latency_repeats=2, study_name="doomed")
+search(model, pk.UnstructuredConfig(sparsity=0.5), train, evaluate, __import__("torch").zeros(1, 12), config,
+       storage=url)
+"""
+
+
+def test_worker_sigkilled_mid_trial_leaves_no_running_trial(postgres_url, tmp_path) -> None:
+    """A worker killed by SIGKILL mid-trial: the study still reaches its budget, the orphan is failed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    inside = tmp_path / "inside"
+    doomed = subprocess.Popen([sys.executable, "-c", _DOOMED, postgres_url, str(inside)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not inside.exists():
+            assert time.monotonic() < deadline, "the doomed worker never reached its trial"
+            assert doomed.poll() is None, doomed.communicate()[1][-3000:]
+            time.sleep(0.05)
+        doomed.kill()  # SIGKILL: no handler runs, the trial stays RUNNING in the database
+        doomed.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            doomed.kill()
+    running = optuna.trial.TrialState.RUNNING
+    assert [t.state for t in _trials(postgres_url, "doomed")] == [running]
+    model, (train, held_out) = build_model(), loaders()
+    config = SearchConfig(trials=3, study_name="doomed", **TINY)
+    result = search(model, pk.UnstructuredConfig(sparsity=0.5), train, lambda m: pk.accuracy(m, held_out),
+                    torch.zeros(1, 12), config, storage=postgres_url)
+    states = [t.state for t in _trials(postgres_url, "doomed")]
+    assert result.n_complete == 3 and states.count(optuna.trial.TrialState.COMPLETE) == 3
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and running not in states
