@@ -72,6 +72,71 @@ def as_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
 
 
 # --------------------------------------------------------------------------------------------
+# Under torchrun: each rank calibrates on its own batches, and the statistics are summed.
+#
+# Every statistic is a sum over calibration rows (Wanda's squared norms, SparseGPT's X^T X and
+# the row count), so summing them over ranks gives exactly what one process that saw every
+# rank's batches would hold. Each rank then solves the same layers from the same sums, so every
+# rank ends with the same masks and weights, and the sequential runner feeds each rank's own
+# batches through the same pruned block. Works with any backend: gloo on CPU, NCCL on GPUs.
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside an initialised process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum `t` over ranks; NCCL reduces on the rank's GPU, other backends where `t` lies."""
+    import torch.distributed as dist
+
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    buf = t.to(on)
+    dist.all_reduce(buf)
+    return buf.to(t.device)
+
+
+def rank_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
+    """`as_batches` on this rank's calibration data; under torchrun every rank must have some.
+
+    Raises:
+        CalibrationError: as `as_batches`; under torchrun, naming every rank that has no batches
+            (all ranks raise together, so none waits in a collective for the others).
+    """
+    rank, world = _world()
+    if world == 1:
+        return as_batches(data)
+    try:
+        batches, error = as_batches(data), None
+    except CalibrationError as err:
+        batches, error = [], err
+    counts = torch.zeros(world, dtype=torch.int64)
+    counts[rank] = len(batches) if error is None else -1  # -1: this rank's data was refused
+    counts = _all_reduce_sum(counts)
+    refused = [r for r, n in enumerate(counts.tolist()) if n <= 0]
+    if refused:
+        raise CalibrationError(f"rank(s) {refused} of {world} have no usable calibration data; under torchrun "
+                               f"every rank calibrates on its own batches (rank {rank}: {error or 'has data'})")
+    return batches
+
+
+def _sum_across_ranks(stats: dict[str, LayerStats]) -> None:
+    """Sum every layer's statistics over ranks, in place (a no-op in one process)."""
+    if _world()[1] == 1:
+        return
+    for fqn in sorted(stats):  # the same order on every rank: collectives pair up by call order
+        st = stats[fqn]
+        st.sq_norm = _all_reduce_sum(st.sq_norm)
+        if st.xtx is not None:
+            st.xtx = _all_reduce_sum(st.xtx)
+        st.rows = int(_all_reduce_sum(torch.tensor([st.rows], dtype=torch.int64)).item())
+
+
+# --------------------------------------------------------------------------------------------
 # Patterns and solvers.
 
 
@@ -226,6 +291,7 @@ def collect_stats(
     finally:
         for h in handles:
             h.remove()
+    _sum_across_ranks(stats)
     for fqn, st in stats.items():
         if st.rows == 0:
             raise CalibrationError(f"layer {fqn!r} saw no calibration inputs (is it used in forward?)")
@@ -447,7 +513,7 @@ def plan_with_data(
     solver = get_solver(criterion)
     modules = dict(model.named_modules())
     _check_layers(modules, fqns, criterion)
-    batches = as_batches(ctx.data)
+    batches = rank_batches(ctx.data)
     check_calibration_memory(model, fqns, batches, solver, ctx.max_memory)
     runner = _Runner(modules, solver, pattern)
     was_training = model.training
@@ -499,7 +565,7 @@ def dense_pass_stats(model: nn.Module, fqns: list[str], ctx: PlanContext, criter
     """
     modules = dict(model.named_modules())
     _check_layers(modules, fqns, criterion)
-    batches = as_batches(ctx.data)
+    batches = rank_batches(ctx.data)
     check_calibration_memory(model, fqns, batches, get_solver(criterion), ctx.max_memory)
     with torch.no_grad():
         stats = collect_stats(
