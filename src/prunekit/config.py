@@ -84,6 +84,8 @@ class FrozenConfig(BaseModel):
 class MaskConfig(FrozenConfig):
     """Base of configs whose result is a mask on each weight (unstructured, N:M, block)."""
 
+    # A language model's output head and any layer tied to an embedding are already left dense
+    # (core/targets.protected_layers); a PerLayer rule naming one exactly prunes it.
     exclude: tuple[str, ...] = Field(default=(), description="FQNs or 're:<regex>' left dense")
 
     def with_sparsity(self, sparsity: float) -> MaskConfig:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from prunekit.config import config_from_dict, config_to_dict
 from prunekit.core.counting import count_flops, count_params
 from prunekit.core.plan import PlanContext, register_method
-from prunekit.core.targets import matches
+from prunekit.core.targets import matches, protected_layers
 from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
 from prunekit.storage.files import atomic_write_text, read_json_document, validate_document
 from prunekit.structured.config import ChannelConfig
@@ -269,7 +269,9 @@ def _restore(snapshot: list[tuple[Any, dict[str, Any]]]) -> None:
 
 
 def excluded_layers(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
-    """FQNs of `model`'s modules matched by `patterns` (FQNs or "re:<regex>"), in pattern order.
+    """FQNs of `model`'s modules matched by `patterns` (FQNs or "re:<regex>"), in pattern order,
+    then the layers `protected_layers` keeps dense by default (a language model's output head,
+    a layer tied to an embedding): their outputs (the vocabulary) never shrink.
 
     Raises:
         ConfigError: a pattern matches no module (a typo must not silently prune everything).
@@ -282,6 +284,10 @@ def excluded_layers(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
             sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise ConfigError(f"ChannelConfig.exclude: {pattern!r} matches no layer (layers: {sample})")
         out += hits
+    for fqn, why in protected_layers(model).items():
+        if fqn not in out:
+            log.debug("layer %r: output channels kept (%s)", fqn, why)
+            out.append(fqn)
     return out
 
 
