@@ -67,6 +67,7 @@ def main(out_dir: Path) -> None:
         pk.prune(tiny_llama(), CONFIGS["wanda"], data=[] if rank == 1 else mine)
     except CalibrationError as err:
         (out_dir / f"empty_rank_error.{rank}.txt").write_text(str(err))
+    dist.barrier()  # rank 0 hosts the store: no rank tears down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -16,6 +16,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from prunekit.core.distributed import (
+    GatheredMask,
+    attaching_masks,
+    collective_device,
+    counts_here,
+    is_dtensor,
+    keep_top,
+    keeping_grad_accumulators,
+    model_group,
+    place_like,
+    to_local,
+)
 from prunekit.errors import CheckpointError, ConfigError
 
 # --------------------------------------------------------------------------------------------
@@ -50,29 +62,28 @@ def warn_rounding(fqn: str, numel: int, sparsity: float, what: str = "weights") 
 
 
 def topk_mask(scores: Tensor, sparsity: float) -> Tensor:
-    """Keep the highest-scoring `1 - sparsity` fraction of `scores`; exact element count."""
+    """Keep the highest-scoring `1 - sparsity` fraction of `scores`; exact element count.
+
+    Equal scores keep the lower row-major position first. DTensor scores (FSDP2) are ranked
+    across ranks exactly (`prunekit.core.distributed.keep_top`; call on every rank) and give a
+    DTensor mask placed like them, equal to the mask of one process on the full scores.
+    """
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
-    flat = scores.reshape(-1)
-    keep = flat.numel() - n_pruned(flat.numel(), sparsity)
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    mask[torch.topk(flat.float(), keep, sorted=False).indices] = True
-    return mask.view_as(scores)
+    return keep_top([scores], scores.numel() - n_pruned(scores.numel(), sparsity))[0]
 
 
 def global_topk_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """Rank all tensors' scores together and keep the top `1 - sparsity` of the union."""
+    """Rank all tensors' scores together and keep the top `1 - sparsity` of the union.
+
+    Equal scores keep the earlier tensor (dict order), then the lower row-major position.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
     if not scores:
         return {}
-    names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
-    joint = topk_mask(flat, sparsity)
-    out, start = {}, 0
-    for n in names:
-        size = scores[n].numel()
-        out[n] = joint[start : start + size].view_as(scores[n])
-        start += size
-    return out
+    total = sum(s.numel() for s in scores.values())
+    return dict(zip(scores, keep_top(list(scores.values()), total - n_pruned(total, sparsity)), strict=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,12 +133,28 @@ class Mask(nn.Module):
         return cache[2]
 
     def forward(self, weight: Tensor) -> Tensor:
+        if is_dtensor(self.mask) or is_dtensor(weight):
+            return self._forward_sharded(weight)
         if self.straight_through:
             return _StraightThrough.apply(weight, self._dense_mask(weight))
         return weight * self._dense_mask(weight)
 
+    def _forward_sharded(self, weight: Tensor) -> Tensor:
+        if not is_dtensor(self.mask):  # attached before fully_shard: keep only this rank's shard
+            self.mask = place_like(self.mask, weight)
+        if not is_dtensor(weight):  # FSDP2's unsharded weight, inside its forward
+            return GatheredMask.apply(weight, self.mask, self.straight_through)
+        mask = self.mask.to(weight.dtype)
+        return _StraightThrough.apply(weight, mask) if self.straight_through else weight * mask
+
+    def place_like(self, weight: Tensor) -> None:
+        """Store the mask placed as `weight` is (its shard of a DTensor weight); mutates."""
+        self.mask = place_like(self.mask, weight)
+
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.mask.shape)}, sparsity={1 - self.mask.float().mean():.4f}"
+        local = to_local(self.mask)  # no collective: printing on one rank must not hang
+        where = "this rank's shard " if is_dtensor(self.mask) else ""
+        return f"shape={tuple(self.mask.shape)}, {where}sparsity={1 - local.float().mean():.4f}"
 
 
 def get_mask(module: nn.Module, name: str = "weight") -> Mask | None:
@@ -144,13 +171,21 @@ def set_mask(module: nn.Module, mask: Tensor, name: str = "weight", *, straight_
     """Attach a mask to `module.<name>`, or overwrite the one already there (mutates).
 
     `straight_through` applies to a new mask only; an existing mask keeps its own setting.
+    On a DTensor weight the mask is stored placed like it (each rank keeps its shard); a full
+    `mask` must then be the same on every rank. Attaching a new mask to an FSDP2-sharded layer
+    must run inside `prunekit.core.distributed.attaching_masks(model)`, as the verbs do.
     """
     existing = get_mask(module, name)
     if existing is not None:
-        existing.mask.copy_(mask)
+        stored = base_tensor(module, name)
+        if is_dtensor(stored) and not is_dtensor(existing.mask):
+            existing.place_like(stored)
+        existing.mask.copy_(place_like(mask, existing.mask))
         return
-    weight = getattr(module, name)
-    parametrize.register_parametrization(module, name, Mask(mask.to(weight.device), straight_through))
+    stored = getattr(module, name)
+    new = Mask(place_like(mask.to(torch.bool), stored), straight_through)
+    with keeping_grad_accumulators():  # DDP hooked the Parameter's accumulator when it wrapped the model
+        parametrize.register_parametrization(module, name, new)
 
 
 def remove_mask(module: nn.Module, name: str = "weight", *, bake: bool = True) -> None:
@@ -162,7 +197,19 @@ def remove_mask(module: nn.Module, name: str = "weight", *, bake: bool = True) -
     # class first, so finalizing a copy never breaks the model it was copied from.
     cls = type(module)
     module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-    parametrize.remove_parametrizations(module, name, leave_parametrized=bake)
+    original = module.parametrizations[name].original  # type: ignore[union-attr, index]
+    with torch.no_grad():
+        value = getattr(module, name) if bake else original
+    if value.shape != original.shape or value.dtype != original.dtype:  # another parametrization reshapes
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        return
+    # Bake in place, keeping the Parameter object (FSDP2's, DDP's and the optimizer's references
+    # to it): a DTensor has no `set_`, and `set_` would give the Parameter a new gradient
+    # accumulator, orphaning the hooks DDP put on the old one.
+    if bake:
+        with torch.no_grad():
+            original.copy_(value)
+    parametrize.remove_parametrizations(module, name, leave_parametrized=False)
 
 
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -174,14 +221,21 @@ def finalize(model: nn.Module) -> nn.Module:
     """Remove every mask parametrization, leaving plain weights with zeros (mutates, returns).
 
     The forward pass is unchanged: each weight becomes `original * mask` as a plain Parameter.
+    On an FSDP2-sharded model each rank bakes its own shard in place (the same sharded
+    Parameter, now without a parametrization); call it on every rank.
     """
-    for module in masked_modules(model).values():
-        remove_mask(module, bake=True)
+    with attaching_masks(model):
+        for module in masked_modules(model).values():
+            remove_mask(module, bake=True)
     return model
 
 
 def mask_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Masks keyed by the FQN of the tensor they mask (e.g. "fc1.weight")."""
+    """Masks keyed by the FQN of the tensor they mask (e.g. "fc1.weight").
+
+    On an FSDP2-sharded model the values are DTensors (each rank's shard), under the same keys:
+    `torch.distributed.checkpoint` saves and loads them sharded.
+    """
     return {f"{fqn}.weight": get_mask(m).mask.clone() for fqn, m in masked_modules(model).items()}  # type: ignore[union-attr]
 
 
@@ -198,8 +252,9 @@ def load_mask_state_dict(model: nn.Module, masks: dict[str, Tensor]) -> nn.Modul
                 f"mask {key!r} has shape {tuple(mask.shape)}, layer weight is "
                 f"{tuple(module.weight.shape)}"
             )
-    for key, mask in masks.items():
-        set_mask(modules[key.removesuffix(".weight")], mask)
+    with attaching_masks(model):
+        for key, mask in masks.items():
+            set_mask(modules[key.removesuffix(".weight")], mask)
     return model
 
 
@@ -236,17 +291,31 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, 
 
 
 def sparsity(model: nn.Module) -> SparsityReport:
-    """Measure the fraction of exact zeros in each prunable layer's weight and in total."""
-    layers, numel, zeros = {}, {}, 0
+    """Measure the fraction of exact zeros in each prunable layer's weight and in total.
+
+    On an FSDP2-sharded model each rank counts the zeros of its shards and one all_reduce sums
+    them, so every rank reports what one process reports on the full weights (call it on every
+    rank).
+    """
+    group = model_group(model)
+    sharded = group is not None and group[0]
+    counted: dict[str, tuple[int, int]] = {}
     with torch.no_grad():
         for fqn, module in model.named_modules():
             if not isinstance(module, PRUNABLE_TYPES) and get_mask(module) is None:
                 continue
             w = module.weight
-            z = int((w == 0).sum())
-            layers[fqn], numel[fqn] = z / w.numel(), w.numel()
-            zeros += z
-    return SparsityReport(layers, numel, zeros, sum(numel.values()))
+            # sharded: each element is counted on one rank, then one all_reduce sums the counts
+            z = int((to_local(w) == 0).sum()) if not sharded or counts_here(w) else 0
+            counted[fqn] = (z, w.numel())
+    if sharded:
+        total = torch.tensor([z for z, _ in counted.values()] or [0], dtype=torch.int64,
+                             device=collective_device(group[1]))  # type: ignore[index]
+        torch.distributed.all_reduce(total, group=group[1])  # type: ignore[index]
+        counted = {f: (z, n) for (f, (_, n)), z in zip(counted.items(), total.tolist(), strict=False)}
+    layers = {fqn: z / n for fqn, (z, n) in counted.items()}
+    numel = {fqn: n for fqn, (_, n) in counted.items()}
+    return SparsityReport(layers, numel, sum(z for z, _ in counted.values()), sum(numel.values()))
 
 
 def base_tensor(module: nn.Module, name: str) -> Tensor:

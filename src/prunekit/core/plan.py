@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from prunekit._registry import Registry
 from prunekit.config import FrozenConfig, PerLayer
 from prunekit.core.criteria import ScoreContext, get_criterion
+from prunekit.core.distributed import attaching_masks, check_same_on_ranks, model_group, place_like, to_local
 from prunekit.core.masks import base_tensor, get_mask, remove_mask, set_mask
 from prunekit.core.memory import parse_memory
-from prunekit.core.targets import check_finite_weight, group_by_config, resolve
+from prunekit.core.targets import check_finite_weight, group_by_config, resolve, tied_tensors
 from prunekit.errors import ConfigError, PlanError
 
 log = logging.getLogger(__name__)
@@ -117,13 +118,17 @@ class MaskPlan:
         )
 
     def summary(self) -> str:
-        """One line per tensor: shape and planned sparsity; then the total."""
-        total = sum(m.numel() for m in self.masks.values())
-        zeros = sum(int((~m).sum()) for m in self.masks.values())
-        width = max([len(k) for k in self.masks] + [6])
+        """One line per tensor: shape and planned sparsity; then the total.
+
+        Sharded (DTensor) masks report this rank's shards: no collective, so one rank may print.
+        """
+        masks = {k: to_local(m) for k, m in self.masks.items()}
+        total = sum(m.numel() for m in masks.values())
+        zeros = sum(int((~m).sum()) for m in masks.values())
+        width = max([len(k) for k in masks] + [6])
         rows = [f"{'tensor':<{width}}  {'shape':<16}  sparsity"]
-        for key, m in self.masks.items():
-            rows.append(f"{key:<{width}}  {str(tuple(m.shape)):<16}  {1 - m.float().mean():8.2%}")
+        for key, m in masks.items():
+            rows.append(f"{key:<{width}}  {str(tuple(self.masks[key].shape)):<16}  {1 - m.float().mean():8.2%}")
         rows.append(f"{'total':<{width}}  {total:<16}  {zeros / max(total, 1):8.2%}")
         rows += [f"skipped {fqn}: {why}" for fqn, why in self.skipped.items()]
         if self.weights:
@@ -133,15 +138,37 @@ class MaskPlan:
     def __str__(self) -> str:
         return self.summary()
 
+    def _with_ties(self, model: nn.Module) -> dict[str, Tensor]:
+        """The masks, plus the same mask on every tensor tied to a masked one (a tied LM head and
+        its embedding table), so every module reading the shared weight sees it pruned."""
+        ties = tied_tensors(model)
+        masks = dict(self.masks)
+        for key, mask in self.masks.items():
+            for other in ties.get(key, []):
+                masks.setdefault(other, mask)
+        return masks
+
     def apply(self, model: nn.Module) -> nn.Module:
         """Attach the masks to `model` (mutates, returns it); all or nothing.
 
+        On a model spread over ranks this is a collective (call it on every rank): on an
+        FSDP2-sharded model each rank stores its shard of each mask; on a DDP model (pass the
+        wrapper) the masks' checksums are compared across ranks first.
+
         Raises:
-            PlanError: a tensor is missing or has another shape; the model is left unchanged.
+            PlanError: a tensor is missing or has another shape, or the masks of a replicated
+                model differ between ranks; the model is left unchanged.
         """
+        group = model_group(model)
+        if group is not None and not group[0]:
+            check_same_on_ranks(self.masks, group[1])
+        with attaching_masks(model):
+            return self._apply(model)
+
+    def _apply(self, model: nn.Module) -> nn.Module:
         modules = dict(model.named_modules())
         targets = []
-        for key, mask in self.masks.items():
+        for key, mask in self._with_ties(model).items():
             fqn, _, name = key.rpartition(".")
             module = modules.get(fqn)
             weight = getattr(module, name, None) if module is not None else None
@@ -195,7 +222,7 @@ def score_layers(
             score = info.fn(module.weight, ScoreContext(fqn, module, generator, ctx.stats.get(fqn, {})))
             mask = get_mask(module)
             if mask is not None:
-                score = score.float().masked_fill(~mask.mask, float("-inf"))
+                score = score.float().masked_fill(~place_like(mask.mask, score), float("-inf"))
         scores[f"{fqn}.weight"] = score
     return scores
 

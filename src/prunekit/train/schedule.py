@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer, recipe_type
+from prunekit.core.distributed import attaching_masks, check_same_step, model_group
 from prunekit.core.masks import load_mask_state_dict, mask_state_dict, set_mask
 from prunekit.core.plan import plan
 from prunekit.core.targets import resolve
@@ -131,6 +132,11 @@ class GradualPruner:
     (see `prunekit.core.masks.Mask`): the same effective weights for a cheaper step. Masks only
     grow here, so a pruned weight stays pruned either way.
 
+    On a model spread over ranks (FSDP2 `fully_shard`, or a DDP wrapper) build it and call
+    `step` on every rank: each `step` checks with one small all_reduce that all ranks are at the
+    same step and agree whether to update, and raises on all of them otherwise, so no rank's
+    masks can drift; the updates themselves are collectives (see `MaskPlan.apply`).
+
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
         >>> pruner = GradualPruner(model, UnstructuredConfig(sparsity=0.75), Cubic(end_step=10))
@@ -161,14 +167,19 @@ class GradualPruner:
         self._fqns = list(resolve(model, config))
         # Attach all-ones masks now so optimizers and state dicts see the final structure.
         modules = dict(model.named_modules())
-        for fqn in self._fqns:
-            weight = modules[fqn].weight
-            set_mask(modules[fqn], torch.ones_like(weight, dtype=torch.bool), straight_through=straight_through)
+        with attaching_masks(model):  # FSDP2 is told where the masked weights moved
+            for fqn in self._fqns:
+                weight = modules[fqn].weight
+                set_mask(modules[fqn], torch.ones_like(weight, dtype=torch.bool), straight_through=straight_through)
 
     def step(self, step: int) -> bool:
         """Update the masks if the schedule's sparsity at `step` differs; True if it did."""
         target = self.schedule.sparsity_at(step, self._final_sparsity())
-        if math.isclose(target, self.current_sparsity, abs_tol=1e-12):
+        update = not math.isclose(target, self.current_sparsity, abs_tol=1e-12)
+        group = model_group(self.model)
+        if group is not None:
+            check_same_step(step, update, group[1])
+        if not update:
             return False
         leaf = _leaves_at(self.config, self.schedule, step)
         if leaf is not None:

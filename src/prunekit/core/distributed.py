@@ -1,0 +1,369 @@
+"""Masks on sharded (FSDP2 `fully_shard`) and replicated (DDP) models, with `torch.distributed` only.
+
+Three ideas, each answering a way ranks could disagree:
+
+- A mask is placed like its weight. On a DTensor weight (FSDP2) the mask is a DTensor with the
+  weight's mesh and placements, so a rank stores only its shard: mask memory per rank scales as
+  1/world like the weights. Inside FSDP2's forward the weight is the unsharded plain tensor; the
+  mask is all-gathered there for the multiply (and again in backward, so no full mask stays alive
+  between them), as FSDP2 does for the weight itself.
+- Ranking is exact. `keep_top` keeps the `keep` highest scores of a list of tensors with one tie
+  rule: higher score first; among equal scores, the lower global position (tensors in list order,
+  then row-major within a tensor) first. On DTensor scores it runs a radix select over the float
+  bit patterns with an all_reduce of 256-bin histograms (4 rounds for the threshold, at most 8 for
+  the tie position), so the masks are bit-identical to one process ranking the full tensors.
+- Ranks cannot drift. A DDP (replicated) model computes its masks on every rank; `apply` compares
+  their checksums across ranks before mutating and raises on all ranks together if they differ
+  (a rank-specific seed or data), rather than broadcasting and hiding the bug. `GradualPruner`
+  checks that every rank calls `step` with the same step and update decision (one small
+  all_reduce per call), so no rank updates its masks at a step the others skip.
+
+Import cost: nothing here imports `torch.distributed.tensor` or FSDP. A DTensor can only exist
+once its module is imported, so `is_dtensor` looks it up in `sys.modules`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from prunekit.errors import PlanError
+
+_RADIX_BITS = 8  # one byte per round: a 256-bin histogram all_reduce
+
+
+def is_dtensor(t: object) -> bool:
+    """True if `t` is a `torch.distributed.tensor.DTensor` (without importing that module)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def in_process_group() -> bool:
+    """True inside an initialised `torch.distributed` process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def to_local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor; a plain tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor (an all-gather for a DTensor: call on every rank); a plain tensor as it is."""
+    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]
+
+
+def place_like(t: Tensor, like: Tensor) -> Tensor:
+    """`t` placed as `like` is: a DTensor with `like`'s mesh and placements, or a plain tensor.
+
+    A full plain `t` is sliced locally (no communication: every rank must hold the same `t`).
+    """
+    if not is_dtensor(like):
+        return full_tensor(t).to(like.device)
+    if is_dtensor(t):
+        if t.device_mesh == like.device_mesh and t.placements == like.placements:  # type: ignore[attr-defined]
+            return t
+        return t.redistribute(like.device_mesh, like.placements)  # type: ignore[attr-defined, no-any-return]
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(like.device), like.device_mesh, like.placements,  # type: ignore[attr-defined]
+                             src_data_rank=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact top-k over tensors that may be sharded.
+
+
+def ordered_keys(scores: Tensor) -> Tensor:
+    """int32 keys ordered as the float32 `scores` (-0.0 == +0.0; no NaN): the bit patterns
+    with the magnitude bits of negative numbers flipped."""
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def keep_top(scores: Sequence[Tensor], keep: int) -> list[Tensor]:
+    """Bool masks keeping the `keep` highest scores of all `scores` together (True = keep).
+
+    Ties: among equal scores the lower global position is kept (tensors in list order, then
+    row-major), so the result does not depend on the device, the sharding or `torch.topk`.
+    DTensor scores are ranked across ranks (a collective: call on every rank of their mesh) and
+    give DTensor masks placed like them.
+    """
+    if any(is_dtensor(s) for s in scores):
+        return _keep_top_sharded(scores, keep)
+    # float comparisons order as the keys do (-0.0 == +0.0, no NaN): no key conversion needed here
+    flat = torch.cat([s.reshape(-1).float() for s in scores]) if len(scores) != 1 else scores[0].reshape(-1).float()
+    n = flat.numel()
+    if keep >= n:
+        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    if keep <= 0:
+        return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+    threshold = flat.kthvalue(n - keep + 1).values  # the smallest kept score
+    out = flat > threshold
+    ties = (flat == threshold).nonzero().reshape(-1)  # ascending positions
+    out[ties[: keep - int(out.sum())]] = True
+    masks, start = [], 0
+    for s in scores:
+        masks.append(out[start : start + s.numel()].view(s.shape))
+        start += s.numel()
+    return masks
+
+
+def _mesh_group(mesh: Any) -> Any:
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == dist.get_world_size():
+        return None  # the default group spans the mesh
+    raise PlanError(f"ranking over a {mesh.ndim}-D device mesh that is not the whole world is not supported")
+
+
+def counts_here(t: Tensor) -> bool:
+    """Whether this rank counts its part of `t` in a global count: exactly one rank per element.
+
+    A DTensor is replicated along its mesh's Replicate dims (HSDP): there only coordinate 0
+    counts. A plain tensor in a sharded ranking is the same on every rank: only rank 0 counts it.
+    """
+    if not is_dtensor(t):
+        return dist.get_rank() == 0
+    coords = t.device_mesh.get_coordinate()  # type: ignore[attr-defined]
+    if coords is None:
+        return False
+    return all(c == 0 for c, p in zip(coords, t.placements, strict=True) if not p.is_shard())  # type: ignore[attr-defined]
+
+
+def _global_positions(t: Tensor, local_index: Tensor, base: int) -> Tensor:
+    """Row-major positions in the full tensor (plus `base`) of the local elements `local_index`."""
+    if not is_dtensor(t):
+        return local_index + base
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape = tuple(t.shape)
+    local_shape, offset = compute_local_shape_and_global_offset(shape, t.device_mesh, t.placements)  # type: ignore[attr-defined]
+    coords = torch.stack(torch.unravel_index(local_index, tuple(local_shape)), dim=-1)
+    coords = coords + torch.tensor(offset, dtype=torch.int64, device=coords.device)
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= size
+    stride = torch.tensor(strides[::-1], dtype=torch.int64, device=coords.device)
+    return (coords * stride).sum(-1) + base
+
+
+def _radix_select(
+    values: list[Tensor], k: int, bits: int, group: Any, device: torch.device, signed: bool = False
+) -> tuple[int, int, int]:
+    """The k-th smallest (1-based) of all ranks' integer `values` (below 2**bits, or signed).
+
+    Returns (value, how many are smaller, how many equal it), each over all ranks. A radix
+    select, most significant byte first: one all_reduce of a 256-bin histogram per byte, and
+    each round keeps only the candidates in the chosen bin. Exact, no sort, no gather of values.
+    """
+    prefix, below, equal = 0, 0, 0
+    rounds = max(1, -(-bits // _RADIX_BITS))
+    for r in reversed(range(rounds)):
+        digits = [(v >> (r * _RADIX_BITS)) & 0xFF for v in values]
+        if signed and r == rounds - 1:
+            digits = [d ^ 0x80 for d in digits]  # two's complement: the sign byte orders as unsigned + 128
+        hist = torch.zeros(1 << _RADIX_BITS, dtype=torch.int64, device=device)
+        for d in digits:
+            hist += torch.bincount(d.reshape(-1), minlength=1 << _RADIX_BITS).to(device)
+        dist.all_reduce(hist, group=group)
+        cum = hist.cumsum(0).tolist()
+        bucket = next(b for b, c in enumerate(cum) if c >= k - below)
+        below += cum[bucket - 1] if bucket else 0
+        prefix = (prefix << _RADIX_BITS) | bucket
+        equal = int(hist[bucket])
+        values = [v[d == bucket] for v, d in zip(values, digits, strict=True)]
+    return (prefix - (1 << (rounds * _RADIX_BITS - 1)) if signed else prefix), below, equal
+
+
+def _keep_top_sharded(scores: Sequence[Tensor], keep: int) -> list[Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    meshes = {s.device_mesh for s in scores if is_dtensor(s)}  # type: ignore[attr-defined]
+    if len(meshes) != 1:
+        raise PlanError(f"ranking tensors on {len(meshes)} different device meshes together is not supported")
+    mesh = meshes.pop()
+    group, device = _mesh_group(mesh), torch.device(mesh.device_type)
+    n = sum(s.numel() for s in scores)
+    locals_ = [to_local(s) for s in scores]
+    keys = [ordered_keys(t).reshape(-1) for t in locals_]
+    owned = [k if counts_here(s) else k[:0] for k, s in zip(keys, scores, strict=True)]
+    if keep >= n or keep <= 0:
+        out = [torch.full(t.shape, keep > 0, dtype=torch.bool, device=t.device) for t in locals_]
+    else:
+        threshold, below, equal = _radix_select(owned, n - keep + 1, 32, group, device, signed=True)
+        needed = keep - (n - below - equal)  # how many of the ties at the threshold to keep
+        tie_pos: list[Tensor] = []
+        base = 0
+        for s, k in zip(scores, keys, strict=True):
+            tie_pos.append(_global_positions(s, (k == threshold).nonzero().reshape(-1), base))
+            base += s.numel()
+        cut = n  # keep every tie
+        if needed < equal:
+            owned_ties = [p if counts_here(s) else p[:0] for p, s in zip(tie_pos, scores, strict=True)]
+            cut, _, _ = _radix_select(owned_ties, needed, max(1, n.bit_length()), group, device)
+        out = []
+        for k, p in zip(keys, tie_pos, strict=True):
+            m = k > threshold
+            m[(k == threshold).nonzero().reshape(-1)[p <= cut]] = True
+            out.append(m)
+    return [
+        DTensor.from_local(m.view(t.shape), s.device_mesh, s.placements, shape=s.shape, stride=s.stride())  # type: ignore[attr-defined]
+        if is_dtensor(s) else m.view(t.shape)
+        for m, t, s in zip(out, locals_, scores, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Which ranks share a model, and checks that they agree.
+
+
+def model_group(model: nn.Module) -> tuple[bool, Any] | None:
+    """(sharded, process group) if `model` is spread over ranks, else None.
+
+    Sharded: a DTensor parameter (FSDP2), the group of its mesh. Replicated: the model is a DDP
+    wrapper (pass the wrapper, not `.module`, to get the rank checks), its process group.
+    """
+    if not in_process_group():
+        return None
+    for p in model.parameters():
+        if is_dtensor(p):
+            return True, _mesh_group(p.device_mesh)  # type: ignore[attr-defined]
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return False, model.process_group
+    return None
+
+
+def collective_device(group: Any) -> torch.device:
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def mask_checksum(mask: Tensor, chunk: int = 1 << 24) -> list[int]:
+    """(count, sum of positions, sum of squared positions) of the True elements, int64 wrap-around."""
+    flat = to_local(mask).reshape(-1)
+    total = [0, 0, 0]
+    for start in range(0, flat.numel(), chunk):
+        idx = flat[start : start + chunk].nonzero().reshape(-1) + start
+        total[0] += idx.numel()
+        total[1] = (total[1] + int(idx.sum())) % 2**64
+        total[2] = (total[2] + int((idx * idx).sum())) % 2**64
+    return [t - 2**64 if t >= 2**63 else t for t in total]
+
+
+def check_same_on_ranks(masks: dict[str, Tensor], group: Any) -> None:
+    """Raise `PlanError` on every rank if the replicated `masks` differ between ranks (a collective)."""
+    rows = [mask_checksum(masks[k]) for k in sorted(masks)]
+    mine = torch.tensor(rows or [[0, 0, 0]], dtype=torch.int64, device=collective_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    keys = sorted(masks)
+    differ = [keys[i] for i in range(len(keys)) if any(not torch.equal(g[i], gathered[0][i]) for g in gathered)]
+    if differ:
+        raise PlanError(f"masks differ between ranks of a replicated (DDP) model for {differ}: a rank-specific "
+                        "seed or calibration data? Every rank must compute the same masks")
+
+
+def check_same_step(step: int, update: bool, group: Any) -> None:
+    """Raise on every rank unless all call with the same `step` and `update` (a collective)."""
+    mine = torch.tensor([step, -step, int(update), -int(update)], dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
+    hi, lo, up_hi, up_lo = mine.tolist()
+    if hi != -lo or up_hi != -up_lo:
+        raise PlanError(f"ranks disagree on the pruning step: steps {-lo}..{hi}, update on some ranks only "
+                        f"({bool(up_hi != -up_lo)}); call GradualPruner.step with the same global step on every rank")
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2 bookkeeping: a parametrization moves a parameter; FSDP2 must be told where it went.
+
+
+def _fsdp_params(module: nn.Module) -> list[Any]:
+    try:
+        group = module._get_fsdp_state()._fsdp_param_group  # type: ignore[operator]
+    except AttributeError as err:  # FSDP2 internals moved: say so instead of corrupting the model
+        raise PlanError(f"cannot find FSDP2's parameters on {type(module).__name__} in this torch version: "
+                        "attach masks before fully_shard") from err
+    return list(group.fsdp_params) if group is not None else []
+
+
+@contextmanager
+def keeping_grad_accumulators() -> Iterator[None]:
+    """Inside the block, `register_parametrization` keeps each Parameter's gradient accumulator."""
+    # `register_parametrization` re-sets `original` to itself with `set_`, which gives the
+    # Parameter a new gradient accumulator; DDP's reducer hooked the old one at wrap time and
+    # would never see the weight's gradients again (also when `.module` of the wrapper is
+    # pruned, which cannot be told from here). Setting a tensor to itself changes nothing else,
+    # so skip exactly that call while masks are attached.
+    real = getattr(parametrize, "_maybe_set", None)
+    if real is None:  # a torch without the helper: nothing to skip
+        yield
+        return
+
+    def maybe_set(dest: Tensor, src: Tensor) -> None:
+        if dest is not src:
+            real(dest, src)
+
+    parametrize._maybe_set = maybe_set
+    try:
+        yield
+    finally:
+        parametrize._maybe_set = real
+
+
+@contextmanager
+def attaching_masks(model: nn.Module) -> Iterator[None]:
+    """Let masks be attached to or removed from layers of `model` that FSDP2 or DDP holds.
+
+    Registering a parametrization moves `weight` to `parametrizations.weight.original` (the same
+    Parameter object). FSDP2 swaps sharded and unsharded parameters by module and name, so on exit
+    each FSDP2 parameter is pointed at where its parameter now lives; the model is resharded on
+    entry (FSDP2's public `reshard`), so masks always meet sharded weights. Parameters keep their
+    gradient accumulators, so DDP's hooks keep firing (`set_mask` uses `keeping_grad_accumulators`).
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    roots = [m for m in model.modules() if fsdp is not None and isinstance(m, fsdp.FSDPModule)]
+    for m in roots:
+        m.reshard()  # type: ignore[operator]
+    params = [fp for m in roots for fp in _fsdp_params(m)]
+    try:
+        yield
+    finally:
+        if params:
+            where = {id(p): (mod, name) for mod in model.modules()
+                     for name, p in mod._parameters.items() if p is not None}
+            for fp in params:
+                info, moved = fp._module_info, where.get(id(fp.sharded_param))
+                # a removed ParametrizationList still holds the parameter: compare places, not holders
+                if moved is not None and (moved[0] is not info.module or moved[1] != info.param_name):
+                    info.module, info.param_name = moved
+
+
+class GatheredMask(torch.autograd.Function):
+    """`weight * mask` for an unsharded weight (inside FSDP2's forward) and a sharded mask.
+
+    The mask is all-gathered in forward and again in backward rather than saved, so between
+    them a rank holds only its shard, as FSDP2 does for the weight. `straight_through` passes
+    the gradient unmasked (see `prunekit.core.masks.Mask`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, mask: Tensor, straight_through: bool) -> Tensor:
+        ctx.mask, ctx.straight_through = mask, straight_through
+        return weight * full_tensor(mask).to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.straight_through:
+            return grad, None, None
+        return grad * full_tensor(ctx.mask).to(grad.dtype), None, None
