@@ -10,21 +10,13 @@ different masks are refused on every rank.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.distributed.launch import run_two_ranks
 
 
 def test_masks_on_sharded_and_replicated_models_match_one_process(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    # --standalone picks a free port for the rendezvous (a fixed port can collide with a parallel run)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "distributed" / "masks_ranks.py"), str(tmp_path)]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-6000:]
+    run_two_ranks("masks_ranks.py", tmp_path, timeout_s=120)
     figures = json.loads((tmp_path / "figures.json").read_text())
     # each rank stores only its shard of every mask: about half of one process's bytes
     assert figures["mask_bytes_rank"] <= figures["mask_bytes_one_process"] // 2 + 64

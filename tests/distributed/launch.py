@@ -1,0 +1,19 @@
+"""Run a worker script on two gloo ranks with `torchrun --standalone` (a free rendezvous port)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_two_ranks(worker: str, out: Path, timeout_s: int = 180) -> None:
+    """`torchrun --standalone --nproc_per_node 2 tests/distributed/<worker> <out>`; fails with the ranks' stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "distributed" / worker), str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert run.returncode == 0, run.stderr[-6000:]
