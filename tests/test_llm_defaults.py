@@ -186,3 +186,13 @@ def test_channel_config_keeps_the_head(tie: bool) -> None:
     pruned = plan.apply(copy.deepcopy(model))
     assert pruned.lm_head.weight.shape[0] == VOCAB
     assert (pruned.lm_head.weight is pruned.model.embed_tokens.weight) == tie
+
+
+def test_pattern_checks_skip_the_head_a_default_config_left_dense() -> None:
+    model = _tiny_llama(tie=False)
+    pk.prune(model, pk.NMConfig(n=2, m=4))
+    report = pk.check_nm(model, 2, 4)
+    assert report.ok and "lm_head" in report.skipped and "left dense by default" in report.skipped["lm_head"]
+    assert not pk.check_nm(model, 2, 4, layers=["lm_head"]).ok  # named, it is checked (and dense)
+    pk.prune(model, pk.BlockConfig(sparsity=0.5, block=(4, 4)))
+    assert "lm_head" in pk.check_blocks(model, (4, 4)).skipped

@@ -274,3 +274,17 @@ def check_finite_weight(fqn: str, module: nn.Module, doing: str) -> None:
     """
     if not torch.isfinite(module.weight).all():  # type: ignore[arg-type]
         raise PlanError(f"layer {fqn!r}: weight has NaN/Inf; cannot {doing} (a diverged run or a corrupt checkpoint?)")
+
+
+def layers_to_check(model: nn.Module, layers: list[str] | None) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The layers a pattern check (`check_nm`, `check_blocks`) reads, and those it skips with why.
+
+    `layers=None` means every prunable layer a default config would prune: the `protected_layers`
+    are skipped, named with the reason. Listing a layer in `layers` checks it whatever it is.
+    """
+    if layers is not None:
+        modules = dict(model.named_modules())
+        return {f: modules[f] for f in layers}, {}
+    protected = protected_layers(model)
+    kept = {fqn: m for fqn, m in prunable_layers(model).items() if fqn not in protected}
+    return kept, {fqn: f"left dense by default ({why}); pass layers= to check it" for fqn, why in protected.items()}

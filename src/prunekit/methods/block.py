@@ -30,7 +30,7 @@ from prunekit.config import MaskConfig, recipe_type
 from prunekit.core.criteria import CriterionName, get_criterion
 from prunekit.core.masks import global_topk_masks, topk_mask
 from prunekit.core.plan import MaskPlan, PlanContext, register_method, score_layers
-from prunekit.core.targets import prunable_layers, split_fitting
+from prunekit.core.targets import layers_to_check, split_fitting
 from prunekit.errors import ConfigError, PlanError
 from prunekit.methods.calibration import Pattern, dense_pass_stats, get_solver, plan_with_data
 
@@ -182,16 +182,16 @@ def check_blocks(model: nn.Module, block: tuple[int, int], *, layers: list[str] 
     Args:
         model: the model to check.
         block: tile shape (rows, cols).
-        layers: FQNs to check; default every prunable layer (those `block` does not tile are
-            listed under `skipped` with the reason).
+        layers: FQNs to check; default every layer a default config prunes (those `block` does
+            not tile, and a language model's head, are listed under `skipped` with the reason).
 
     Example:
         >>> check_blocks(nn.Linear(8, 4), (2, 2)).zero_fraction
         {'': 0.0}
     """
 
-    modules = prunable_layers(model) if layers is None else {f: dict(model.named_modules())[f] for f in layers}
-    blocks, zero, partial, skipped = {}, {}, {}, {}
+    modules, kept_dense = layers_to_check(model, layers)
+    blocks, zero, partial, skipped = {}, {}, {}, dict(kept_dense)
     with torch.no_grad():
         for fqn, module in modules.items():
             w: Tensor = module.weight  # type: ignore[assignment]

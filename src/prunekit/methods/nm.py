@@ -22,7 +22,7 @@ from prunekit.config import MaskConfig, recipe_type
 from prunekit.core.criteria import CriterionName, get_criterion
 from prunekit.core.masks import nm_groups, nm_mask
 from prunekit.core.plan import MaskPlan, PlanContext, register_method, score_layers
-from prunekit.core.targets import prunable_layers, split_fitting
+from prunekit.core.targets import layers_to_check, split_fitting
 from prunekit.errors import ConfigError, PlanError
 from prunekit.methods.calibration import Pattern, plan_with_data
 
@@ -116,16 +116,17 @@ def check_nm(model: nn.Module, n: int, m: int, *, layers: list[str] | None = Non
     Args:
         model: the model to check (not mutated).
         n, m: the pattern.
-        layers: FQNs to check; default every Linear/Conv layer whose input dim divides by `m`
-            (others are listed under `skipped` with the reason).
+        layers: FQNs to check; default every Linear/Conv layer a default config prunes whose
+            input dim divides by `m` (the others, a language model's head among them, are listed
+            under `skipped` with the reason).
 
     Example:
         >>> check_nm(nn.Linear(8, 2), 2, 4).ok
         False
     """
 
-    modules = prunable_layers(model) if layers is None else {f: dict(model.named_modules())[f] for f in layers}
-    groups, violations, skipped = {}, {}, {}
+    modules, kept_dense = layers_to_check(model, layers)
+    groups, violations, skipped = {}, {}, dict(kept_dense)
     with torch.no_grad():
         for fqn, module in modules.items():
             w: Tensor = module.weight  # type: ignore[assignment]
