@@ -23,10 +23,12 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from prunekit._registry import Registry
 from prunekit.core.criteria import ScoreContext, ScoreFn, register_criterion
+from prunekit.core.distributed import collective_device, in_process_group
 from prunekit.core.inputs import call_model, to_model_device
 from prunekit.core.masks import base_tensor, get_mask, n_pruned, nm_mask
 from prunekit.core.memory import MemoryEstimate, MemorySize, check_budget, data_bytes, layer_work, model_bytes
@@ -82,20 +84,13 @@ def as_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
 
 
 def _world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside an initialised process group."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    """(rank, world size); (0, 1) outside a process group of more than one rank."""
+    return (dist.get_rank(), dist.get_world_size()) if in_process_group() else (0, 1)
 
 
 def _all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum `t` over ranks; NCCL reduces on the rank's GPU, other backends where `t` lies."""
-    import torch.distributed as dist
-
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
-    buf = t.to(on)
+    """Sum `t` over ranks, on the device the backend reduces on (the rank's GPU for NCCL)."""
+    buf = t.to(collective_device(None))
     dist.all_reduce(buf)
     return buf.to(t.device)
 
