@@ -50,6 +50,29 @@ def in_process_group() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group of more than one rank."""
+    return (dist.get_rank(), dist.get_world_size()) if in_process_group() else (0, 1)
+
+
+def is_main_rank() -> bool:
+    """True on rank 0, and in one process: the rank that logs, shows progress and writes files."""
+    return rank_and_world()[0] == 0
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum `t` over ranks (a copy), on the device the backend reduces on (the rank's GPU for NCCL).
+
+    Every rank must call it, in the same order as its other collectives; outside a process group
+    it returns `t` unchanged.
+    """
+    if not in_process_group():
+        return t
+    buf = t.to(collective_device(None), copy=True)
+    dist.all_reduce(buf)
+    return buf.to(t.device)
+
+
 def to_local(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor; a plain tensor as it is."""
     return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]

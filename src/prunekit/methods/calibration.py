@@ -23,12 +23,11 @@ from functools import partial
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from prunekit._registry import Registry
 from prunekit.core.criteria import ScoreContext, ScoreFn, register_criterion
-from prunekit.core.distributed import collective_device, in_process_group
+from prunekit.core.distributed import all_reduce_sum, rank_and_world
 from prunekit.core.inputs import call_model, to_model_device
 from prunekit.core.masks import base_tensor, get_mask, n_pruned, nm_mask
 from prunekit.core.memory import MemoryEstimate, MemorySize, check_budget, data_bytes, layer_work, model_bytes
@@ -83,18 +82,6 @@ def as_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
 # batches through the same pruned block. Works with any backend: gloo on CPU, NCCL on GPUs.
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside a process group of more than one rank."""
-    return (dist.get_rank(), dist.get_world_size()) if in_process_group() else (0, 1)
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum `t` over ranks, on the device the backend reduces on (the rank's GPU for NCCL)."""
-    buf = t.to(collective_device(None))
-    dist.all_reduce(buf)
-    return buf.to(t.device)
-
-
 def rank_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
     """`as_batches` on this rank's calibration data; under torchrun every rank must have some.
 
@@ -102,7 +89,7 @@ def rank_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
         CalibrationError: as `as_batches`; under torchrun, naming every rank that has no batches
             (all ranks raise together, so none waits in a collective for the others).
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return as_batches(data)
     try:
@@ -111,7 +98,7 @@ def rank_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
         batches, error = [], err
     counts = torch.zeros(world, dtype=torch.int64)
     counts[rank] = len(batches) if error is None else -1  # -1: this rank's data was refused
-    counts = _all_reduce_sum(counts)
+    counts = all_reduce_sum(counts)
     refused = [r for r, n in enumerate(counts.tolist()) if n <= 0]
     if refused:
         raise CalibrationError(f"rank(s) {refused} of {world} have no usable calibration data; under torchrun "
@@ -121,14 +108,14 @@ def rank_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
 
 def _sum_across_ranks(stats: dict[str, LayerStats]) -> None:
     """Sum every layer's statistics over ranks, in place (a no-op in one process)."""
-    if _world()[1] == 1:
+    if rank_and_world()[1] == 1:
         return
     for fqn in sorted(stats):  # the same order on every rank: collectives pair up by call order
         st = stats[fqn]
-        st.sq_norm = _all_reduce_sum(st.sq_norm)
+        st.sq_norm = all_reduce_sum(st.sq_norm)
         if st.xtx is not None:
-            st.xtx = _all_reduce_sum(st.xtx)
-        st.rows = int(_all_reduce_sum(torch.tensor([st.rows], dtype=torch.int64)).item())
+            st.xtx = all_reduce_sum(st.xtx)
+        st.rows = int(all_reduce_sum(torch.tensor([st.rows], dtype=torch.int64)).item())
 
 
 # --------------------------------------------------------------------------------------------
