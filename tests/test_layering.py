@@ -29,7 +29,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("allocation",),  # sensitivity, latency tables, allocation, search
     ("runtime",),  # sparse CPU kernels and accelerate
     ("recipes",),  # end-to-end runners and the demo
-    ("cli", "__init__"),  # the surfaces
+    ("cli", "__init__", "__main__"),  # the surfaces
 )
 ROOT = Path(__file__).resolve().parents[1] / "src" / "prunekit"  # read as source: no import needed
 

@@ -22,6 +22,7 @@ from prunekit.deploy.quantize import DynamicInt8Config, quantize
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.measure.report import compare, write_report
 from prunekit.recipes.demo import DemoSettings, run_demo
+from prunekit.recipes.launch import launched_world, refuse_under_torchrun, torchrun_process_group
 from prunekit.recipes.run import Recipe, load_entry_point, run_recipe
 from prunekit.recipes.search import run_search_recipe
 from prunekit.recipes.sensitivity import run_sensitivity_recipe
@@ -34,8 +35,27 @@ app = typer.Typer(help="Prune trained PyTorch models and measure what it bought.
 
 
 def _fail(err: PrunekitError) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    try:
+        rank, world = launched_world()
+    except ConfigError:
+        rank, world = 0, 1
+    # under torchrun every rank reports its own error, named unless the message names it already
+    where = f"rank {rank} of {world}: " if world > 1 and not str(err).startswith(f"rank {rank} of") else ""
+    typer.secho(f"{where}error: {err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _main_process() -> bool:
+    """True in one process, and on rank 0 under torchrun: the process that prints results."""
+    return launched_world()[0] == 0
+
+
+def _one_process(command: str, why: str) -> None:
+    """Refuse `command` under torchrun (it is per-process) before any work, naming it."""
+    try:
+        refuse_under_torchrun(f"prunekit {command}", why)
+    except PrunekitError as err:
+        _fail(err)
 
 
 @app.callback()
@@ -58,6 +78,7 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Compress LeNet-300-100 on real MNIST for a 1 MB budget and report the measured result."""
+    _one_process("demo", "it trains, measures latency and writes its report in one process")
     if quick:
         epochs, finetune_epochs = min(epochs, 1), min(finetune_epochs, 2)
     try:
@@ -94,6 +115,7 @@ def inspect(
                                                            "(repeatable).")] = None,
 ) -> None:
     """Print a checkpoint's tensors, or a model's prunable layers and structured channel groups."""
+    _one_process("inspect", "it reads one file or model and prints it")
     path = Path(target)
     try:
         if not path.exists() and ":" in target:
@@ -125,6 +147,7 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 20,
 ) -> None:
     """Export a checkpoint to ONNX, check the file kept its sparsity, and print its sizes."""
+    _one_process("export", "it writes one file")
     try:
         shape = tuple(int(s) for s in input_shape.split(","))
     except ValueError:
@@ -254,15 +277,22 @@ def prune_command(
 
     With --checkpoint-dir the fine-tuning state is saved as it goes; after a crash or a kill,
     the same command with --resume continues from the last checkpoint.
+
+    Under `torchrun --nproc_per_node N -m prunekit prune ...` every rank prunes (gloo on CPU,
+    NCCL on GPUs; each collective times out after $PRUNEKIT_COLLECTIVE_TIMEOUT_S seconds, default
+    1800) and rank 0 alone writes --out and prints.
     """
     try:
         loaded = load_recipe(recipe)
         if not isinstance(loaded, Recipe):
             raise PrunekitError(f"{recipe}: top-level _type must be Recipe, got {type(loaded).__name__}")
-        result = run_recipe(loaded, out, progress=progress, checkpoint_dir=checkpoint_dir,
-                            checkpoint_every=checkpoint_every, resume=resume)
+        with torchrun_process_group():
+            result = run_recipe(loaded, out, progress=progress, checkpoint_dir=checkpoint_dir,
+                                checkpoint_every=checkpoint_every, resume=resume)
     except PrunekitError as err:
         _fail(err)
+        return
+    if not _main_process():
         return
     for line in result.get("verdicts", []):
         typer.echo(line)
@@ -285,6 +315,7 @@ def report(
              "default, which page-faults large activations back on every call).")] = True,
 ) -> None:
     """Measure a pruned checkpoint against its baseline and write the validation report."""
+    _one_process("report", "it measures latency, which other processes on the machine would disturb")
     try:
         from functools import partial
 
@@ -332,7 +363,11 @@ def sensitivity_command(
     target_sparsity: Annotated[float, typer.Option(help="If > 0, allocate levels for this global sparsity.")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Prune each layer alone at each level, measure it, and (optionally) allocate a budget."""
+    """Prune each layer alone at each level, measure it, and (optionally) allocate a budget.
+
+    Under torchrun the cells are split among the ranks and merged into one table (see
+    `prunekit.sensitivity`); rank 0 prints it.
+    """
     try:
         if metric not in ("accuracy", "loss"):
             raise PrunekitError(f"--metric must be 'accuracy' or 'loss', got {metric!r}")
@@ -341,10 +376,13 @@ def sensitivity_command(
             raise PrunekitError(f"{recipe}: top-level _type must be Recipe, got {type(loaded).__name__}")
         shape = tuple(int(v) for v in _floats(input_shape, "--input-shape")) or None
         target = SparsityTarget(sparsity=target_sparsity) if target_sparsity > 0 else None
-        result = run_sensitivity_recipe(loaded, out, levels=_floats(levels, "--levels"), metric=metric,  # type: ignore[arg-type]
-                                        input_shape=shape, target=target, progress=progress)
+        with torchrun_process_group():
+            result = run_sensitivity_recipe(loaded, out, levels=_floats(levels, "--levels"), metric=metric,  # type: ignore[arg-type]
+                                            input_shape=shape, target=target, progress=progress)
     except PrunekitError as err:
         _fail(err)
+        return
+    if not _main_process():
         return
     typer.echo(result["table"].summary())
     if result["allocation"] is not None:

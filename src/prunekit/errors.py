@@ -49,3 +49,7 @@ class CalibrationError(PrunekitError, ValueError):
 
 class SensitivityError(PrunekitError):
     """The sensitivity scan could not measure a layer (the message names layer and level)."""
+
+
+class CollectiveError(PrunekitError, RuntimeError):
+    """A collective under torch.distributed failed or timed out; the message names rank, step and operation."""

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit._registry import Registry
+from prunekit.core.collectives import collective_guard
 from prunekit.core.criteria import ScoreContext, ScoreFn, register_criterion
 from prunekit.core.distributed import all_reduce_sum, rank_and_world
 from prunekit.core.inputs import call_model, to_model_device
@@ -98,7 +99,8 @@ def rank_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
         batches, error = [], err
     counts = torch.zeros(world, dtype=torch.int64)
     counts[rank] = len(batches) if error is None else -1  # -1: this rank's data was refused
-    counts = all_reduce_sum(counts)
+    with collective_guard("all_reduce", "calibration: counting each rank's batches"):
+        counts = all_reduce_sum(counts)
     refused = [r for r, n in enumerate(counts.tolist()) if n <= 0]
     if refused:
         raise CalibrationError(f"rank(s) {refused} of {world} have no usable calibration data; under torchrun "
@@ -112,10 +114,11 @@ def _sum_across_ranks(stats: dict[str, LayerStats]) -> None:
         return
     for fqn in sorted(stats):  # the same order on every rank: collectives pair up by call order
         st = stats[fqn]
-        st.sq_norm = all_reduce_sum(st.sq_norm)
-        if st.xtx is not None:
-            st.xtx = all_reduce_sum(st.xtx)
-        st.rows = int(all_reduce_sum(torch.tensor([st.rows], dtype=torch.int64)).item())
+        with collective_guard("all_reduce", f"calibration statistics of layer {fqn!r}"):
+            st.sq_norm = all_reduce_sum(st.sq_norm)
+            if st.xtx is not None:
+                st.xtx = all_reduce_sum(st.xtx)
+            st.rows = int(all_reduce_sum(torch.tensor([st.rows], dtype=torch.int64)).item())
 
 
 # --------------------------------------------------------------------------------------------

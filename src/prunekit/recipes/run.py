@@ -8,9 +8,15 @@ Example recipe (YAML):
     _type: Recipe
     model: mypkg.models:build_model        # returns an nn.Module (weights trained or loaded)
     data: mypkg.data:loaders               # returns (train_loader, eval_loader)
+    calibration: mypkg.data:calib_batches  # optional: batches for Wanda/SparseGPT criteria
     prune: {_type: UnstructuredConfig, sparsity: 0.9}
     schedule: {_type: Cubic, end_step: 2000, every: 100}
     finetune: {_type: FinetuneConfig, epochs: 3, lr: 0.001, alpha: 0.5}
+
+The same recipe runs unchanged in one process or under `torchrun --nproc_per_node N`: then
+every rank builds the model and computes the same masks (a calibration criterion sees batch i
+on rank i % N, and the statistics are summed across ranks), the ranks check that they hold the
+same pruned model, and rank 0 alone writes the output folder and the report.
 """
 
 from __future__ import annotations
@@ -22,16 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from pydantic import Field, field_validator
 from torch import nn
 
 from prunekit.allocation.search import SearchRecipe
 from prunekit.config import FrozenConfig, Seed, recipe_type
+from prunekit.core.collectives import collective_guard
+from prunekit.core.distributed import collective_device, rank_and_world
 from prunekit.core.masks import finalize
 from prunekit.core.plan import prune
 from prunekit.deploy.checkpoint import load, save
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, PlanError
 from prunekit.measure.report import compare, write_report
+from prunekit.recipes.launch import recipe_step, torchrun_process_group
 from prunekit.storage.runstate import Checkpointer
 from prunekit.train.distill import KDLoss, finetune
 from prunekit.train.schedule import GradualPruner, Schedule
@@ -55,13 +65,14 @@ class Recipe(FrozenConfig):
 
     model: str
     data: str | None = None
+    calibration: str | None = None
     checkpoint: str | None = None
     prune: FrozenConfig
     schedule: FrozenConfig | None = None
     finetune: FinetuneConfig | None = None
     seed: Seed = 0
 
-    @field_validator("model", "data")
+    @field_validator("model", "data", "calibration")
     @classmethod
     def _entry_point_form(cls, value: str | None) -> str | None:
         if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
@@ -111,6 +122,27 @@ def build(recipe: Recipe | SearchRecipe) -> tuple[nn.Module, Any, Any]:
     return model, loaders[0], loaders[1]
 
 
+def calibration_share(recipe: Recipe) -> list[Any] | None:
+    """This process's calibration batches: batch i of `recipe.calibration` on rank i % world (all in one process).
+
+    Raises:
+        ConfigError: the entry point fails, returns no batches, or fewer batches than ranks.
+    """
+    if recipe.calibration is None:
+        return None
+    batches = load_entry_point(recipe.calibration, "calibration")
+    try:
+        batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
+    except TypeError:
+        raise ConfigError(f"calibration entry point {recipe.calibration!r} must return batches (a list), "
+                          f"got {type(batches).__name__}") from None
+    rank, world = rank_and_world()
+    if len(batches) < world:
+        raise ConfigError(f"calibration entry point {recipe.calibration!r} gave {len(batches)} batches for {world} "
+                          "ranks: under torchrun each rank calibrates on its own share, so give at least one per rank")
+    return batches[rank::world]
+
+
 def run_recipe(
     recipe: Recipe,
     out: str | Path,
@@ -122,6 +154,9 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run `recipe`: build, prune (one-shot or gradually while fine-tuning), save, report.
 
+    Under torchrun (WORLD_SIZE > 1) it starts the process group itself if none runs (see
+    `prunekit.recipes.launch`), every rank prunes, and rank 0 alone writes `out`.
+
     Args:
         recipe: the run.
         out: folder for `pruned.safetensors` and the report.
@@ -132,33 +167,79 @@ def run_recipe(
         resume: continue a killed run from `checkpoint_dir`; the pruned model is then
             bit-identical to an uninterrupted run's on CPU (the report's latencies are
             measured afresh).
+
+    Returns:
+        The report's data (`report.json`), or only the saved file's size without `recipe.data`;
+        on ranks other than 0 under torchrun, an empty dict.
+
+    Raises:
+        ConfigError: a bad recipe, entry point or setting.
+        PlanError: under torchrun, the ranks ended with different models.
+        PrunekitError: under torchrun, a collective failed or timed out (names rank, step, op).
     """
     Checkpointer(checkpoint_dir, "finetune", checkpoint_every, resume)  # bad settings fail before any work
     saving: dict[str, Any] = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every, "resume": resume}
-    out = Path(out)
+    with torchrun_process_group():
+        return _run(recipe, Path(out), progress, saving)
+
+
+def _run(recipe: Recipe, out: Path, progress: bool, saving: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(recipe.seed)
-    model, train, evaluate = build(recipe)
+    with recipe_step("build"):
+        model, train, evaluate = build(recipe)
+        calibration = calibration_share(recipe)
     baseline = copy.deepcopy(model).eval()
     tune = recipe.finetune
     if (recipe.schedule is not None or tune is not None) and not recipe.data:
         raise ConfigError("recipe.schedule/finetune need training data: set recipe.data")
-
     if recipe.schedule is not None:
         if not isinstance(recipe.schedule, Schedule):
             raise ConfigError(f"recipe.schedule: {type(recipe.schedule).__name__} is not a schedule")
-        pruner = GradualPruner(model, recipe.prune, recipe.schedule, seed=recipe.seed)
+        pruner = GradualPruner(model, recipe.prune, recipe.schedule, seed=recipe.seed, data=calibration)
         tune = tune or FinetuneConfig()
-        finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=baseline if tune.alpha else None,
-                 kd=KDLoss(tune.temperature, tune.alpha), pruner=pruner, progress=progress, **saving)
-    else:
-        prune(model, recipe.prune)
-        if tune is not None and tune.epochs:
+        with recipe_step("finetune with gradual pruning"):
             finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=baseline if tune.alpha else None,
-                     kd=KDLoss(tune.temperature, tune.alpha), progress=progress, **saving)
+                     kd=KDLoss(tune.temperature, tune.alpha), pruner=pruner, progress=progress, **saving)
+    else:
+        with recipe_step("prune"):
+            prune(model, recipe.prune, data=calibration)
+        if tune is not None and tune.epochs:
+            with recipe_step("finetune"):
+                finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=baseline if tune.alpha else None,
+                         kd=KDLoss(tune.temperature, tune.alpha), progress=progress, **saving)
     finalize(model)
+    check_same_model_on_ranks(model)
+    if rank_and_world()[0] != 0:
+        return {}
     saved = save(model, out / "pruned.safetensors")
     if evaluate is None:
         return {"pruned": {"size_bytes": saved.size_bytes, "file": saved.path.name}}
     report = compare(baseline, model, evaluate, seed=recipe.seed, title=f"prunekit: {recipe.model}")
     write_report(report, out)
     return report.data
+
+
+def check_same_model_on_ranks(model: nn.Module) -> None:
+    """Raise on every rank unless all ranks hold the same parameters and buffers (a collective; reads only).
+
+    Compares each tensor's float64 sum and sum of absolute values across ranks, exactly: ranks
+    that pruned the same model with the same data agree bit for bit. Outside torchrun: nothing.
+
+    Raises:
+        PlanError: some tensors differ (names them): a rank-specific seed, model or data.
+        PrunekitError: the all_gather failed or timed out (names rank, step and operation).
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    state = model.state_dict()
+    keys = sorted(state)
+    rows = [[float(state[k].double().sum()), float(state[k].double().abs().sum())] for k in keys]
+    mine = torch.tensor(rows or [[0.0, 0.0]], dtype=torch.float64, device=collective_device(None))
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    with collective_guard("all_gather (model checksums)", "check that every rank holds the same pruned model"):
+        dist.all_gather(gathered, mine)
+    differ = [keys[i] for i in range(len(keys)) if any(not torch.equal(g[i], gathered[0][i]) for g in gathered)]
+    if differ:
+        raise PlanError(f"rank {rank} of {world}: the ranks hold different pruned models ({differ[:5]} differ): "
+                        "a rank-specific seed, model or data? Every rank must build and prune the same model")

@@ -15,6 +15,7 @@ import torch
 from prunekit.allocation.allocate import Target, allocate
 from prunekit.allocation.sensitivity import proxy_loss, sensitivity
 from prunekit.config import save_recipe
+from prunekit.core.distributed import is_main_rank
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.recipes.run import Recipe, build
 from prunekit.train.distill import accuracy
@@ -50,13 +51,14 @@ def run_sensitivity_recipe(
     inputs = torch.zeros(input_shape) if input_shape else None
     table = sensitivity(model, recipe.prune, evaluate, levels, higher_is_better=higher, example_inputs=inputs,
                         progress=progress)
+    allocation = allocate(table, target) if target is not None else None
+    if not is_main_rank():  # under torchrun every rank holds the same merged table; rank 0 writes it
+        return {"table": table, "allocation": allocation, "files": {}}
     written = {"table": table.save(out / "sensitivity.json")}
     try:
         written["plot"] = table.plot(out / "sensitivity.png")
     except PrunekitError as err:  # matplotlib missing: the table is still the result
         log.warning("%s", err)
-    if target is not None:
-        allocation = allocate(table, target)
+    if allocation is not None:
         written["allocation"] = save_recipe(allocation.to_config(recipe.prune), out / "allocation.yaml")
-        return {"table": table, "allocation": allocation, "files": written}
-    return {"table": table, "allocation": None, "files": written}
+    return {"table": table, "allocation": allocation, "files": written}

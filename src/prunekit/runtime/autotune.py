@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from prunekit.core.distributed import rank_and_world
 from prunekit.core.inputs import call_model
 from prunekit.errors import ConfigError, PrunekitError, UnsupportedLayerError
 from prunekit.measure.heap import retained_memory
@@ -168,6 +169,18 @@ def _validate(batch_sizes: Sequence[int], names: Sequence[str], repeats: int, wa
         import_numba()  # numba missing: a PrunekitError naming `pip install 'prunekit[speed]'`, before any change
 
 
+def _refuse_distributed() -> None:
+    """`accelerate` is per-process: it times kernels on this process's CPU and installs them in its model copy."""
+    rank, world = rank_and_world()
+    if world > 1:
+        raise ConfigError(
+            f"accelerate cannot run inside a process group of {world} ranks (this is rank {rank}): it times "
+            "kernels on this process's CPU, which the other ranks share, and installs them in this process's "
+            "model only, so it would run once per rank and measure noise. Run it in one process after the "
+            "distributed run: load the saved model there (prunekit.load) and call accelerate"
+        )
+
+
 def accelerate(
     model: nn.Module,
     example_inputs: Any,
@@ -223,7 +236,8 @@ def accelerate(
         `model`, with the chosen layers replaced.
 
     Raises:
-        ConfigError: bad batch sizes, candidate names or measurement settings.
+        ConfigError: bad batch sizes, candidate names or measurement settings; or called inside a
+            torch.distributed process group of more than one rank (it is per-process).
         PrunekitError: numba is missing (install `prunekit[speed]`), or the accelerated outputs
             differ from dense beyond the tolerance (the model is then restored).
         UnsupportedLayerError: no eligible layer was found.
@@ -231,6 +245,7 @@ def accelerate(
     Example:
         >>> model = accelerate(model, torch.randn(1, 768), batch_sizes=(1, 8))  # doctest: +SKIP
     """
+    _refuse_distributed()
     names = list(candidates) if candidates is not None else cand.list_candidates()
     _validate(batch_sizes, names, repeats, warmup, margin)
     if tolerance is not None and not (tolerance > 0 and math.isfinite(tolerance)):

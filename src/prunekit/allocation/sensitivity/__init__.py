@@ -12,7 +12,9 @@ structured configs change shapes, so each probe runs on a copy of the model.
 
 This package holds the public entry points and dispatches on the config's type: `layers.py`
 scans mask layers (and estimates a scan's memory), `groups.py` scans channel groups, and
-`common.py` holds what both share (the evaluate contract, the resumable cell checkpoint).
+`common.py` holds what both share (the evaluate contract, the resumable cell checkpoint), and
+`ranks.py` splits a scan across torchrun ranks: each measures its share of the cells, and the
+ranks merge them (no pickle) into the table one process would build, identical on every rank.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from prunekit.allocation.sensitivity.common import Evaluate, ScanCheckpoint, call_evaluate
+from prunekit.allocation.sensitivity.common import Evaluate, ScanCheckpoint, call_evaluate, scan_checkpoint
 from prunekit.allocation.sensitivity.groups import scan_groups
 from prunekit.allocation.sensitivity.layers import (
     check_sensitivity_memory,
@@ -36,7 +38,6 @@ from prunekit.allocation.sensitivity.table import SensitivityTable
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer, config_to_dict
 from prunekit.core.memory import parse_memory
 from prunekit.errors import ConfigError, SensitivityError
-from prunekit.storage.runstate import Checkpointer
 
 __all__ = [
     "Evaluate",
@@ -131,19 +132,29 @@ def sensitivity(
         progress: show a tqdm bar over the probes.
         checkpoint_dir: folder for `sensitivity.ckpt.safetensors`: the cells measured so far
             and the RNG states, written atomically every `checkpoint_every` cells. None: none.
+            Under torchrun each rank writes its own cells to `sensitivity.rank<r>.ckpt.safetensors`.
         checkpoint_every: measured cells (one `evaluate` each) between checkpoints.
-        resume: continue from the checkpoint in `checkpoint_dir`: cells already in it are not
-            measured again, so the table equals an uninterrupted scan's.
+        resume: continue from the checkpoints in `checkpoint_dir`: cells already in any of them
+            are not measured again, so the table equals an uninterrupted scan's (a scan killed
+            on N processes may resume on M).
         max_memory: memory budget in bytes or as "4GB"/"512MiB": the scan's peak (model, the
             copies it restores from, a calibration pass per probe) is estimated first, and
             `MemoryBudgetError` is raised before any probe when it would not fit.
+
+    Under torchrun (a process group of more than one rank) the scan is a collective: every
+    rank measures the baseline, then unit cell i (units in order, each at every level) only on
+    rank i % world; the ranks then merge their cells, and each returns the same table, equal to
+    one process's for an `evaluate` that does not depend on the rank or on random draws.
 
     Returns:
         A `SensitivityTable` (save it as JSON, plot it, or pass it to `prunekit.allocate`).
 
     Raises:
         ConfigError: a level is outside [0, 1) or the config cannot vary its level.
-        SensitivityError: the baseline cannot be evaluated, or a probe failed with on_error="stop".
+        SensitivityError: the baseline cannot be evaluated, a probe failed with on_error="stop",
+            or (under torchrun) another rank's share failed.
+        PrunekitError: under torchrun, merging the ranks' cells failed or timed out (the
+            message names the rank, the step and the collective).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -167,8 +178,8 @@ def sensitivity(
     try:
         return scan(model, config, evaluate, levels, higher_is_better=higher_is_better,
                     example_inputs=example_inputs, data=data, on_error=on_error, progress=progress,
-                    cells=ScanCheckpoint(Checkpointer(checkpoint_dir, "sensitivity", checkpoint_every, resume),
-                                         {"config": config_to_dict(config), "levels": levels,
-                                          "higher_is_better": higher_is_better}))
+                    cells=scan_checkpoint(checkpoint_dir, checkpoint_every, resume,
+                                          {"config": config_to_dict(config), "levels": levels,
+                                           "higher_is_better": higher_is_better}))
     finally:
         model.train(training)

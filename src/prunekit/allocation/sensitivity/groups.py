@@ -55,22 +55,31 @@ def scan_groups(
     trace instead of one per probe (a large model's trace takes seconds).
     """
     cells = cells or ScanCheckpoint()
-    baseline = measure_baseline(cells, evaluate, model)
+    measure_baseline(cells, evaluate, model)
     pruner = GroupPruner(model, config, example_inputs, data)
     groups = pruner.groups
     params_before, flops_before = count_params(model), count_flops(model, example_inputs)
+    items = [(n, lv) for n in groups for lv in levels]
+
+    def measure_share() -> None:
+        for name, level in progress_bar(cells.share(items), "sensitivity", progress):
+            why = cells.measure(f"{name}@{level!r}", _probe, pruner, name, level, evaluate,
+                                (params_before, flops_before, example_inputs))[1]
+            if why is not None and on_error == "stop":
+                return  # the merged cells raise below, at the first failure in scan order
+
+    cells.run_share(measure_share, len(items))
+    baseline = float(cells.result("baseline")[0])
     values: dict[str, list[float]] = {n: [] for n in groups}
     removed: dict[str, dict[str, list[int]]] = {"params": {n: [] for n in groups}, "flops": {n: [] for n in groups}}
     failures: dict[str, str] = {}
-    for name, level in progress_bar([(n, lv) for n in groups for lv in levels], "sensitivity", progress):
-        value, why, gone_params, gone_flops = cells.measure(
-            f"{name}@{level!r}", _probe, pruner, name, level, evaluate, (params_before, flops_before, example_inputs))
+    for name, level in items:
+        value, why, gone_params, gone_flops = cells.result(f"{name}@{level!r}")
         removed["params"][name].append(gone_params)
         removed["flops"][name].append(gone_flops)
         values[name].append(value)
         record_failure(failures, "group", name, level, why, on_error)
     params = {n: sum(int(p.numel()) for p in _group_tensors(model, g)) for n, g in groups.items()}
-    cells.finish()
     return SensitivityTable(list(groups), levels, values, baseline, higher_is_better, config_to_dict(config),
                             params, None, params_before, flops_before, failures, "group", removed)
 

@@ -166,13 +166,23 @@ def scan_layers(
     cells = cells or ScanCheckpoint()
     chosen = resolve(model, config)
     fqns = list(chosen)
-    baseline = measure_baseline(cells, evaluate, model)
+    measure_baseline(cells, evaluate, model)
     probe = _LayerProbe(model, data)
+    items = [(f, lv) for f in fqns for lv in levels]
+
+    def measure_share() -> None:
+        for fqn, level in progress_bar(cells.share(items), "sensitivity", progress):
+            rule = chosen[fqn].with_level(level).as_layer_rule()
+            _, why = cells.measure(f"{fqn}@{level!r}", probe.run, fqn, rule, evaluate)
+            if why is not None and on_error == "stop":
+                return  # the merged cells raise below, at the first failure in scan order
+
+    cells.run_share(measure_share, len(items))
+    baseline = float(cells.result("baseline")[0])
     values: dict[str, list[float]] = {f: [] for f in fqns}
     failures: dict[str, str] = {}
-    for fqn, level in progress_bar([(f, lv) for f in fqns for lv in levels], "sensitivity", progress):
-        rule = chosen[fqn].with_level(level).as_layer_rule()
-        value, why = cells.measure(f"{fqn}@{level!r}", probe.run, fqn, rule, evaluate)
+    for fqn, level in items:
+        value, why = cells.result(f"{fqn}@{level!r}")
         values[fqn].append(value)
         record_failure(failures, "layer", fqn, level, why, on_error)
     layers = prunable_layers(model)
@@ -180,7 +190,6 @@ def scan_layers(
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     flops = layer_flops(model, example_inputs, fqns) if example_inputs is not None else None
     family = config if isinstance(config, MaskConfig) else chosen[fqns[0]]
-    cells.finish()
     return SensitivityTable(
         fqns, levels, values, baseline, higher_is_better, config_to_dict(family), params, flops,
         total, None if flops is None else sum(flops.values()), failures, "layer",
