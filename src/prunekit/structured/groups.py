@@ -8,7 +8,8 @@ to and a criterion ranks. Units touching a frozen atom, an excluded layer's outp
 parameter dimension no layer handler can shrink are not prunable.
 
 An op without a rule is a barrier: nothing is pruned across it and one warning lists every
-such op with its layer.
+such op with its layer and source line. A rule may also refuse a known op (a split whose sizes
+are numbers in the source, a layer whose weight is computed): a named barrier, listed with why.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 from torch.fx import Node
 
 from prunekit.structured.labels import AtomGraph, Entry, Labels
 from prunekit.structured.layers import get_layer_handler, owner_of
 from prunekit.structured.ops import get_op_rule
+from prunekit.structured.source import location
 from prunekit.structured.trace import TracedModel
 
+aten = torch.ops.aten
 log = logging.getLogger(__name__)
 Member = tuple[str, int]  # (parameter/buffer FQN, dim)
+_MULTI_OUTPUT = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Group:
     positions: dict[Member, list[np.ndarray]]
     layers: list[str]
     kind: str = "channel"  # or "head": units are attention heads
+    units: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # atom component per unit
 
     @property
     def size(self) -> int:
@@ -77,15 +83,30 @@ class DependencyGraph:
 
     groups: list[Group]
     sizes: dict[str, tuple[int, ...]]
-    barriers: list[tuple[str, str]] = field(default_factory=list)
+    barriers: list[tuple[str, str]] = field(default_factory=list)  # (unknown op and line, layer)
     blocked: dict[str, list[str]] = field(default_factory=dict)  # layer FQN -> why its outputs stay
+    refused: list[str] = field(default_factory=list)  # named barriers: op, line, layer and why
+    spelled: dict[str, list[np.ndarray]] = field(default_factory=dict)  # node -> atoms its sizes fix
+    components: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # per atom
 
     def summary(self) -> str:
         """One line per prunable group, then the blocked layers (and why), then the barriers."""
         lines = [str(g) for g in self.groups] or ["no prunable groups"]
         lines += [f"blocked: {layer} ({'; '.join(why)})" for layer, why in self.blocked.items()]
         lines += [f"barrier: {op} in {layer or '<root>'!r}" for op, layer in self.barriers]
+        lines += [f"barrier: {why}" for why in self.refused]
         return "\n".join(lines)
+
+    def spelling_nodes(self, removed: list[np.ndarray]) -> list[str]:
+        """Nodes that spell a size where `removed` (per group, unit indices) takes channels away."""
+        gone = np.concatenate([g.units[r] for g, r in zip(self.groups, removed, strict=True)] + [np.zeros(0, np.int64)])
+        out = []
+        for name, arrays in self.spelled.items():
+            atoms = np.concatenate([a.reshape(-1) for a in arrays])
+            atoms = atoms[atoms >= 0]
+            if np.isin(self.components[atoms], gone).any():
+                out.append(name)
+        return out
 
     def __str__(self) -> str:
         return self.summary()
@@ -99,6 +120,27 @@ class _Context:
         self.traced = traced
         self.tensors = tensors
         self.env: dict[Node, Any] = {}
+        self.refused: list[str] = []
+        self.spelled: dict[str, list[np.ndarray]] = {}
+
+    def barrier(self, node: Node, why: str) -> Labels:
+        layer = TracedModel.layer_of(node)
+        where = location(node)
+        text = f"{_op_name(node.target)}{f' at {where}' if where else ''} in {layer or '<root>'!r}: {why}"
+        reason, self.atoms.reason = self.atoms.reason, text
+        touched = False
+        for arg in node.all_input_nodes:
+            labels = self.labels(arg)
+            _freeze_labels(self, labels)
+            touched = touched or any((e.atoms >= 0).any() for e in _flat(labels))
+        self.atoms.reason = reason
+        if touched and text not in self.refused:
+            self.refused.append(text)
+        return []
+
+    def spells_sizes(self, node: Node, atoms: list[np.ndarray]) -> None:
+        if atoms:
+            self.spelled.setdefault(node.name, []).extend(atoms)
 
     def shape(self, arg: Any) -> tuple[int, ...] | None:
         val = arg.meta.get("val") if isinstance(arg, Node) else None
@@ -125,13 +167,23 @@ class _Context:
         return self.env.get(arg, [])
 
 
-def analyze(model: nn.Module, traced: TracedModel, exclude: list[str] | None = None) -> DependencyGraph:
+def analyze(
+    model: nn.Module,
+    traced: TracedModel,
+    exclude: list[str] | None = None,
+    *,
+    fixed: dict[str, str] | None = None,
+    warn: bool = True,
+) -> DependencyGraph:
     """Find the prunable channel groups of `model` from its traced graph (no mutation).
 
     Args:
         model: the model that was traced (its modules own the parameters the graph names).
         traced: `trace(model, example_inputs)`.
         exclude: layer FQNs whose output channels must stay (their inputs may still shrink).
+        fixed: graph node name -> why it is a barrier although its op has a rule (the
+            planner's second pass after a pruned model failed to run).
+        warn: warn about barriers now (else the caller calls `warn_barriers` on the result).
 
     Returns:
         A `DependencyGraph`.
@@ -152,25 +204,53 @@ def analyze(model: nn.Module, traced: TracedModel, exclude: list[str] | None = N
         if node.op != "call_function":
             continue
         rule = get_op_rule(node.target)
-        if rule is None:
+        if fixed and node.name in fixed:
+            ctx.env[node] = _fixed_barrier(ctx, node, fixed[node.name])
+        elif rule is None:
             ctx.atoms.reason = f"op {_op_name(node.target)} in {layer or '<root>'!r} is unknown (a barrier)"
             ctx.env[node] = _barrier(ctx, node, barriers)
         else:
             ctx.env[node] = rule(ctx, node)
+    ctx.atoms.enforce_rectangular()
+    blocked: dict[str, list[str]] = {}
+    groups, comp = _groups(model, ctx.atoms, exclude or [], blocked)
+    sizes = {fqn: tuple(t.shape) for fqn, t in tensors.items()}
+    graph = DependencyGraph(groups, sizes, barriers, blocked, ctx.refused, ctx.spelled, comp)
+    if warn:
+        warn_barriers(graph)
+    return graph
+
+
+def warn_barriers(graph: DependencyGraph) -> None:
+    """One warning listing the unknown ops, one listing the refused (named) barriers, if any."""
+    barriers, refused = graph.barriers, graph.refused
     if barriers:
         listed = "; ".join(f"{op} in {layer or '<root>'!r}" for op, layer in barriers)
         warnings.warn(
             f"structured pruning treats ops it does not know as barriers (nothing is pruned across them): {listed}",
             stacklevel=3,
         )
-    blocked: dict[str, list[str]] = {}
-    groups = _groups(model, ctx.atoms, exclude or [], blocked)
-    sizes = {fqn: tuple(t.shape) for fqn, t in tensors.items()}
-    return DependencyGraph(groups, sizes, barriers, blocked)
+    if refused:
+        warnings.warn(
+            "structured pruning keeps the channels these ops fix (barriers: nothing is pruned across them): "
+            + "; ".join(refused),
+            stacklevel=3,
+        )
+
+
+def _fixed_barrier(ctx: _Context, node: Node, why: str) -> Any:
+    ctx.barrier(node, why)
+    if node.target in _MULTI_OUTPUT:
+        return [[] for _ in node.meta.get("val") or ()]
+    return []
 
 
 def _op_name(target: Any) -> str:
     return str(target).removeprefix("aten.").removesuffix(".default")
+
+
+def _flat(labels: Any) -> list[Any]:
+    return [e for item in labels for e in (_flat(item) if isinstance(item, list) else [item])]
 
 
 def _freeze_labels(ctx: _Context, labels: Any) -> None:
@@ -191,7 +271,8 @@ def _barrier(ctx: _Context, node: Node, barriers: list[tuple[str, str]]) -> Labe
         ):
             touched = True
     if touched:
-        entry = (str(node.target), TracedModel.layer_of(node))
+        where = location(node)
+        entry = (f"{node.target}{f' at {where}' if where else ''}", TracedModel.layer_of(node))
         if entry not in barriers:
             barriers.append(entry)
     return []
@@ -199,7 +280,7 @@ def _barrier(ctx: _Context, node: Node, barriers: list[tuple[str, str]]) -> Labe
 
 def _groups(
     model: nn.Module, atoms: AtomGraph, exclude: list[str], blocked: dict[str, list[str]] | None = None
-) -> list[Group]:
+) -> tuple[list[Group], np.ndarray]:
     comp, graph_frozen = atoms.components()
     frozen = graph_frozen.copy()
     head_comps = set(comp[np.concatenate(atoms.heads)].tolist()) if atoms.heads else set()
@@ -232,7 +313,7 @@ def _groups(
         poss.append(idx)
     c, m, p = np.concatenate(comps), np.concatenate(mems), np.concatenate(poss)
     if c.size == 0:
-        return []
+        return [], comp
     order_ = np.lexsort((p, m, c))  # by unit, then member, then position (vectorised: ~1e5 positions)
     c, m, p = c[order_], m[order_], p[order_]
     cuts = np.flatnonzero((np.diff(c) != 0) | (np.diff(m) != 0)) + 1
@@ -260,10 +341,11 @@ def _groups(
                 and h.outputs(modules[owner_of(fqn)[0]]).get(owner_of(fqn)[1]) == dim
             }
         )
-        groups.append(Group(members, positions, layers, kind))
+        units = np.array([int(pair_c[ustarts[u]]) for u in unit_list], dtype=np.int64)
+        groups.append(Group(members, positions, layers, kind, units))
     order = {fqn: i for i, fqn in enumerate(modules)}
     groups.sort(key=lambda g: min(order.get(owner_of(fqn)[0], 0) for fqn, _ in g.members))
-    return groups
+    return groups, comp
 
 
 def _explain_blocked(

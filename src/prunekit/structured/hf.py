@@ -53,6 +53,9 @@ def _heads(module: Any) -> tuple[int, int | None, int] | None:
         return module.q_proj.out_features // hd, module.k_proj.out_features // hd, hd
     if hasattr(module, "c_attn") and isinstance(getattr(module, "head_dim", None), int):
         return module.c_attn.nf // 3 // module.head_dim, None, module.head_dim
+    size = getattr(module, "key_value_proj_dim", None)  # T5
+    if isinstance(getattr(module, "q", None), nn.Linear) and isinstance(size, int):
+        return module.q.out_features // size, None, size
     return None
 
 
@@ -97,7 +100,9 @@ def update_config(model: nn.Module) -> list[str]:
         setattr(config, ffn_field, ffn.pop())
     elif ffn:
         skipped.append(ffn_field)
-    if len(heads) == 1:
+    if heads and not isinstance(getattr(config, "num_attention_heads", None), int):
+        skipped.append("num_attention_heads")  # one count per stage (Swin's num_heads list)
+    elif len(heads) == 1:
         q, kv, hd = heads.pop()
         if q != config.num_attention_heads:
             config.num_attention_heads = q

@@ -57,6 +57,7 @@ class AtomGraph:
     heads: list[np.ndarray] = field(default_factory=list)  # one atom per attention head
     reason: str = ""  # what is being analysed now; recorded with each freeze (for `blocked`)
     _why: list[str] = field(default_factory=list)  # parallel to _frozen
+    _slices: list[tuple[np.ndarray, int, int]] = field(default_factory=list)  # see `keep_rectangular`
 
     def new(self, shape: tuple[int, ...] | int) -> np.ndarray:
         """Fresh atoms shaped `shape`."""
@@ -103,6 +104,30 @@ class AtomGraph:
         """Freeze every atom of `entry`."""
         self.freeze(entry.atoms)
 
+    def keep_rectangular(self, atoms: np.ndarray, free: int, ndim: int) -> None:
+        """Whatever is removed from the grid over `atoms`' first `ndim` axes must be whole slices.
+
+        A channel dim split into (groups, per group), as a channel shuffle does, must lose the
+        same positions in every group, or the pruned tensor is no longer a grid. Checked once
+        every rule has run (`enforce_rectangular`): if no other op (attention's whole heads)
+        made it so, those axes other than `free` are pinned, so only `free` shrinks. Further
+        axes (other dims of the same entry) ride along with each grid position.
+        """
+        if ndim > 1:
+            self._slices.append((atoms, free, ndim))
+
+    def enforce_rectangular(self) -> None:
+        """Pin the axes of every `keep_rectangular` grid that could still lose partial slices."""
+        if not self._slices:
+            return
+        comp, frozen = self.components()
+        for atoms, free, ndim in self._slices:
+            if not _rectangular(atoms, ndim, comp, frozen):
+                for axis in range(ndim):
+                    if axis != free:
+                        self.union(atoms, np.take(atoms, [0], axis=axis))
+        self._slices.clear()
+
     def components(self) -> tuple[np.ndarray, np.ndarray]:
         """Component id of every atom, and a bool per component: frozen or not."""
         comp = np.arange(self.count, dtype=np.int64)
@@ -126,10 +151,31 @@ class AtomGraph:
 
     def frozen_by(self, comp: np.ndarray, components: set[int]) -> dict[int, list[str]]:
         """For each of `components` (ids from `components()`), the distinct reasons it was frozen."""
-        out: dict[int, list[str]] = {}
+        if not self._frozen or not components:
+            return {}
         wanted = np.fromiter(components, dtype=np.int64)
-        for atoms, why in zip(self._frozen, self._why, strict=True):
-            for c in np.intersect1d(comp[atoms], wanted).tolist():
-                if why not in out.setdefault(c, []):
-                    out[c].append(why)
+        ids = comp[np.concatenate(self._frozen)]
+        which = np.repeat(np.arange(len(self._frozen)), [a.size for a in self._frozen])
+        hit = np.isin(ids, wanted)
+        # One pass over every frozen atom (a large model freezes thousands of arrays); sorted by
+        # component, then by freeze order, so each component lists its reasons as they came.
+        pairs = np.unique(np.stack([ids[hit], which[hit]]), axis=1)
+        out: dict[int, list[str]] = {}
+        for c, w in pairs.T.tolist():
+            reasons = out.setdefault(c, [])
+            if self._why[w] not in reasons:
+                reasons.append(self._why[w])
         return out
+
+
+def _rectangular(atoms: np.ndarray, ndim: int, comp: np.ndarray, frozen: np.ndarray) -> bool:
+    """Whether, along one of the first `ndim` axes, every slice is one unit or cannot be removed."""
+    ids = np.where(atoms >= 0, comp[np.maximum(atoms, 0)], -1)
+    fixed = (atoms < 0) | frozen[np.maximum(ids, 0)]
+    for axis in range(ndim):
+        rows = np.moveaxis(ids, axis, 0).reshape(atoms.shape[axis], -1)
+        stuck = np.moveaxis(fixed, axis, 0).reshape(atoms.shape[axis], -1)
+        one_unit = (rows == rows[:, :1]).all(axis=1) & ~stuck.any(axis=1)
+        if (one_unit | stuck.all(axis=1)).all():
+            return True
+    return False

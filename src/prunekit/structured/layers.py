@@ -132,6 +132,44 @@ def _update_embedding(module: nn.Embedding) -> None:
     module.embedding_dim = module.weight.shape[1]
 
 
+def _rnn_names(module: nn.RNNBase) -> list[str]:
+    return [n for n in module._flat_weights_names if getattr(module, n, None) is not None]
+
+
+def _rnn_dims(module: nn.RNNBase) -> Dims:
+    if getattr(module, "proj_size", 0):  # LSTM projections: h has proj_size units, c hidden_size
+        return {}
+    return {n: (0, 1) if n.startswith("weight") else (0,) for n in _rnn_names(module)}
+
+
+def _rnn_outputs(module: nn.RNNBase) -> dict[str, int]:
+    return {n: 0 for n in _rnn_names(module) if n.startswith("weight_hh")}
+
+
+@register_layer_handler(nn.RNNBase, shrinkable=_rnn_dims, outputs=_rnn_outputs)
+def _update_rnn(module: Any) -> None:
+    module.hidden_size = module.weight_hh_l0.shape[1]
+    module.input_size = module.weight_ih_l0.shape[1]
+    module._init_flat_weights()  # the forward reads this list, not the attributes
+
+
+def _parametrized_dims(module: Any) -> Dims:
+    """weight_norm's g (original0) and v (original1) shrink along its `dim`; other parametrizations do not."""
+    if len(module) != 1 or type(module[0]).__name__ != "_WeightNorm" or getattr(module[0], "dim", -1) == -1:
+        return {}
+    dim = module[0].dim
+    return {"original0": (dim,), "original1": (dim,)}
+
+
+@register_layer_handler(
+    nn.utils.parametrize.ParametrizationList,
+    shrinkable=_parametrized_dims,
+    outputs=lambda m: {"original1": 0} if _parametrized_dims(m).get("original1") == (0,) else {},
+)
+def _update_parametrization(module: Any) -> None:
+    """Nothing to refresh here: `ChannelPlan.apply` updates the layer it parametrizes."""
+
+
 # --------------------------------------------------------------------------------------------
 # transformers layers, by class name (imported lazily by whoever builds the model).
 
@@ -163,8 +201,29 @@ def _update_q_proj_attention(module: Any) -> None:
         module.num_key_value_groups = heads // max(kv_heads, 1)
 
 
-for _name in ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "ViTSelfAttention"):
+_Q_PROJ_ATTENTION = (
+    "LlamaAttention",
+    "MistralAttention",
+    "Qwen2Attention",
+    "Qwen3Attention",
+    "ViTSelfAttention",
+    "SwinAttention",
+)
+for _name in _Q_PROJ_ATTENTION:
     register_layer_handler(_name, shrinkable=_no_tensors, outputs=lambda m: {})(_update_q_proj_attention)
+
+
+@register_layer_handler("T5Attention", shrinkable=_no_tensors, outputs=lambda m: {})
+def _update_t5_attention(module: Any) -> None:
+    module.n_heads = module.q.out_features // module.key_value_proj_dim
+    module.inner_dim = module.n_heads * module.key_value_proj_dim
+
+
+@register_layer_handler(
+    "SwinRelativePositionBias", shrinkable=_dims(relative_position_bias_table=(1,)), outputs=lambda m: {}
+)
+def _update_swin_position_bias(module: Any) -> None:
+    """The (positions, heads) table lost the pruned heads' columns; its forward views with -1."""
 
 
 @register_layer_handler("GPT2Attention", shrinkable=_no_tensors, outputs=lambda m: {})

@@ -21,16 +21,17 @@ from torch import Tensor, nn
 
 from prunekit.config import config_from_dict, config_to_dict
 from prunekit.core.counting import count_flops, count_params
+from prunekit.core.masks import masked_modules
 from prunekit.core.plan import PlanContext, register_method
 from prunekit.core.targets import matches, protected_layers
 from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
 from prunekit.storage.files import atomic_write_text, read_json_document, validate_document
 from prunekit.structured.config import ChannelConfig
-from prunekit.structured.groups import DependencyGraph, Group, analyze
+from prunekit.structured.groups import DependencyGraph, Group, analyze, warn_barriers
 from prunekit.structured.hf import update_config
 from prunekit.structured.layers import get_layer_handler, is_attention_holder, owner_of
 from prunekit.structured.select import ScoreInputs, get_group_criterion, select_units, taylor_grads
-from prunekit.structured.trace import trace
+from prunekit.structured.trace import TracedModel, trace
 
 log = logging.getLogger(__name__)
 FORMAT = "prunekit.channel_plan"
@@ -165,6 +166,9 @@ class ChannelPlan:
         new = self._sliced(tensors)
         modules = dict(model.named_modules())
         touched = {owner_of(k)[0] for k in new}
+        # A parametrized tensor (weight_norm's original0/1) lives on a ParametrizationList; the
+        # layer it parametrizes has the shape attributes to refresh.
+        touched |= {layer.partition(".parametrizations.")[0] for layer in touched if ".parametrizations." in layer}
         holders = [m for m in modules.values() if is_attention_holder(m)]
         snapshot = _snapshot([modules[t] for t in touched] + holders, model)
         try:
@@ -247,7 +251,9 @@ def _snapshot(modules: list[nn.Module], model: nn.Module) -> list[tuple[Any, dic
     for m in {id(m): m for m in model.modules()}.values():  # tied tensors may live anywhere
         out.append((m, {"_parameters": dict(m._parameters), "_buffers": dict(m._buffers)}))
     for m in modules:
-        out.append((m, {k: copy.copy(v) for k, v in vars(m).items() if not k.startswith("_")}))
+        # RNNs run from `_flat_weights`, a list of their Parameters: restore it with them.
+        state = {k: copy.copy(v) for k, v in vars(m).items() if not k.startswith("_") or k in _PRIVATE_STATE}
+        out.append((m, state))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         out.append((config, dict(vars(config))))
@@ -284,6 +290,7 @@ def excluded_layers(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
             sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise ConfigError(f"ChannelConfig.exclude: {pattern!r} matches no layer (layers: {sample})")
         out += hits
+        out += [n for n in names if any(n.startswith(f"{h}.parametrizations.") for h in hits)]
     for fqn, why in protected_layers(model).items():
         if fqn not in out:
             log.debug("layer %r: output channels kept (%s)", fqn, why)
@@ -326,26 +333,62 @@ def _scores(model: nn.Module, config: ChannelConfig, groups: list[Group], ctx: P
     members = {m[0] for g in groups for m in g.members}  # weights and norm statistics (running_var)
     for key, tensor in tensors.items():
         if key in members and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise PlanError(f"tensor {key!r} has NaN/Inf values; cannot rank channels of a corrupt model "
-                            "(a diverged run or a bad checkpoint?)")
+            raise PlanError(
+                f"tensor {key!r} has NaN/Inf values; cannot rank channels of a corrupt model "
+                "(a diverged run or a bad checkpoint?)"
+            )
     generator = ctx.generator or torch.Generator().manual_seed(config.seed)
     inputs = ScoreInputs(tensors, dict(model.named_modules()), grads, generator)
     return [np.asarray(info.fn(g, inputs), dtype=np.float64) for g in groups]
 
 
+_PRIVATE_STATE = ("_flat_weights", "_flat_weight_refs")
+_PASSES = 3  # plan, then re-plan at most twice with the ops whose spelled sizes broke the run
+
+
 @register_method(ChannelConfig, per_layer=False)
 def plan_channels(model: nn.Module, config: ChannelConfig, fqns: list[str] | None, ctx: PlanContext) -> ChannelPlan:
-    """Trace, find coupled groups, score, select: a `ChannelPlan` (the model is not mutated)."""
-    if any(hasattr(m, "parametrizations") for m in model.modules()):
-        raise ConfigError("the model has masks attached: call prunekit.finalize(model) before structured pruning")
+    """Trace, find coupled groups, score, select: a `ChannelPlan` (the model is not mutated).
+
+    The plan is applied to a copy and run on the example inputs. Shapes are specialised in
+    the trace, so a size written as a number in the source (`x.view(b, 128)`) and one computed
+    from a shape look alike; if the pruned copy fails to run, the ops that spell sizes where
+    channels went become named barriers and planning runs again.
+    """
+    masked = list(masked_modules(model))
+    if masked:
+        raise ConfigError(
+            f"the model has masks attached (e.g. {masked[0]!r}): call prunekit.finalize(model) before "
+            "structured pruning"
+        )
     excluded = excluded_layers(model, config.exclude)
     was_training = model.training
     model.eval()
     try:
-        graph = analyze(model, trace(model, ctx.example_inputs), excluded)
+        traced = trace(model, ctx.example_inputs)
+        fixed: dict[str, str] = {}
+        for _ in range(_PASSES):
+            graph = analyze(model, traced, excluded, fixed=fixed, warn=False)
+            plan, removed, err = _plan_once(model, config, graph, ctx)
+            suspects = [n for n in graph.spelling_nodes(removed) if n not in fixed] if err else []
+            if err is None or not suspects:
+                break
+            fixed |= {name: _spelling_reason(traced, name, err) for name in suspects}
     finally:
         model.train(was_training)
+    if err is not None:  # no op spells a size where channels went: the analysis itself is wrong
+        raise PlanError(f"the pruned model fails to run on the example inputs ({err}); please report it") from err
+    warn_barriers(graph)
+    log.info("%s", plan.summary())
+    return plan
+
+
+def _plan_once(
+    model: nn.Module, config: ChannelConfig, graph: DependencyGraph, ctx: PlanContext
+) -> tuple[ChannelPlan, list[np.ndarray], Exception | None]:
+    """Select, build and self-check one plan; the error if the pruned copy fails to run."""
     if not graph.groups:
+        warn_barriers(graph)
         raise UnsupportedLayerError(
             f"{type(model).__name__} has no prunable channel group: no Linear/Conv output can shrink "
             "(no such layer, every one excluded, or all behind ops prunekit does not understand)"
@@ -367,7 +410,17 @@ def plan_channels(model: nn.Module, config: ChannelConfig, fqns: list[str] | Non
             "flops_before": count_flops(model, ctx.example_inputs),
             "flops_after": count_flops(pruned, ctx.example_inputs),
         }
-    except Exception as err:  # the analysis promised a runnable model; say so if it is not
-        raise PlanError(f"the pruned model fails to run on the example inputs ({err}); please report it") from err
-    log.info("%s", plan.summary())
-    return plan
+    except Exception as err:  # the analysis promised a runnable model; the caller says what broke
+        return plan, removed, err
+    return plan, removed, None
+
+
+def _spelling_reason(traced: TracedModel, name: str, err: Exception) -> str:
+    node = next(n for n in traced.graph.nodes if n.name == name)
+    sizes = [a for a in node.args[1:] if isinstance(a, (int, list, tuple))][:1]
+    spelled = f"sizes {sizes[0]}" if sizes else "sizes"
+    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    return (
+        f"its {spelled} are fixed numbers in the trace and the pruned model failed to run ({first}); "
+        "if the source writes them as numbers, compute them from the shape (or -1) to let these channels shrink"
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +112,9 @@ def trace(model: nn.Module, example_inputs: Any) -> TracedModel:
     kwargs = _hf_kwargs(model, kwargs)
     wrapper = _TensorOutputs(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # nn.LSTM/GRU re-assign `_flat_weights` in forward; export warns about it, harmlessly.
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
             program = torch.export.export(wrapper, args, kwargs, strict=False)
     except Exception as err:  # export raises many types; all mean "cannot trace"
         where = _failing_module(model, err)

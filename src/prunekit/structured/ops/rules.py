@@ -3,8 +3,9 @@
 A rule gets the node and an `OpContext` and returns the output's labels. Ops missing from the
 table are barriers (see `groups.py`): their inputs are frozen and one warning names them.
 Rules are registered with `register_op_rule(*targets)`; `get_op_rule`/`list_op_rules` look
-them up. The rule modules (`tensor.py`, `shape.py`, `matmul.py`) import this one, never each
-other's privates; `ops/__init__.py` imports them all so that the table is complete.
+them up. The rule modules (`tensor.py`, `shape.py`, `attention.py`, `matmul.py`,
+`recurrent.py`) import this one, never each other's privates; `ops/__init__.py` imports them
+all so that the table is complete.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 from torch.fx import Node
 
 from prunekit._registry import Registry
@@ -28,6 +30,18 @@ class OpContext(Protocol):
     def shape(self, arg: Any) -> tuple[int, ...] | None: ...
 
     def param_fqn(self, arg: Any) -> str | None: ...
+
+    def barrier(self, node: Node, why: str) -> Labels:
+        """Make `node` a named barrier: freeze its inputs' labels, record `why`; returns []."""
+        ...
+
+    def spells_sizes(self, node: Node, atoms: list[np.ndarray]) -> None:
+        """Note that `node` spells sizes (a view's or split's ints) where `atoms` lie.
+
+        If the pruned model then fails to run, these nodes become barriers and planning
+        runs again (`plan.py`): a number in the source cannot follow the pruned width.
+        """
+        ...
 
 
 Rule = Callable[[OpContext, Node], Any]

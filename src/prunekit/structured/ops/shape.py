@@ -1,4 +1,4 @@
-"""Op rules for shape ops, reductions, pooling and attention (see `rules.py` for the table)."""
+"""Op rules for shape ops (views, splits, indexing), reductions and pooling (see `rules.py` for the table)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from prunekit.structured.labels import Entry, Labels, entry_on, make_entry
+from prunekit.structured.labels import Entry, Labels, make_entry
 from prunekit.structured.ops.rules import OpContext, args_of, kwarg, norm_dim, register_op_rule
+from prunekit.structured.source import literal_split_size
 
 aten = torch.ops.aten
 
@@ -35,7 +36,6 @@ _SOURCES = [
     aten.sym_size.int,
     aten.sym_constrain_range_for_size.default,
     aten.gather.default,
-    aten.index.Tensor,
     aten.tril.default,
     aten.triu.default,
     aten.logical_not.default,
@@ -91,8 +91,15 @@ def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[lis
     return groups
 
 
-def reshape_labels(ctx: OpContext, labels: Labels, src: tuple[int, ...], dst: tuple[int, ...]) -> Labels:
-    """Labels of a tensor of shape `src` viewed as `dst` (row-major), exactly per element."""
+def reshape_labels(
+    ctx: OpContext, labels: Labels, src: tuple[int, ...], dst: tuple[int, ...], node: Node | None = None
+) -> Labels:
+    """Labels of a tensor of shape `src` viewed as `dst` (row-major), exactly per element.
+
+    With the view's `node`, a labeled dim split into several must lose whole slices (see
+    `AtomGraph.keep_rectangular`; the dim spelled -1 is the one that shrinks, else the last),
+    and the sizes it spells as numbers are noted (`OpContext.spells_sizes`).
+    """
     if not labels:
         return []
     groups = reshape_groups(src, dst) if 0 not in src else None
@@ -116,8 +123,43 @@ def reshape_labels(ctx: OpContext, labels: Labels, src: tuple[int, ...], dst: tu
             if d not in e.dims:
                 arr = np.expand_dims(arr, k)
         arr = np.broadcast_to(arr, [src[d] for d in d_in]).reshape([dst[d] for d in d_out])
-        out.append(Entry(tuple(d_out), np.ascontiguousarray(arr)))
+        if any(dst[d] > 1 for d in d_out):  # a size-1 dim (unsqueeze) holds no channels: drop it
+            arr = arr.reshape([dst[d] for d in d_out if dst[d] > 1])
+            d_out = [d for d in d_out if dst[d] > 1]
+        arr = np.ascontiguousarray(arr)
+        out.append(Entry(tuple(d_out), arr))
+        if node is not None:
+            _constrain_view(ctx, node, arr, d_out, [g for _, g in touched], len(dst))
     return out
+
+
+def _spelled(node: Node, rank: int) -> list[Any]:
+    """Per output dim, the size the view spells (an int, maybe -1), or None."""
+    args = args_of(node)
+    if node.target is aten.unflatten.int:
+        sizes = list(args[2])
+        dim = norm_dim(args[1], rank - len(sizes) + 1)
+        return [None] * dim + sizes + [None] * (rank - dim - len(sizes))
+    if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) and len(args) > 1:
+        sizes = list(args[1])
+        return sizes if len(sizes) == rank else [None] * rank
+    return [None] * rank
+
+
+def _constrain_view(
+    ctx: OpContext, node: Node, arr: np.ndarray, d_out: list[int], groups: list[list[int]], rank: int
+) -> None:
+    sizes = _spelled(node, rank)
+    fixed = []
+    for group in groups:
+        g_dst = [d for d in group if d in d_out]
+        axes = [d_out.index(d) for d in g_dst]
+        if any(isinstance(sizes[d], int) and sizes[d] != -1 and sizes[d] > 1 for d in g_dst):
+            fixed.append(arr)
+        if len(g_dst) > 1:
+            free = next((i for i, d in enumerate(g_dst) if sizes[d] == -1), len(g_dst) - 1)
+            ctx.atoms.keep_rectangular(np.moveaxis(arr, axes, list(range(len(axes)))), free, len(axes))
+    ctx.spells_sizes(node, fixed)
 
 
 @register_op_rule(
@@ -138,7 +180,7 @@ def view(ctx: OpContext, node: Node) -> Labels:
     src, dst = ctx.shape(args_of(node)[0]), ctx.shape(node)
     if src is None or dst is None:
         return []
-    return reshape_labels(ctx, ctx.labels(args_of(node)[0]), src, dst)
+    return reshape_labels(ctx, ctx.labels(args_of(node)[0]), src, dst, node)
 
 
 @register_op_rule(aten.transpose.int, aten.permute.default, aten.t.default, aten.swapaxes.default)
@@ -156,6 +198,24 @@ def permute(ctx: OpContext, node: Node) -> Labels:
         order[a], order[b] = order[b], order[a]
     where = {old: new for new, old in enumerate(order)}
     return [make_entry([where[d] for d in e.dims], e.atoms) for e in ctx.labels(args_of(node)[0])]
+
+
+@register_op_rule(aten.roll.default)
+def roll(ctx: OpContext, node: Node) -> Labels:
+    """Shift positions along some dims (Swin's cyclic shift): labels on other dims pass."""
+    x = args_of(node)[0]
+    rank = len(ctx.shape(x) or ())
+    dims_arg = (args_of(node)[2:3] or [kwarg(node, "dims", [])])[0]
+    if isinstance(dims_arg, int):
+        dims_arg = [dims_arg]
+    dims = {norm_dim(d, rank) for d in dims_arg} if dims_arg else set(range(rank))
+    out = []
+    for e in ctx.labels(x):
+        if dims & set(e.dims):
+            ctx.atoms.pin_all(e)  # a channel's position moves: keep them all
+        else:
+            out.append(e)
+    return out
 
 
 @register_op_rule(aten.expand.default, aten.expand_as.default)
@@ -223,13 +283,28 @@ def slice_(ctx: OpContext, node: Node) -> Labels:
 
 @register_op_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
 def split(ctx: OpContext, node: Node) -> list[Labels]:
-    """Equal chunks of a labeled dim (GPT-2's packed q/k/v) shrink together: coupled by position."""
+    """Equal chunks of a labeled dim (GPT-2's packed q/k/v) shrink together: coupled by position.
+
+    `chunk` and sizes computed in the source (`x.shape[1] // 2`, an attribute a layer handler
+    updates) follow the pruned width; sizes written as numbers (`torch.split(x, 32, 1)`) do
+    not, so that split is a named barrier (`source.literal_split_size` reads the line).
+    """
     x = args_of(node)[0]
     shape = ctx.shape(x) or ()
     dim = norm_dim(args_of(node)[2] if len(args_of(node)) > 2 else kwarg(node, "dim", 0), len(shape))
     outs = node.meta.get("val") or []
     sizes = [int(o.shape[dim]) for o in outs]
     result: list[Labels] = [[] for _ in sizes]
+    on_dim = [e for e in ctx.labels(x) if dim in e.dims]
+    if on_dim and node.target is not aten.chunk.default:
+        if literal_split_size(node):
+            ctx.barrier(
+                node,
+                f"its sizes {args_of(node)[1]} are numbers in the source, so the split dim keeps "
+                "its width; compute them from the shape (x.shape[d] // n) or use chunk to let it shrink",
+            )
+            return result
+        ctx.spells_sizes(node, [e.atoms for e in on_dim])
     for e in ctx.labels(x):
         if dim not in e.dims:
             for r in result:
@@ -245,6 +320,35 @@ def split(ctx: OpContext, node: Node) -> list[Labels]:
             parts = np.split(e.atoms, np.cumsum(sizes)[:-1], axis=axis)
         for r, p in zip(result, parts, strict=True):
             r.append(Entry(e.dims, np.ascontiguousarray(p)))
+    return result
+
+
+@register_op_rule(aten.index.Tensor)
+def index(ctx: OpContext, node: Node) -> Labels:
+    """`x[idx]` with one index tensor (a relative-position bias table looked up per pair).
+
+    The indexed dim's positions are data (pinned); the other dims keep their labels, so a
+    per-head table `(positions, heads)` shrinks with the heads it is added to.
+    """
+    x, indices = args_of(node)[0], list(args_of(node)[1])
+    shape, out = ctx.shape(x), ctx.shape(node)
+    picked = [k for k, i in enumerate(indices) if i is not None]
+    idx_shape = ctx.shape(indices[picked[0]]) if len(picked) == 1 else None
+    if shape is None or out is None or idx_shape is None:
+        return source(ctx, node)
+    k, extra = picked[0], len(idx_shape) - 1
+    if out != shape[:k] + idx_shape + shape[k + 1 :]:  # a bool mask, or indices not as expected
+        return source(ctx, node)
+    result = []
+    for e in ctx.labels(x):
+        if k in e.dims:
+            ctx.atoms.pin_all(e)  # which positions are read is data: they all stay
+            continue
+        result.append(Entry(tuple(d if d < k else d + extra for d in e.dims), e.atoms))
+    for i in indices:
+        if isinstance(i, Node):
+            for e in ctx.labels(i):
+                ctx.atoms.pin_all(e)
     return result
 
 
@@ -356,53 +460,3 @@ def spatial(ctx: OpContext, node: Node) -> Any:
     if node.target is aten.max_pool2d_with_indices.default:
         return [out, []]
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Attention.
-
-
-def _heads(ctx: OpContext, arg: Any, head_dim: int, rank: int) -> np.ndarray | None:
-    """One atom per head of q/k/v (a head's rows unioned); None if heads are not labeled."""
-    labels = ctx.labels(arg)
-    e = entry_on(labels, head_dim)
-    for other in labels:
-        if other is not e:
-            ctx.atoms.pin_all(other)
-    if e is None:
-        return None
-    axis = e.axis(head_dim)
-    rows = np.moveaxis(e.atoms, axis, 0).reshape(e.atoms.shape[axis], -1)
-    ctx.atoms.union(rows, rows[:, :1])  # a head is removed whole: its rows in every position
-    ctx.atoms.heads.append(rows[:, 0])
-    return rows[:, 0]
-
-
-@register_op_rule(aten.scaled_dot_product_attention.default)
-def attention(ctx: OpContext, node: Node) -> Labels:
-    """softmax(q k^T) v per head; heads are the unit, a query head follows its key/value head.
-
-    Grouped-query attention appears either as keys/values repeated to the query head count
-    before the op (their labels already repeat) or as `enable_gqa=True` (repeated here).
-    """
-    q, k, v = args_of(node)[:3]
-    rank = len(ctx.shape(node) or ())
-    head_dim = rank - 3
-    heads = [_heads(ctx, t, head_dim, rank) for t in (q, k, v)]
-    for arg in args_of(node)[3:4]:
-        if isinstance(arg, Node):
-            for e in ctx.labels(arg):
-                ctx.atoms.pin_all(e)
-    if any(h is None for h in heads):
-        for h in heads:
-            if h is not None:
-                ctx.atoms.freeze(h)
-        return []
-    hq, hk, hv = heads
-    assert hq is not None and hk is not None and hv is not None
-    group = len(hq) // max(len(hk), 1)
-    ctx.atoms.union(hq, np.repeat(hk, group))
-    ctx.atoms.union(hq, np.repeat(hv, group))
-    out = ctx.shape(node) or ()
-    arr = np.broadcast_to(hq[:, None], (len(hq), out[-1]))
-    return [Entry((head_dim, rank - 1), np.ascontiguousarray(arr))]

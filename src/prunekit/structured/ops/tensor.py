@@ -25,6 +25,45 @@ def _param_entry(ctx: OpContext, arg: Any, dim: int) -> np.ndarray:
     return ctx.atoms.param(fqn, dim, shape[dim])
 
 
+def _weight_atoms(ctx: OpContext, w: Any, dim: int) -> np.ndarray:
+    """Atoms of a weight's `dim`: its parameter's, or a computed weight's labels (weight_norm).
+
+    A computed weight's positions are removable only where its labels trace them to
+    parameter rows (-1, fixed, elsewhere).
+    """
+    if ctx.param_fqn(w) is not None:
+        return _param_entry(ctx, w, dim)
+    size = (ctx.shape(w) or ())[dim]
+    e = entry_on(ctx.labels(w), dim)
+    if e is None or len(e.dims) > 1:
+        return np.full(size, -1, dtype=np.int64)
+    return e.atoms
+
+
+def _computed_weight(ctx: OpContext, node: Node, w: Any) -> Labels | None:
+    """A named barrier for a layer whose weight is computed with no output rows traced (else None)."""
+    if ctx.param_fqn(w) is not None or entry_on(ctx.labels(w), 0) is not None:
+        return None
+    for e in ctx.labels(w):
+        ctx.atoms.pin_all(e)
+    sources = sorted(_params_behind(ctx, w))[:3]
+    behind = f" from {', '.join(sources)}" if sources else ""
+    return ctx.barrier(
+        node,
+        f"its weight is computed{behind} (a parametrization prunekit cannot slice along the output "
+        "channels, e.g. weight_norm over another dim), so the layer keeps its channels",
+    )
+
+
+def _params_behind(ctx: OpContext, node: Any, depth: int = 8) -> set[str]:
+    fqn = ctx.param_fqn(node)
+    if fqn is not None:
+        return {fqn}
+    if depth == 0 or not isinstance(node, Node):
+        return set()
+    return {f for arg in node.all_input_nodes for f in _params_behind(ctx, arg, depth - 1)}
+
+
 def _expand_to(entry: Entry, dims: list[int], sizes: list[int]) -> np.ndarray:
     """`entry`'s atoms as an array over `dims` (sorted), broadcast along dims it lacks."""
     arr = entry.atoms
@@ -94,6 +133,9 @@ _ELEMENTWISE = [
     aten.add_.Tensor,
     aten.mul_.Tensor,
     aten.where.self,
+    aten.where.ScalarOther,
+    aten.where.ScalarSelf,
+    aten.where.Scalar,
     aten.maximum.default,
     aten.minimum.default,
     aten.pow.Tensor_Tensor,
@@ -253,10 +295,11 @@ def linear(ctx: OpContext, node: Node) -> Labels:
     x, w = args_of(node)[0], args_of(node)[1]
     b = args_of(node)[2] if len(args_of(node)) > 2 else node.kwargs.get("bias")
     rank = len(ctx.shape(node) or ())
-    if ctx.param_fqn(w) is None:
-        return _barrier_like(ctx, node)
-    rows = _param_entry(ctx, w, 0)
-    rest = _couple_last(ctx, ctx.labels(x), rank - 1, _param_entry(ctx, w, 1))
+    refused = _computed_weight(ctx, node, w)
+    if refused is not None:
+        return refused
+    rows = _weight_atoms(ctx, w, 0)
+    rest = _couple_last(ctx, ctx.labels(x), rank - 1, _weight_atoms(ctx, w, 1))
     if isinstance(b, Node) and ctx.param_fqn(b) is not None:
         ctx.atoms.union(rows, _param_entry(ctx, b, 0))
     return rest + [Entry((rank - 1,), rows)]
@@ -285,15 +328,16 @@ def conv(ctx: OpContext, node: Node) -> Labels:
     x, w = args_of(node)[0], args_of(node)[1]
     b = args_of(node)[2] if len(args_of(node)) > 2 else None
     groups = int(args_of(node)[6]) if len(args_of(node)) > 6 else 1
-    if ctx.param_fqn(w) is None:
-        return _barrier_like(ctx, node)
+    refused = _computed_weight(ctx, node, w)
+    if refused is not None:
+        return refused
     w_shape = ctx.shape(w) or ()
     labels = ctx.labels(x)
     e = entry_on(labels, 1)
     for other in labels:  # batch and spatial labels do not survive a convolution
         if other is not e:
             ctx.atoms.pin_all(other)
-    rows = _param_entry(ctx, w, 0)
+    rows = _weight_atoms(ctx, w, 0)
     c_in = w_shape[1] * groups
     if e is not None and len(e.dims) > 1:
         ctx.atoms.pin_all(e)
@@ -304,12 +348,34 @@ def conv(ctx: OpContext, node: Node) -> Labels:
     else:
         per_group = inputs.reshape(groups, -1)
         ctx.atoms.union(per_group, per_group[:1])
-        ctx.atoms.union(per_group[0], _param_entry(ctx, w, 1))
+        ctx.atoms.union(per_group[0], _weight_atoms(ctx, w, 1))
         out_groups = rows.reshape(groups, -1)
         ctx.atoms.union(out_groups, out_groups[:1])
     if isinstance(b, Node) and ctx.param_fqn(b) is not None:
         ctx.atoms.union(rows, _param_entry(ctx, b, 0))
     return [Entry((1,), rows)]
+
+
+@register_op_rule(aten._weight_norm.default)
+def weight_norm(ctx: OpContext, node: Node) -> Labels:
+    """w = g * v / ||v|| (Salimans & Kingma 2016), the norm over every dim but `dim`.
+
+    Positions along `dim` (output channels for the default dim=0) go from g and v together and
+    leave the other rows' norms alone; removing a position of another dim would rescale every
+    row, so those are frozen (and with dim=-1 the norm spans everything).
+    """
+    v, g = args_of(node)[0], args_of(node)[1]
+    dim = args_of(node)[2] if len(args_of(node)) > 2 else 0
+    rank = len(ctx.shape(v) or ())
+    dim = norm_dim(dim, rank) if dim != -1 else -1
+    keep = entry_on(ctx.labels(v), dim) if dim >= 0 else None
+    for arg in (v, g):
+        for e in ctx.labels(arg):
+            if keep is not None and e.dims == (dim,):
+                ctx.atoms.union(keep.atoms, e.atoms)
+            else:
+                ctx.atoms.pin_all(e)
+    return [Entry((dim,), keep.atoms)] if keep is not None and len(keep.dims) == 1 else []
 
 
 @register_op_rule(aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
