@@ -17,6 +17,7 @@ from prunekit.allocation.allocate import (
     allocate,
 )
 from prunekit.allocation.latency import LatencyTable, measure_latency_table
+from prunekit.allocation.owl import owl
 from prunekit.allocation.search import SearchConfig, SearchRecipe, SearchResult, search
 from prunekit.allocation.sensitivity import proxy_loss, sensitivity
 from prunekit.allocation.sensitivity.table import SensitivityTable
@@ -47,9 +48,10 @@ from prunekit.methods.nm import NMConfig, NMReport, check_nm
 from prunekit.methods.unstructured import UnstructuredConfig
 from prunekit.recipes.run import FinetuneConfig, Recipe
 from prunekit.runtime import accelerate
-from prunekit.structured import ChannelConfig, ChannelPlan, bn_scale_penalty
+from prunekit.structured import ChannelConfig, ChannelPlan, DepthConfig, LowRankConfig, WidthConfig, bn_scale_penalty
 from prunekit.train.distill import KDLoss, accuracy, finetune
 from prunekit.train.iterative import prune_iteratively
+from prunekit.train.recovery import RecoveryConfig, recover
 from prunekit.train.schedule import Cubic, GradualPruner, Iterative, OneShot, Polynomial
 
 _moved.install()
@@ -100,6 +102,9 @@ __all__ = [
     "ChannelConfig",
     "ChannelPlan",
     "bn_scale_penalty",
+    "DepthConfig",
+    "WidthConfig",
+    "LowRankConfig",
     # train: schedules, distillation, iterative structured pruning
     "GradualPruner",
     "OneShot",
@@ -110,6 +115,8 @@ __all__ = [
     "finetune",
     "accuracy",
     "prune_iteratively",
+    "recover",
+    "RecoveryConfig",
     # deploy: checkpoints, INT8, ONNX
     "save",
     "load",
@@ -141,6 +148,7 @@ __all__ = [
     "SizeTarget",
     "FlopsTarget",
     "LatencyTarget",
+    "owl",
     "search",
     "SearchConfig",
     "SearchRecipe",
