@@ -29,7 +29,14 @@ from prunekit.deploy.int8 import int8_state, load_int8_state
 from prunekit.errors import CheckpointError
 from prunekit.storage.files import atomic_write_bytes, validate_document
 from prunekit.storage.safetensors import check_safetensors_layout
+from prunekit.structured.llm import FORMAT as LLM_PLAN_FORMAT
+from prunekit.structured.llm import replay_llm_plan
+from prunekit.structured.lowrank import FORMAT as LOWRANK_PLAN_FORMAT
+from prunekit.structured.lowrank import replay_lowrank_plan
 from prunekit.structured.plan import replay
+
+# a saved plan's "format" -> the function that replays it on a fresh dense model (ChannelPlan otherwise)
+_REPLAYS = {LLM_PLAN_FORMAT: replay_llm_plan, LOWRANK_PLAN_FORMAT: replay_lowrank_plan}
 
 FORMAT = "prunekit.sparse"
 FORMAT_VERSION = 1
@@ -189,7 +196,7 @@ def save(
             header["encoded"][key] = info
             for part, t in parts.items():
                 tensors[f"{key}::{part}"] = t
-    if plan is not None:  # a structured `ChannelPlan`: `load` replays it on a dense model
+    if plan is not None:  # a structured plan (channels, LLM depth/width, low-rank): `load` replays it
         metadata = {**(metadata or {}), "channel_plan": plan.to_dict()}
     if metadata:
         header["user"] = metadata
@@ -289,9 +296,11 @@ def load(path: str | Path, model: nn.Module | Callable[[], nn.Module]) -> nn.Mod
     if not isinstance(model, nn.Module):
         model = model()  # a build function: a fresh dense model
     if "channel_plan" in user:  # structurally pruned: rebuild the shapes first (no pickle)
+        plan = user["channel_plan"]
+        replay_plan = _REPLAYS.get(str(plan.get("format")) if isinstance(plan, dict) else "", replay)
         if given:  # replay on a copy and check that first: a refused load leaves `model` as it was
-            _check_fits(path, state, replay(user["channel_plan"], copy.deepcopy(model)))
-        model = replay(user["channel_plan"], model)
+            _check_fits(path, state, replay_plan(plan, copy.deepcopy(model)))
+        model = replay_plan(plan, model)
     _check_fits(path, state, model)
     modules = dict(model.named_modules())
     plain = {k: v for k, v in state.items() if not _is_masked(modules, k)}
