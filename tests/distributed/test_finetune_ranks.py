@@ -32,7 +32,12 @@ def _torchrun(attempt: str, out: Path) -> subprocess.CompletedProcess[str]:
 def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The two launches of finetune_ranks.py: the checks ending in rank 1's kill, then the resumed run."""
     out = tmp_path_factory.mktemp("finetune_ranks")
-    return {"out": out, "first": _torchrun("first", out), "resume": _torchrun("resume", out)}
+    first, resume = _torchrun("first", out), _torchrun("resume", out)
+    if resume.returncode != 0 and "terminate called without an active exception" in resume.stderr:
+        # gloo's C++ teardown sometimes aborts a rank under heavy CPU load (seen once in CI with
+        # load 6 on 2 cores, never when idle); resuming again must still give the same weights
+        resume = _torchrun("resume", out)
+    return {"out": out, "first": first, "resume": resume}
 
 
 def test_ddp_and_fsdp2_finetune_keep_exact_sparsity_and_agree_across_ranks(job: dict[str, Any]) -> None:
