@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,11 +38,7 @@ from prunekit.zoo.llm import load_smollm2
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from llm_oneshot import calibration_batches  # noqa: E402
-
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+from llm_oneshot import _peak_rss_gib, calibration_batches  # noqa: E402
 
 
 def worker(out: Path, steps: int, seq_len: int, masked: bool) -> None:

@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -43,14 +42,11 @@ from prunekit.zoo.llm import corpus_texts, load_smollm2, perplexity, token_windo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_allocated_wanda import block_rules  # noqa: E402
-from llm_oneshot import _block_sparsity, calibration_batches  # noqa: E402
+from llm_oneshot import _block_sparsity, _peak_rss_gib, calibration_batches  # noqa: E402
 
 CRITERIA = {"magnitude": "l1", "Wanda": "wanda", "SparseGPT": "sparsegpt"}
 RSS_LIMIT_GIB = 6.0
 
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _variants(args: argparse.Namespace) -> list[tuple[str, float, float, bool]]:

@@ -33,13 +33,12 @@ import json
 import math
 import platform
 import random
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from llm_oneshot import calibration_batches  # benchmarks/ is on sys.path when a script runs
+from llm_oneshot import _peak_rss_gib, calibration_batches  # benchmarks/ is on sys.path when a script runs
 from safetensors.torch import load, save
 
 import prunekit as pk
@@ -52,9 +51,6 @@ CACHE = Path.home() / ".cache" / "prunekit" / "recovery"
 CORPORA = {"friends": ("friends-transcripts", "Quote"), "book-excerpts": ("book-excerpts", "Text"),
            "andersen": ("andersen", "Content")}
 
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def pruned_student(tokenizer: Any, args: argparse.Namespace) -> tuple[torch.nn.Module, Path]:

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import importlib.util
 import logging
-import resource
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from prunekit.structured.width import WidthConfig
 from prunekit.zoo.llm import corpus_texts, load_smollm2, perplexity, token_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm_oneshot import calibration_batches  # noqa: E402
+from llm_oneshot import _peak_rss_gib, calibration_batches  # noqa: E402
 
 ROWS: dict[str, list[Any]] = {
     "depth (BI, 11 blocks)": [DepthConfig(n_blocks=11)],
@@ -56,9 +55,6 @@ ROWS: dict[str, list[Any]] = {
 }
 EMBEDDING = 49152 * 576  # SmolLM2's tied embedding / head, before hidden pruning
 
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _compress(model: torch.nn.Module, configs: list[Any], batches: list[dict]) -> LLMPlan:
