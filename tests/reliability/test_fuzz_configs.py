@@ -58,6 +58,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
     "BlockConfig": {"sparsity": 0.5, "block": [4, 4], "scope": "global"},
     "ChannelConfig": {"ratio": 0.3, "round_to": 8, "exclude": ["fc"]},
     "DepthConfig": {"n_blocks": 2},
+    "LowRankConfig": {"energy": 0.9, "round_to": 8, "exclude": ["fc"]},
     "WidthConfig": {"heads_ratio": 0.25, "ffn_ratio": 0.3, "round_to": 8},
     "Cubic": {"end_step": 100, "every": 10},
     "DynamicInt8Config": {"exclude": ["re:.*head"]},

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 import prunekit as pk
 from prunekit.allocation.sensitivity.table import SensitivityTable
 from prunekit.config import config_to_dict
-from prunekit.deploy import checkpoint
 from prunekit.structured.lowrank import (
     FORMAT,
     FactorizedLayer,
@@ -31,7 +30,6 @@ from prunekit.structured.lowrank import (
     LowRankPlan,
     energy_rank,
     factorize,
-    replay_lowrank_plan,
     weight_matrix,
 )
 from tests.models import DepthwiseCNN, ResidualCNN, TinyAttention
@@ -272,15 +270,7 @@ def test_plan_json_round_trip_replays(tmp_path: Path) -> None:
         LowRankPlan.from_dict(bad)
 
 
-def test_save_load_rebuilds_the_factorized_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # `prunekit.load` replays `ChannelPlan`s; until it dispatches on the plan's format (the change
-    # asked for in issue 18), route this format to `replay_lowrank_plan` as that dispatch will.
-    channel_replay = checkpoint.replay
-
-    def by_format(data: dict[str, Any], model: nn.Module) -> nn.Module:
-        return replay_lowrank_plan(data, model) if data.get("format") == FORMAT else channel_replay(data, model)
-
-    monkeypatch.setattr(checkpoint, "replay", by_format)
+def test_save_load_rebuilds_the_factorized_model(tmp_path: Path) -> None:
     model, x = _net()
     plan = pk.plan(model, LowRankConfig(rank_ratio=0.25), x)
     factorized = plan.apply(model)
