@@ -138,6 +138,36 @@ def train(model: nn.Module, ref: nn.Module, what: str, prefix: str = "", straigh
         raise AssertionError(f"{what}: ranks at different steps were not refused")
 
 
+class TiedLM(nn.Module):
+    """An embedding whose table is also the output head's weight, as in most small LLMs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(24, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 24, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(self.embed(ids))))
+
+
+def tied_fsdp_checks() -> None:
+    """A mask update on a sharded model with a tied embedding leaves FSDP2 swapping both places."""
+    rule = pk.UnstructuredConfig(sparsity=0.5, exclude=["head"])
+    model, ref = TiedLM(), TiedLM()
+    pruners = [pk.GradualPruner(m, rule, SCHEDULE) for m in (model, ref)]
+    fully_shard(model.body)
+    fully_shard(model)
+    ids = torch.arange(24).reshape(4, 6)
+    for step in range(3):
+        for pruner in pruners:
+            pruner.step(step)
+        assert_close(model(ids), ref(ids), msg=f"tied fsdp step {step}")
+    assert model.head.weight is model.embed.weight
+
+
 def ddp_checks() -> None:
     ref = pk.prune(mlp(), CONFIG)
     model = DistributedDataParallel(mlp())
@@ -168,6 +198,7 @@ def main(out_dir: Path) -> None:
     one_shot_fsdp(figures)
     train(shard(mlp()), mlp(), "fsdp gradual")
     train(shard(mlp()), mlp(), "fsdp gradual straight-through", straight_through=True)
+    tied_fsdp_checks()
     ddp_checks()
     if dist.get_rank() == 0:
         (out_dir / "figures.json").write_text(json.dumps(figures))

@@ -363,13 +363,19 @@ def attaching_masks(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         if params:
-            where = {id(p): (mod, name) for mod in model.modules()
-                     for name, p in mod._parameters.items() if p is not None}
+            # Every place a parameter is registered: a tied one (embeddings and lm_head) has two,
+            # and FSDP2 keeps the second in its shared modules; a parameter still found where
+            # FSDP2 points stays pointed there.
+            where: dict[int, list[tuple[nn.Module, str]]] = {}
+            for mod in model.modules():
+                for name, p in mod._parameters.items():
+                    if p is not None:
+                        where.setdefault(id(p), []).append((mod, name))
             for fp in params:
-                info, moved = fp._module_info, where.get(id(fp.sharded_param))
+                info, places = fp._module_info, where.get(id(fp.sharded_param), [])
                 # a removed ParametrizationList still holds the parameter: compare places, not holders
-                if moved is not None and (moved[0] is not info.module or moved[1] != info.param_name):
-                    info.module, info.param_name = moved
+                if places and not any(mod is info.module and name == info.param_name for mod, name in places):
+                    info.module, info.param_name = places[0]
 
 
 class GatheredMask(torch.autograd.Function):

@@ -27,7 +27,7 @@ from prunekit._moved import moved_name
 from prunekit.core.masks import get_mask, set_mask
 from prunekit.deploy.int8 import int8_state, load_int8_state
 from prunekit.errors import CheckpointError
-from prunekit.storage.files import atomic_write_bytes, validate_document
+from prunekit.storage.files import atomic_path, validate_document
 from prunekit.storage.safetensors import check_safetensors_layout
 from prunekit.structured.llm import FORMAT as LLM_PLAN_FORMAT
 from prunekit.structured.llm import replay_llm_plan
@@ -176,7 +176,7 @@ def save(
     Example:
         >>> report = save(model, "out/model.safetensors")  # doctest: +SKIP
     """
-    from safetensors.torch import save as st_save
+    from safetensors.torch import save_file
 
     state = effective_state_dict(model)
     tensors: dict[str, Tensor] = {}
@@ -200,12 +200,13 @@ def save(
         metadata = {**(metadata or {}), "channel_plan": plan.to_dict()}
     if metadata:
         header["user"] = metadata
-    blob = st_save(tensors, metadata={_META_KEY: json.dumps(header)})
-    path = atomic_write_bytes(path, blob)
+    with atomic_path(path) as tmp:  # save_file streams each tensor to disk: no in-memory copy of the file
+        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(header)})
+    path = Path(path)
     stored = [v for k, v in state.items() if k not in header["aliases"]]
     params = sum(v.numel() for v in stored)
     dense = sum(v.numel() * v.element_size() for v in stored)
-    return SaveReport(path, len(blob), params, dense)
+    return SaveReport(path, path.stat().st_size, params, dense)
 
 
 class _EncodedInfo(BaseModel):

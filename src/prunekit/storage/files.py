@@ -10,7 +10,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, TypeVar
 
 from prunekit.errors import PrunekitError
 
@@ -21,12 +21,17 @@ _Model = TypeVar("_Model", bound="BaseModel")
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
-    """Open a binary stream that replaces `path` only if the block finishes without error."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside `path` for a writer that wants a file name (safetensors' `save_file`).
+
+    It replaces `path`, synced to disk, only if the block finishes without error; otherwise it
+    is deleted and `path` is left as it was.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     except OSError as err:
         raise PrunekitError(f"cannot write {str(path)!r}: {err.strerror}") from None
     try:
@@ -34,10 +39,9 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as stream:
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
+        yield Path(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -50,6 +54,13 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
+    """Open a binary stream that replaces `path` only if the block finishes without error."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+        yield stream
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -113,6 +124,39 @@ def read_json_document(path: str | Path, what: str, error: type[PrunekitError] =
         return json.loads(read_document(path, what, error))
     except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nesting deeper than Python's stack
         raise error(f"{what} {str(path)!r} is not JSON: {err}") from None
+
+
+
+_Doc = TypeVar("_Doc", bound="JsonDocument")
+
+
+class JsonDocument:
+    """`save`/`load` for a class that has `to_dict`/`from_dict`: atomic JSON out, a checked read in.
+
+    Subclasses name the document for error messages (`document_name`) and the error to raise.
+    """
+
+    document_name: ClassVar[str] = "document"
+    document_error: ClassVar[type[PrunekitError]] = PrunekitError
+    json_indent: ClassVar[int | None] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls: type[_Doc], data: Any) -> _Doc:
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        """Write the document as JSON, atomically; returns the path."""
+        import json
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=self.json_indent))
+
+    @classmethod
+    def load(cls: type[_Doc], path: str | Path) -> _Doc:
+        """Read a document written by `save`; a malformed file raises `document_error` naming it."""
+        return cls.from_dict(read_json_document(path, cls.document_name, cls.document_error))
 
 
 def validate_document(data: Any, schema: type[_Model], what: str, error: type[PrunekitError]) -> _Model:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from prunekit.errors import CheckpointError, ConfigError
-from prunekit.storage.files import atomic_write_bytes
+from prunekit.storage.files import atomic_path
 from prunekit.storage.safetensors import check_safetensors_layout
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,18 @@ _TAGS = ("__tensor__", "__tuple__", "__dict__", "__ndarray__")
 # Nested state <-> (JSON, tensors).
 
 
-def _pack(obj: Any, tensors: dict[str, Tensor]) -> Any:
+def _pack(obj: Any, tensors: dict[str, Tensor], storages: set[int] | None = None) -> Any:
+    if storages is None:
+        storages = set()
     if isinstance(obj, Tensor):
         key = f"t{len(tensors)}"
-        # A copy: safetensors refuses tensors that share storage, and the caller keeps training.
-        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
+        t = obj.detach()
+        # No copy unless needed: a large run's state is gigabytes. safetensors refuses two tensors
+        # on one storage, so the second (a view, a tied weight) is copied; so is a non-CPU tensor.
+        if t.device.type != "cpu" or not t.is_contiguous() or t.untyped_storage().data_ptr() in storages:
+            t = t.to("cpu", copy=True).contiguous()
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
         return {"__tensor__": key}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -56,13 +63,13 @@ def _pack(obj: Any, tensors: dict[str, Tensor]) -> Any:
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": {"dtype": str(obj.dtype), "shape": list(obj.shape), "data": obj.ravel().tolist()}}
     if isinstance(obj, tuple):
-        return {"__tuple__": [_pack(v, tensors) for v in obj]}
+        return {"__tuple__": [_pack(v, tensors, storages) for v in obj]}
     if isinstance(obj, list):
-        return [_pack(v, tensors) for v in obj]
+        return [_pack(v, tensors, storages) for v in obj]
     if isinstance(obj, dict):
         if all(isinstance(k, str) and k not in _TAGS for k in obj):
-            return {k: _pack(v, tensors) for k, v in obj.items()}
-        return {"__dict__": [[_pack(k, tensors), _pack(v, tensors)] for k, v in obj.items()]}
+            return {k: _pack(v, tensors, storages) for k, v in obj.items()}
+        return {"__dict__": [[_pack(k, tensors, storages), _pack(v, tensors, storages)] for k, v in obj.items()]}
     raise CheckpointError(f"run state: cannot checkpoint a {type(obj).__name__} value ({obj!r:.60}); "
                           "use tensors, numbers, strings, lists, tuples and dicts")
 
@@ -107,12 +114,13 @@ def save_state(path: str | Path, kind: str, state: dict[str, Any]) -> Path:
         >>> load_state(p, "demo")["step"]
         3
     """
-    from safetensors.torch import save as st_save
+    from safetensors.torch import save_file
 
     tensors: dict[str, Tensor] = {}
     document = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "state": _pack(state, tensors)}
-    blob = st_save(tensors, metadata={_META_KEY: json.dumps(document)})
-    return atomic_write_bytes(path, blob)
+    with atomic_path(path) as tmp:  # save_file streams each tensor to disk: no copy of the state in memory
+        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(document)})
+    return Path(path)
 
 
 def load_state(path: str | Path, kind: str) -> dict[str, Any]:

@@ -16,11 +16,9 @@ serialises, replays on a fresh dense model, and applies all-or-nothing).
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, cast
 
 import torch
@@ -33,7 +31,7 @@ from prunekit.core.distributed import all_reduce_sum
 from prunekit.core.inputs import call_model, to_model_device
 from prunekit.core.progress import progress
 from prunekit.errors import ConfigError, PlanError
-from prunekit.storage.files import atomic_write_text, read_json_document, validate_document
+from prunekit.storage.files import JsonDocument, validate_document
 
 FORMAT = "prunekit.llm_plan"
 FORMAT_VERSION = 1
@@ -312,7 +310,7 @@ class _Document(BaseModel):
 
 
 @dataclass
-class LLMPlan:
+class LLMPlan(JsonDocument):
     """What depth and width compression remove from a Llama-family model; pure data.
 
     Attributes:
@@ -323,6 +321,9 @@ class LLMPlan:
         >>> plan = prunekit.plan(model, DepthConfig(n_blocks=2), data=batches)  # doctest: +SKIP
         >>> print(plan.summary()); plan.apply(model)                             # doctest: +SKIP
     """
+
+    document_name = "LLM plan"
+    document_error = PlanError
 
     steps: list[PlanStep]
     stats: dict[str, int] = field(default_factory=dict)
@@ -366,15 +367,6 @@ class LLMPlan:
                 raise PlanError(f"LLM plan step {i}: unknown kind {kind!r}; known: {', '.join(STEPS.names())}")
             steps.append(loader({k: v for k, v in step.items() if k != "kind"}))
         return cls(steps, dict(doc.stats))
-
-    def save(self, path: str | Path) -> Path:
-        """Write the plan as JSON, atomically."""
-        return atomic_write_text(Path(path), json.dumps(self.to_dict()))
-
-    @classmethod
-    def load(cls, path: str | Path) -> LLMPlan:
-        """Read a plan written by `save`."""
-        return cls.from_dict(read_json_document(path, "LLM plan", PlanError))
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Remove the planned blocks/heads/neurons/channels from `model` (mutates, returns it).

@@ -24,13 +24,11 @@ pair would not be smaller is left dense and the plan says so. The plan is pure d
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
@@ -44,7 +42,7 @@ from prunekit.core.masks import get_mask, masked_modules
 from prunekit.core.plan import PlanContext, register_method
 from prunekit.core.targets import check_finite_weight, tied_tensors
 from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
-from prunekit.storage.files import atomic_write_text, read_json_document, validate_document
+from prunekit.storage.files import JsonDocument, validate_document
 
 log = logging.getLogger(__name__)
 FORMAT = "prunekit.lowrank_plan"
@@ -254,7 +252,7 @@ class _Document(BaseModel):
 
 
 @dataclass
-class LowRankPlan:
+class LowRankPlan(JsonDocument):
     """Which layers become rank-r pairs; printable, JSON-serialisable, applied all or nothing.
 
     Attributes:
@@ -267,6 +265,9 @@ class LowRankPlan:
         >>> plan = prunekit.plan(model, LowRankConfig(energy=0.9), example_inputs=x)  # doctest: +SKIP
         >>> print(plan.summary()); model = plan.apply(model)                           # doctest: +SKIP
     """
+
+    document_name = "low-rank plan"
+    document_error = PlanError
 
     config: LowRankConfig | None
     layers: list[Factorized] = field(default_factory=list)
@@ -314,15 +315,6 @@ class LowRankPlan:
         layers = [Factorized(x.fqn, x.kind, tuple(x.shape), x.rank, x.rule, x.energy_kept, x.flops)
                   for x in doc.layers]
         return cls(config, layers, dict(doc.skipped), dict(doc.stats))
-
-    def save(self, path: str | Path) -> Path:
-        """Write the plan as JSON, atomically."""
-        return atomic_write_text(Path(path), json.dumps(self.to_dict()))
-
-    @classmethod
-    def load(cls, path: str | Path) -> LowRankPlan:
-        """Read a plan written by `save`."""
-        return cls.from_dict(read_json_document(path, "low-rank plan", PlanError))
 
     def apply(self, model: nn.Module, *, with_weights: bool = True) -> nn.Module:
         """Replace each planned layer by its factorized pair (mutates, returns `model`); all or nothing.

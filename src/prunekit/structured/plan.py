@@ -8,10 +8,8 @@ reloaded without pickling the module (timm's `_prune.py` manifest, as a plan).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -25,7 +23,7 @@ from prunekit.core.masks import masked_modules
 from prunekit.core.plan import PlanContext, register_method
 from prunekit.core.targets import matches, protected_layers
 from prunekit.errors import ConfigError, PlanError, UnsupportedLayerError
-from prunekit.storage.files import atomic_write_text, read_json_document, validate_document
+from prunekit.storage.files import JsonDocument, validate_document
 from prunekit.structured.config import ChannelConfig
 from prunekit.structured.groups import DependencyGraph, Group, analyze, warn_barriers
 from prunekit.structured.hf import update_config
@@ -67,7 +65,7 @@ class _PlanDocument(BaseModel):
 
 
 @dataclass
-class ChannelPlan:
+class ChannelPlan(JsonDocument):
     """A structured pruning plan: per tensor, per dim, the indices kept.
 
     Attributes:
@@ -77,6 +75,9 @@ class ChannelPlan:
         groups: one row per pruned group: name, units, units removed, unit width.
         stats: params/FLOPs before and after (filled by the planner when inputs are known).
     """
+
+    document_name = "channel plan"
+    document_error = PlanError
 
     config: ChannelConfig
     keep: dict[str, dict[int, list[int]]] = field(default_factory=dict)
@@ -143,15 +144,6 @@ class ChannelPlan:
         if not isinstance(config, ChannelConfig):
             raise PlanError(f"plan.config is a {type(config).__name__}, not a ChannelConfig")
         return cls(config, keep, shapes, list(data.get("groups", [])), dict(data.get("stats", {})))
-
-    def save(self, path: str | Path) -> Path:
-        """Write the plan as JSON, atomically."""
-        return atomic_write_text(Path(path), json.dumps(self.to_dict()))
-
-    @classmethod
-    def load(cls, path: str | Path) -> ChannelPlan:
-        """Read a plan written by `save`."""
-        return cls.from_dict(read_json_document(path, "channel plan", PlanError))
 
     # ---------------------------------------------------------------- apply
 

@@ -6,7 +6,6 @@ against a schema on load (nothing executable), so a table can be shared and re-u
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from pydantic import BaseModel
 
 from prunekit.config import FrozenConfig, config_from_dict
 from prunekit.errors import ConfigError, PrunekitError
-from prunekit.storage.files import atomic_write_bytes, atomic_write_text, read_json_document, validate_document
+from prunekit.storage.files import JsonDocument, atomic_write_bytes, validate_document
 
 FORMAT = "prunekit.sensitivity"  # the on-disk tag of a saved table; files written by 0.1 carry it too
 FORMAT_VERSION = 1
@@ -43,7 +42,7 @@ class _TableDocument(BaseModel):
 
 
 @dataclass
-class SensitivityTable:
+class SensitivityTable(JsonDocument):
     """Metric of the model with one unit (layer or channel group) pruned at each level.
 
     Attributes:
@@ -60,6 +59,10 @@ class SensitivityTable:
         failures: "unit@level" -> why `evaluate` gave no number.
         kind: "layer" or "group".
     """
+
+    document_name = "sensitivity table"
+    document_error = ConfigError
+    json_indent = 2
 
     units: list[str]
     levels: list[float]
@@ -160,15 +163,6 @@ class SensitivityTable:
             if len(table.values.get(unit, [])) != len(table.levels):
                 raise ConfigError(f"sensitivity table: unit {unit!r} has no value for every level")
         return table
-
-    def save(self, path: str | Path) -> Path:
-        """Write the table as JSON, atomically; returns the path."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path) -> SensitivityTable:
-        """Read a table written by `save`."""
-        return cls.from_dict(read_json_document(path, "sensitivity table", ConfigError))
 
     def plot(self, path: str | Path) -> Path:
         """Draw the degradation heat map (unit x level) as a PNG, atomically; needs matplotlib."""
