@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from tests.distributed.masks_ranks import shard
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.testing import assert_close
 from torch.utils.data import DataLoader, TensorDataset
@@ -51,14 +51,6 @@ def mlp(seed: int = 0, dropout: float = 0.1) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Dropout(dropout), nn.Linear(33, 21), nn.ReLU(),
                          nn.Linear(21, 4))
-
-
-def shard(model: nn.Module) -> nn.Module:
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    return model
 
 
 def loader(n: int) -> DataLoader:

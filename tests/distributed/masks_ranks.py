@@ -112,9 +112,10 @@ def one_shot_fsdp(figures: dict) -> None:
     opt.step()
 
 
-def train(model: nn.Module, ref: nn.Module, what: str, prefix: str = "", straight_through: bool = False) -> None:
+def train(model: nn.Module, ref: nn.Module, what: str, prefix: str = "", straight_through: bool = False,
+          config: pk.UnstructuredConfig = GRADUAL) -> None:
     """GradualPruner on `model` and on the single-process `ref`, same batch on every rank."""
-    pruners = [pk.GradualPruner(m, GRADUAL, SCHEDULE, straight_through=straight_through) for m in (model, ref)]
+    pruners = [pk.GradualPruner(m, config, SCHEDULE, straight_through=straight_through) for m in (model, ref)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, ref)]
     x, y = batch()
     for step in range(6):
@@ -198,6 +199,8 @@ def main(out_dir: Path) -> None:
     one_shot_fsdp(figures)
     train(shard(mlp()), mlp(), "fsdp gradual")
     train(shard(mlp()), mlp(), "fsdp gradual straight-through", straight_through=True)
+    # layer by layer: every layer's exact top-k, all layers ranked in the same collectives
+    train(shard(mlp()), mlp(), "fsdp gradual layer-wise", config=pk.UnstructuredConfig(sparsity=0.75, scope="layer"))
     tied_fsdp_checks()
     ddp_checks()
     if dist.get_rank() == 0:

@@ -24,6 +24,7 @@ once its module is imported, so `is_dtensor` looks it up in `sys.modules`.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -120,7 +121,7 @@ def keep_top(scores: Sequence[Tensor], keep: int) -> list[Tensor]:
     give DTensor masks placed like them.
     """
     if any(is_dtensor(s) for s in scores):
-        return _keep_top_sharded(scores, keep)
+        return _keep_top_sharded([(scores, keep)])[0]
     # float comparisons order as the keys do (-0.0 == +0.0, no NaN): no key conversion needed here
     flat = torch.cat([s.reshape(-1).float() for s in scores]) if len(scores) != 1 else scores[0].reshape(-1).float()
     n = flat.numel()
@@ -137,6 +138,17 @@ def keep_top(scores: Sequence[Tensor], keep: int) -> list[Tensor]:
         masks.append(out[start : start + s.numel()].view(s.shape))
         start += s.numel()
     return masks
+
+
+def keep_top_each(problems: Sequence[tuple[Sequence[Tensor], int]]) -> list[list[Tensor]]:
+    """`keep_top(scores, keep)` for each of several independent `(scores, keep)` selections.
+
+    On DTensor scores all selections share their collectives: one all_reduce per radix round for
+    all of them, instead of one per round per selection (a model's layers, pruned layer by layer).
+    """
+    if any(is_dtensor(s) for scores, _ in problems for s in scores):
+        return _keep_top_sharded(problems)
+    return [keep_top(scores, keep) for scores, keep in problems]
 
 
 def _mesh_group(mesh: Any) -> Any:
@@ -180,69 +192,93 @@ def _global_positions(t: Tensor, local_index: Tensor, base: int) -> Tensor:
 
 
 def _radix_select(
-    values: list[Tensor], k: int, bits: int, group: Any, device: torch.device, signed: bool = False
-) -> tuple[int, int, int]:
-    """The k-th smallest (1-based) of all ranks' integer `values` (below 2**bits, or signed).
+    values: list[list[Tensor]], ks: list[int], bits: int, group: Any, device: torch.device, signed: bool = False
+) -> list[tuple[int, int, int]]:
+    """For each problem p, the ks[p]-th smallest (1-based) of all ranks' integer `values[p]`.
 
-    Returns (value, how many are smaller, how many equal it), each over all ranks. A radix
-    select, most significant byte first: one all_reduce of a 256-bin histogram per byte, and
-    each round keeps only the candidates in the chosen bin. Exact, no sort, no gather of values.
+    Values are below 2**bits (or signed). Returns per problem (value, how many are smaller, how
+    many equal it), each over all ranks. A radix select, most significant byte first: each round
+    all_reduces one 256-bin histogram per problem (all problems in one call) and keeps only the
+    candidates in the chosen bin. Exact, no sort, no gather of values.
     """
-    prefix, below, equal = 0, 0, 0
+    n = len(values)
+    if n == 0:  # whether there is a problem is known on every rank alike: no collective skipped on one only
+        return []
+    prefix, below, equal = [0] * n, [0] * n, [0] * n
     rounds = max(1, -(-bits // _RADIX_BITS))
     for r in reversed(range(rounds)):
-        digits = [(v >> (r * _RADIX_BITS)) & 0xFF for v in values]
-        if signed and r == rounds - 1:
-            digits = [d ^ 0x80 for d in digits]  # two's complement: the sign byte orders as unsigned + 128
-        hist = torch.zeros(1 << _RADIX_BITS, dtype=torch.int64, device=device)
-        for d in digits:
-            hist += torch.bincount(d.reshape(-1), minlength=1 << _RADIX_BITS).to(device)
+        hist = torch.zeros(n, 1 << _RADIX_BITS, dtype=torch.int64, device=device)
+        digits: list[list[Tensor]] = []
+        for p, vals in enumerate(values):
+            ds = [(v >> (r * _RADIX_BITS)) & 0xFF for v in vals]
+            if signed and r == rounds - 1:
+                ds = [d ^ 0x80 for d in ds]  # two's complement: the sign byte orders as unsigned + 128
+            for d in ds:
+                hist[p] += torch.bincount(d.reshape(-1), minlength=1 << _RADIX_BITS).to(device)
+            digits.append(ds)
         dist.all_reduce(hist, group=group)
-        cum = hist.cumsum(0).tolist()
-        bucket = next(b for b, c in enumerate(cum) if c >= k - below)
-        below += cum[bucket - 1] if bucket else 0
-        prefix = (prefix << _RADIX_BITS) | bucket
-        equal = int(hist[bucket])
-        values = [v[d == bucket] for v, d in zip(values, digits, strict=True)]
-    return (prefix - (1 << (rounds * _RADIX_BITS - 1)) if signed else prefix), below, equal
+        counts = hist.tolist()
+        for p in range(n):
+            cum = list(itertools.accumulate(counts[p]))
+            bucket = next(b for b, c in enumerate(cum) if c >= ks[p] - below[p])
+            below[p] += cum[bucket - 1] if bucket else 0
+            prefix[p] = (prefix[p] << _RADIX_BITS) | bucket
+            equal[p] = counts[p][bucket]
+            values[p] = [v[d == bucket] for v, d in zip(values[p], digits[p], strict=True)]
+    offset = 1 << (rounds * _RADIX_BITS - 1) if signed else 0
+    return [(prefix[p] - offset, below[p], equal[p]) for p in range(n)]
 
 
-def _keep_top_sharded(scores: Sequence[Tensor], keep: int) -> list[Tensor]:
+def _keep_top_sharded(problems: Sequence[tuple[Sequence[Tensor], int]]) -> list[list[Tensor]]:
     from torch.distributed.tensor import DTensor
 
-    meshes = {s.device_mesh for s in scores if is_dtensor(s)}  # type: ignore[attr-defined]
+    meshes = {s.device_mesh for scores, _ in problems for s in scores if is_dtensor(s)}  # type: ignore[attr-defined]
     if len(meshes) != 1:
         raise PlanError(f"ranking tensors on {len(meshes)} different device meshes together is not supported")
     mesh = meshes.pop()
     group, device = _mesh_group(mesh), torch.device(mesh.device_type)
-    n = sum(s.numel() for s in scores)
-    locals_ = [to_local(s) for s in scores]
-    keys = [ordered_keys(t).reshape(-1) for t in locals_]
-    owned = [k if counts_here(s) else k[:0] for k, s in zip(keys, scores, strict=True)]
-    if keep >= n or keep <= 0:
-        out = [torch.full(t.shape, keep > 0, dtype=torch.bool, device=t.device) for t in locals_]
-    else:
-        threshold, below, equal = _radix_select(owned, n - keep + 1, 32, group, device, signed=True)
-        needed = keep - (n - below - equal)  # how many of the ties at the threshold to keep
-        tie_pos: list[Tensor] = []
-        base = 0
-        for s, k in zip(scores, keys, strict=True):
-            tie_pos.append(_global_positions(s, (k == threshold).nonzero().reshape(-1), base))
-            base += s.numel()
-        cut = n  # keep every tie
-        if needed < equal:
-            owned_ties = [p if counts_here(s) else p[:0] for p, s in zip(tie_pos, scores, strict=True)]
-            cut, _, _ = _radix_select(owned_ties, needed, max(1, n.bit_length()), group, device)
-        out = []
-        for k, p in zip(keys, tie_pos, strict=True):
-            m = k > threshold
-            m[(k == threshold).nonzero().reshape(-1)[p <= cut]] = True
-            out.append(m)
-    return [
-        DTensor.from_local(m.view(t.shape), s.device_mesh, s.placements, shape=s.shape, stride=s.stride())  # type: ignore[attr-defined]
-        if is_dtensor(s) else m.view(t.shape)
-        for m, t, s in zip(out, locals_, scores, strict=True)
-    ]
+    sizes = [sum(s.numel() for s in scores) for scores, _ in problems]
+    locals_ = [[to_local(s) for s in scores] for scores, _ in problems]
+    keys = [[ordered_keys(t).reshape(-1) for t in ts] for ts in locals_]
+    active = [p for p, (_, keep) in enumerate(problems) if 0 < keep < sizes[p]]
+
+    def owned(p: int, tensors: list[Tensor]) -> list[Tensor]:  # each element counted by one rank
+        return [t if counts_here(s) else t[:0] for t, s in zip(tensors, problems[p][0], strict=True)]
+
+    picked = _radix_select([owned(p, keys[p]) for p in active], [sizes[p] - problems[p][1] + 1 for p in active],
+                           32, group, device, signed=True)
+    thresholds = {p: t for p, (t, _, _) in zip(active, picked, strict=True)}
+    tie_pos: dict[int, list[Tensor]] = {}
+    needed: dict[int, int] = {}
+    for p, (_, below, equal) in zip(active, picked, strict=True):
+        needed[p] = problems[p][1] - (sizes[p] - below - equal)  # how many of the ties at the threshold to keep
+        if needed[p] < equal:
+            positions, base = [], 0
+            for s, k in zip(problems[p][0], keys[p], strict=True):
+                positions.append(_global_positions(s, (k == thresholds[p]).nonzero().reshape(-1), base))
+                base += s.numel()
+            tie_pos[p] = positions
+    cut_problems = list(tie_pos)
+    cuts = _radix_select([owned(p, tie_pos[p]) for p in cut_problems], [needed[p] for p in cut_problems],
+                         max((sizes[p].bit_length() for p in cut_problems), default=1), group, device)
+    cut = {p: c for p, (c, _, _) in zip(cut_problems, cuts, strict=True)}
+    results = []
+    for p, (scores, keep) in enumerate(problems):
+        if p not in thresholds:
+            out = [torch.full(t.shape, keep > 0, dtype=torch.bool, device=t.device) for t in locals_[p]]
+        else:
+            out = []
+            for i, k in enumerate(keys[p]):
+                m = k > thresholds[p]
+                ties = (k == thresholds[p]).nonzero().reshape(-1)
+                m[ties if p not in cut else ties[tie_pos[p][i] <= cut[p]]] = True
+                out.append(m)
+        results.append([
+            DTensor.from_local(m.view(t.shape), s.device_mesh, s.placements, shape=s.shape, stride=s.stride())  # type: ignore[attr-defined]
+            if is_dtensor(s) else m.view(t.shape)
+            for m, t, s in zip(out, locals_[p], scores, strict=True)
+        ])
+    return results
 
 
 # --------------------------------------------------------------------------------------------

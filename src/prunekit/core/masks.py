@@ -23,6 +23,7 @@ from prunekit.core.distributed import (
     counts_here,
     is_dtensor,
     keep_top,
+    keep_top_each,
     keeping_grad_accumulators,
     model_group,
     place_like,
@@ -71,6 +72,18 @@ def topk_mask(scores: Tensor, sparsity: float) -> Tensor:
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
     return keep_top([scores], scores.numel() - n_pruned(scores.numel(), sparsity))[0]
+
+
+def topk_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """`topk_mask` of each tensor on its own (layer-wise pruning).
+
+    On DTensor scores (FSDP2) the layers are ranked in the same collectives: a few all_reduces
+    for the whole model instead of a few per layer.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    problems = [([s], s.numel() - n_pruned(s.numel(), sparsity)) for s in scores.values()]
+    return {k: masks[0] for k, masks in zip(scores, keep_top_each(problems), strict=True)}
 
 
 def global_topk_masks(scores: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
@@ -141,7 +154,7 @@ class Mask(nn.Module):
 
     def _forward_sharded(self, weight: Tensor) -> Tensor:
         if not is_dtensor(self.mask):  # attached before fully_shard: keep only this rank's shard
-            self.mask = place_like(self.mask, weight)
+            self.place_like(weight)
         if not is_dtensor(weight):  # FSDP2's unsharded weight, inside its forward
             return GatheredMask.apply(weight, self.mask, self.straight_through)
         mask = self.mask.to(weight.dtype)
@@ -150,6 +163,7 @@ class Mask(nn.Module):
     def place_like(self, weight: Tensor) -> None:
         """Store the mask placed as `weight` is (its shard of a DTensor weight); mutates."""
         self.mask = place_like(self.mask, weight)
+        self._cache = None  # a full-size copy of the old mask in the weight's dtype: 4 bytes a weight
 
     def extra_repr(self) -> str:
         local = to_local(self.mask)  # no collective: printing on one rank must not hang

@@ -14,7 +14,7 @@ from torch import nn
 
 from prunekit.config import MaskConfig, Seed, recipe_type
 from prunekit.core.criteria import CriterionName, get_criterion
-from prunekit.core.masks import global_topk_masks, topk_mask, warn_rounding
+from prunekit.core.masks import global_topk_masks, topk_masks, warn_rounding
 from prunekit.core.plan import MaskPlan, PlanContext, register_method, score_layers
 from prunekit.errors import ConfigError
 from prunekit.methods.calibration import Pattern, dense_pass_stats, get_solver, plan_with_data
@@ -120,4 +120,4 @@ def _plan_unstructured(
         return MaskPlan(masks)
     for key, score in scores.items():
         warn_rounding(key.removesuffix(".weight"), score.numel(), config.sparsity)
-    return MaskPlan({k: topk_mask(s, config.sparsity) for k, s in scores.items()})
+    return MaskPlan(topk_masks(scores, config.sparsity))
