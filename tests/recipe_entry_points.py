@@ -20,5 +20,25 @@ def loaders() -> tuple[DataLoader, DataLoader]:
         TensorDataset(x, y), batch_size=64)
 
 
+def build_cnn() -> nn.Module:
+    """A user's small CNN: conv-BN-ReLU twice, pooled, then a linear head."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+
+
+def image_loaders() -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1, 8, 8, generator=g)
+    y = (x.mean((1, 2, 3)) > 0).long() + (x[:, :, :4].mean((1, 2, 3)) > 0.2).long()
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=g), DataLoader(
+        TensorDataset(x, y), batch_size=32)
+
+
+def not_a_model() -> str:
+    return "a string"
+
+
 def broken() -> nn.Module:
     raise RuntimeError("no GPU here")

@@ -37,6 +37,33 @@ def test_cli_prune_runs_recipe(tmp_path) -> None:
     assert pk.sparsity(model).total == pytest.approx(0.75, abs=0.01)
 
 
+def test_structured_recipe_traces_the_first_eval_batch_and_saves_its_plan(tmp_path) -> None:
+    from tests.recipe_entry_points import build_cnn, image_loaders
+
+    recipe = _recipe(model=f"{EP}:build_cnn", data=f"{EP}:image_loaders", prune=pk.ChannelConfig(ratio=0.5),
+                     schedule=None, finetune=FinetuneConfig(epochs=1, lr=1e-2))
+    report = run_recipe(recipe, tmp_path, progress=False)
+    assert report["pruned"]["params"] < 0.6 * report["baseline"]["params"]
+    assert report["pruned"]["flops"] < report["baseline"]["flops"]
+    model = pk.load(tmp_path / "pruned.safetensors", build_cnn)  # the saved plan is replayed on a dense build
+    assert model[0].out_channels == 4 and model[3].out_channels == 8
+    x = next(iter(image_loaders()[1]))[0]
+    assert model(x).shape == (32, 3)
+    # the same file exports through the model's entry point, and the ONNX check passes
+    from prunekit.cli import export_command
+
+    out = export_command(tmp_path / "pruned.safetensors", tmp_path / "cnn.onnx", model=f"{EP}:build_cnn",
+                         input_shape=(1, 1, 8, 8))
+    assert out.path.exists()
+
+
+def test_export_entry_point_must_build_a_module(tmp_path) -> None:
+    from prunekit.cli import export_command
+
+    with pytest.raises(pk.ConfigError, match=r"not_a_model.*returned str"):
+        export_command(tmp_path / "x.safetensors", tmp_path / "x.onnx", model=f"{EP}:not_a_model")
+
+
 def test_one_shot_recipe_without_data(tmp_path) -> None:
     result = run_recipe(_recipe(data=None, schedule=None, finetune=None), tmp_path, progress=False)
     assert result["pruned"]["size_bytes"] == (tmp_path / "pruned.safetensors").stat().st_size

@@ -138,7 +138,8 @@ def inspect(
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by prunekit.save (fp32 or INT8).")],
     out: Annotated[Path, typer.Option(help="The .onnx file to write.")] = Path("model.onnx"),
-    model: Annotated[str, typer.Option(help="prunekit.zoo constructor that builds the architecture.")] = (
+    model: Annotated[str, typer.Option(
+        help="Builds the architecture: an entry point package.module:function, or a prunekit.zoo name.")] = (
         "lenet_300_100"
     ),
     input_shape: Annotated[str, typer.Option(help="Example input shape, comma-separated.")] = "1,1,28,28",
@@ -179,7 +180,8 @@ def export_command(
         checkpoint: a file written by `prunekit.save` (fp32 or INT8: an INT8 file, recognised
             by its per-channel '*.weight_scale' tensors, is loaded into a dynamic-INT8 model).
         out: the .onnx file to write (atomically, after the check).
-        model: name of a constructor in `prunekit.zoo` that builds the architecture.
+        model: an entry point "package.module:function" that builds the architecture (dense; a
+            structured checkpoint's plan is replayed on it), or a `prunekit.zoo` constructor name.
         input_shape: shape of the random example input used to trace and check.
         int8: quantize an fp32 checkpoint to dynamic INT8 (`DynamicInt8Config`) first.
         check: verify the file (see `export_onnx`).
@@ -189,12 +191,7 @@ def export_command(
         ConfigError: unknown zoo model.
         CheckpointError: the checkpoint does not fit the model.
     """
-    build = getattr(zoo, model, None)
-    if not callable(build) or model.startswith("_"):
-        known = ", ".join(n for n in dir(zoo) if not n.startswith("_") and callable(getattr(zoo, n))
-                          and n[0].islower())
-        raise ConfigError(f"export --model: unknown zoo model {model!r}; known: {known}")
-    net: nn.Module = build()
+    net = _model_to_export(model)
     state, _ = read_checkpoint(checkpoint)
     stored_int8 = any(k.endswith(".weight_scale") for k in state)
     with warnings.catch_warnings():
@@ -207,6 +204,22 @@ def export_command(
                 net = quantize(net, DynamicInt8Config())
     example = torch.randn(*input_shape)
     return export_onnx(net, out, example, check=check, opset=opset)
+
+
+def _model_to_export(model: str) -> nn.Module:
+    """`export --model`: an entry point "package.module:function", or a `prunekit.zoo` name."""
+    if ":" in model:
+        net = load_entry_point(model, "model")
+        if not isinstance(net, nn.Module):
+            raise ConfigError(f"export --model: entry point {model!r} returned {type(net).__name__}, not an nn.Module")
+        return net
+    build = getattr(zoo, model, None)
+    if not callable(build) or model.startswith("_"):
+        known = ", ".join(n for n in dir(zoo) if not n.startswith("_") and callable(getattr(zoo, n))
+                          and n[0].islower())
+        raise ConfigError(f"export --model: unknown zoo model {model!r} (known: {known}), and not an entry "
+                          "point 'package.module:function'")
+    return build()
 
 
 def _inspect_model(entry_point: str, input_shape: str = "", example_inputs: str = "",

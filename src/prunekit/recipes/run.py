@@ -9,6 +9,8 @@ Example recipe (YAML):
     model: mypkg.models:build_model        # returns an nn.Module (weights trained or loaded)
     data: mypkg.data:loaders               # returns (train_loader, eval_loader)
     calibration: mypkg.data:calib_batches  # optional: batches for Wanda/SparseGPT criteria
+    example_inputs: mypkg.data:example     # optional: what structured pruning traces with
+                                           # (default: the first eval batch, cut to one sample)
     prune: {_type: UnstructuredConfig, sparsity: 0.9}
     schedule: {_type: Cubic, end_step: 2000, every: 100}
     finetune: {_type: FinetuneConfig, epochs: 3, lr: 0.001, alpha: 0.5}
@@ -37,12 +39,13 @@ from prunekit.config import FrozenConfig, Seed, recipe_type
 from prunekit.core.collectives import collective_guard
 from prunekit.core.distributed import collective_device, rank_and_world
 from prunekit.core.masks import finalize
-from prunekit.core.plan import prune
+from prunekit.core.plan import plan
 from prunekit.deploy.checkpoint import load, save
 from prunekit.errors import ConfigError, PlanError
 from prunekit.measure.report import compare, write_report
 from prunekit.recipes.launch import recipe_step, torchrun_process_group
 from prunekit.storage.runstate import Checkpointer
+from prunekit.structured import ChannelPlan, LLMPlan, LowRankPlan
 from prunekit.train.distill import KDLoss, finetune
 from prunekit.train.schedule import GradualPruner, Schedule
 
@@ -66,13 +69,14 @@ class Recipe(FrozenConfig):
     model: str
     data: str | None = None
     calibration: str | None = None
+    example_inputs: str | None = None
     checkpoint: str | None = None
     prune: FrozenConfig
     schedule: FrozenConfig | None = None
     finetune: FinetuneConfig | None = None
     seed: Seed = 0
 
-    @field_validator("model", "data", "calibration")
+    @field_validator("model", "data", "calibration", "example_inputs")
     @classmethod
     def _entry_point_form(cls, value: str | None) -> str | None:
         if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
@@ -120,6 +124,39 @@ def build(recipe: Recipe | SearchRecipe) -> tuple[nn.Module, Any, Any]:
     if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
         raise ConfigError(f"data entry point {recipe.data!r} must return (train_loader, eval_loader)")
     return model, loaders[0], loaders[1]
+
+
+STRUCTURED_PLANS = (ChannelPlan, LowRankPlan, LLMPlan)
+
+
+def example_inputs_of(recipe: Recipe, *loaders: Any) -> Any:
+    """What structured pruning traces the model with: `recipe.example_inputs` called, else the
+    first batch of the first of `loaders` that has one, cut to one sample (None without data).
+
+    A batch is `(inputs, targets)`, a mapping (its "labels" dropped), or the inputs themselves.
+    """
+    if recipe.example_inputs is not None:
+        return load_entry_point(recipe.example_inputs, "example_inputs")
+    for loader in loaders:
+        batch = next(iter(loader), None) if loader is not None else None
+        if batch is None:
+            continue
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        elif isinstance(batch, dict):
+            batch = {k: v for k, v in batch.items() if k != "labels"}
+        return _first_sample(batch)
+    return None
+
+
+def _first_sample(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:1]
+    if isinstance(inputs, dict):
+        return {k: _first_sample(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_first_sample(v) for v in inputs)
+    return inputs
 
 
 def calibration_share(recipe: Recipe) -> list[Any] | None:
@@ -190,6 +227,7 @@ def _run(recipe: Recipe, out: Path, progress: bool, saving: dict[str, Any]) -> d
         calibration = calibration_share(recipe)
     baseline = copy.deepcopy(model).eval()
     tune = recipe.finetune
+    structured: ChannelPlan | LowRankPlan | LLMPlan | None = None
     if (recipe.schedule is not None or tune is not None) and not recipe.data:
         raise ConfigError("recipe.schedule/finetune need training data: set recipe.data")
     if recipe.schedule is not None:
@@ -202,7 +240,10 @@ def _run(recipe: Recipe, out: Path, progress: bool, saving: dict[str, Any]) -> d
                      kd=KDLoss(tune.temperature, tune.alpha), pruner=pruner, progress=progress, **saving)
     else:
         with recipe_step("prune"):
-            prune(model, recipe.prune, data=calibration)
+            planned = plan(model, recipe.prune, example_inputs_of(recipe, evaluate, train), data=calibration)
+            planned.apply(model)
+            if isinstance(planned, STRUCTURED_PLANS):  # saved with the file: `load(path, build_fn)` replays it
+                structured = planned
         if tune is not None and tune.epochs:
             with recipe_step("finetune"):
                 finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=baseline if tune.alpha else None,
@@ -211,7 +252,7 @@ def _run(recipe: Recipe, out: Path, progress: bool, saving: dict[str, Any]) -> d
     check_same_model_on_ranks(model)
     if rank_and_world()[0] != 0:
         return {}
-    saved = save(model, out / "pruned.safetensors")
+    saved = save(model, out / "pruned.safetensors", plan=structured)
     if evaluate is None:
         return {"pruned": {"size_bytes": saved.size_bytes, "file": saved.path.name}}
     report = compare(baseline, model, evaluate, seed=recipe.seed, title=f"prunekit: {recipe.model}")
