@@ -414,6 +414,31 @@ def attaching_masks(model: nn.Module) -> Iterator[None]:
                     info.module, info.param_name = places[0]
 
 
+class MaskedInPlace(torch.autograd.Function):
+    """`weight * mask` for FSDP2's unsharded weight, written into the weight itself.
+
+    The all-gathered weight is masked in place and returned as a view, so the layer saves
+    FSDP2's own buffer for backward, freed after forward and gathered again before backward,
+    instead of a full-size masked copy of every layer held from forward to backward (0.43 GB
+    a rank on SmolLM2-135M). This rank's shard of the stored weight is zeroed where masked too,
+    so that gather brings masked values back. The gradient is masked as `GatheredMask` masks it.
+    Pruned originals are therefore not kept: use `GatheredMask` where they must be
+    (straight-through masks, which pass them gradients).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, mask: Tensor, shard: Tensor) -> Tensor:
+        ctx.mask = mask
+        full = full_tensor(mask)
+        weight.data.mul_(full)  # .data: FSDP2's buffer, without bumping the version autograd checks
+        shard.to_local().data.mul_(to_local(mask))  # type: ignore[attr-defined]
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad * full_tensor(ctx.mask).to(grad.dtype), None, None
+
+
 class GatheredMask(torch.autograd.Function):
     """`weight * mask` for an unsharded weight (inside FSDP2's forward) and a sharded mask.
 

@@ -9,6 +9,7 @@ but a pruned weight reads as zero until a schedule recomputes the mask (torchao'
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from prunekit.core.distributed import (
     GatheredMask,
+    MaskedInPlace,
     attaching_masks,
     collective_device,
     counts_here,
@@ -136,6 +138,11 @@ class Mask(nn.Module):
         # (the mask tensor, its version counter, its copy); holding the tensor itself keeps its
         # identity check sound, and the version counter sees in-place updates (set_mask, load).
         self._cache: tuple[Tensor, int, Tensor] | None = None
+        self._shard: weakref.ref[Tensor] | None = None  # the FSDP2-sharded weight this mask is placed on
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (deepcopy, pickle) is not placed on the original's shard and has no cache.
+        return {**self.__dict__, "_shard": None, "_cache": None}
 
     def _dense_mask(self, like: Tensor) -> Tensor:
         cache = self._cache
@@ -156,6 +163,9 @@ class Mask(nn.Module):
         if not is_dtensor(self.mask):  # attached before fully_shard: keep only this rank's shard
             self.place_like(weight)
         if not is_dtensor(weight):  # FSDP2's unsharded weight, inside its forward
+            shard = self._shard() if self._shard is not None else None
+            if shard is not None and not self.straight_through:
+                return MaskedInPlace.apply(weight, self.mask, shard)
             return GatheredMask.apply(weight, self.mask, self.straight_through)
         mask = self.mask.to(weight.dtype)
         return _StraightThrough.apply(weight, mask) if self.straight_through else weight * mask
@@ -164,6 +174,7 @@ class Mask(nn.Module):
         """Store the mask placed as `weight` is (its shard of a DTensor weight); mutates."""
         self.mask = place_like(self.mask, weight)
         self._cache = None  # a full-size copy of the old mask in the weight's dtype: 4 bytes a weight
+        self._shard = weakref.ref(weight) if is_dtensor(weight) else None
 
     def extra_repr(self) -> str:
         local = to_local(self.mask)  # no collective: printing on one rank must not hang
@@ -198,6 +209,7 @@ def set_mask(module: nn.Module, mask: Tensor, name: str = "weight", *, straight_
         return
     stored = getattr(module, name)
     new = Mask(place_like(mask.to(torch.bool), stored), straight_through)
+    new._shard = weakref.ref(stored) if is_dtensor(stored) else None
     with keeping_grad_accumulators():  # DDP hooked the Parameter's accumulator when it wrapped the model
         parametrize.register_parametrization(module, name, new)
 
@@ -229,6 +241,18 @@ def remove_mask(module: nn.Module, name: str = "weight", *, bake: bool = True) -
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
     """FQN -> module for every module whose `weight` carries a `Mask`."""
     return {fqn: m for fqn, m in model.named_modules() if get_mask(m) is not None}
+
+
+def place_masks(model: nn.Module) -> None:
+    """Keep only this rank's shard of each mask attached before `fully_shard` (mutates; no collective).
+
+    A verb does this on first use. Training loops call it before the first forward, which sees
+    FSDP2's unsharded weights and would otherwise keep the full masks (and a full float copy).
+    """
+    for module in masked_modules(model).values():
+        stored, mask = base_tensor(module, "weight"), get_mask(module)
+        if mask is not None and is_dtensor(stored) and not is_dtensor(mask.mask):
+            mask.place_like(stored)
 
 
 def finalize(model: nn.Module) -> nn.Module:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 from prunekit.core.distributed import all_reduce_sum, in_process_group, is_main_rank, model_group, rank_and_world
+from prunekit.core.masks import place_masks
 from prunekit.core.progress import progress as progress_bar
 from prunekit.errors import CheckpointError, ConfigError
 from prunekit.storage.distributed_state import (
@@ -216,6 +217,7 @@ class TrainLoop:
             raise ConfigError(f"finetune under torchrun (world size {rank_and_world()[1]}) needs the model wrapped "
                               "in DistributedDataParallel or sharded with fully_shard; a plain "
                               f"{type(self.model).__name__} would train apart on each rank's batches")
+        place_masks(self.model)
 
     def run_settings(self, epochs: int, start_step: int) -> dict[str, Any]:
         """The settings a checkpoint must share with the run that resumes it."""

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from prunekit.config import FrozenConfig, recipe_type
 from prunekit.core.distributed import all_reduce_sum, in_process_group, is_dtensor, model_group, rank_and_world
+from prunekit.core.masks import place_masks
 from prunekit.core.progress import progress as progress_bar
 from prunekit.errors import CheckpointError, ConfigError
 from prunekit.storage.runstate import Checkpointer, check_same_run, rng_state, set_rng_state
@@ -318,6 +319,7 @@ class Recovery:
             raise ConfigError(f"rank {self.rank} of {self.world}: the student is neither wrapped in "
                               "DistributedDataParallel nor sharded with fully_shard, so each rank would train "
                               "its own copy apart: wrap it before recover")
+        place_masks(student)
         self._features = config.loss != "kl"
         if self._features and not (_is_hf(student) and _is_hf(teacher)):
             raise ConfigError(f"RecoveryConfig.loss={config.loss!r} needs the decoder blocks' outputs "
