@@ -57,6 +57,16 @@ def test_structured_recipe_traces_the_first_eval_batch_and_saves_its_plan(tmp_pa
     assert out.path.exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [({"data": None, "prune": pk.ChannelConfig(ratio=0.5)}, "set recipe.data .* or recipe.example_inputs"),
+     ({"prune": pk.UnstructuredConfig(sparsity=0.5, criterion="wanda")}, "set recipe.calibration")],
+)
+def test_a_missing_input_names_the_recipe_field(tmp_path, override: dict, needle: str) -> None:
+    with pytest.raises(pk.ConfigError, match=needle):
+        run_recipe(_recipe(schedule=None, finetune=None, **override), tmp_path, progress=False)
+
+
 def test_export_entry_point_must_build_a_module(tmp_path) -> None:
     from prunekit.cli import export_command
 

@@ -37,11 +37,12 @@ from torch import nn
 from prunekit.allocation.search import SearchRecipe
 from prunekit.config import FrozenConfig, Seed, recipe_type
 from prunekit.core.collectives import collective_guard
+from prunekit.core.criteria import get_criterion
 from prunekit.core.distributed import collective_device, rank_and_world
 from prunekit.core.masks import finalize
 from prunekit.core.plan import plan
 from prunekit.deploy.checkpoint import load, save
-from prunekit.errors import ConfigError, PlanError
+from prunekit.errors import ConfigError, PlanError, TraceError
 from prunekit.measure.report import compare, write_report
 from prunekit.recipes.launch import recipe_step, torchrun_process_group
 from prunekit.storage.runstate import Checkpointer
@@ -240,7 +241,7 @@ def _run(recipe: Recipe, out: Path, progress: bool, saving: dict[str, Any]) -> d
                      kd=KDLoss(tune.temperature, tune.alpha), pruner=pruner, progress=progress, **saving)
     else:
         with recipe_step("prune"):
-            planned = plan(model, recipe.prune, example_inputs_of(recipe, evaluate, train), data=calibration)
+            planned = _plan(model, recipe, example_inputs_of(recipe, evaluate, train), calibration)
             planned.apply(model)
             if isinstance(planned, STRUCTURED_PLANS):  # saved with the file: `load(path, build_fn)` replays it
                 structured = planned
@@ -258,6 +259,21 @@ def _run(recipe: Recipe, out: Path, progress: bool, saving: dict[str, Any]) -> d
     report = compare(baseline, model, evaluate, seed=recipe.seed, title=f"prunekit: {recipe.model}")
     write_report(report, out)
     return report.data
+
+
+def _plan(model: nn.Module, recipe: Recipe, example: Any, calibration: list[Any] | None) -> Any:
+    """`plan` for the recipe; a missing input is named by the recipe field that gives it."""
+    criterion = getattr(recipe.prune, "criterion", None)
+    if calibration is None and isinstance(criterion, str) and get_criterion(criterion).needs_data:
+        raise ConfigError(f"recipe.prune: criterion {criterion!r} needs calibration data: set recipe.calibration "
+                          "to an entry point 'package.module:function' that returns a list of batches")
+    try:
+        return plan(model, recipe.prune, example, data=calibration)
+    except TraceError as err:
+        if example is not None:
+            raise
+        raise ConfigError(f"recipe.prune: {type(recipe.prune).__name__} traces the model and the recipe gives no "
+                          "input: set recipe.data (its first eval batch is used) or recipe.example_inputs") from err
 
 
 def check_same_model_on_ranks(model: nn.Module) -> None:
