@@ -16,8 +16,9 @@ from prunekit.config import config_from_dict, config_to_dict
 from prunekit.core.masks import get_mask, masked_modules
 from prunekit.errors import CheckpointError, ConfigError
 from prunekit.methods.block import BlockConfig
-from prunekit.train import recovery
-from prunekit.train.recovery import Recovery, RecoveryConfig, kl_sum, recover, squarehead
+from prunekit.train import losses
+from prunekit.train.losses import kl_sum, squarehead
+from prunekit.train.recovery import Recovery, RecoveryConfig, recover
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,7 +102,7 @@ def test_squarehead_losses_train(loss: str) -> None:
 
 @pytest.mark.parametrize("chunk", [1 << 24, 10])  # one chunk; chunks of 2 rows of 5 logits
 def test_squarehead_and_kl_match_their_definitions(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(recovery, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(0)
     hs = [torch.randn(2, 3, 8, generator=g) for _ in range(2)]
     ht = [torch.randn(2, 3, 8, generator=g) for _ in range(2)]
