@@ -19,6 +19,13 @@ row already there is skipped unless `--redo`, so a long table can be filled in s
         --sweep-lam 0.04 0.12 --sweep-m 3 7                                     # a small sweep
     python benchmarks/llm_owl.py --bf16 --criteria Wanda --allocated-table \\
         out/llm_allocated_wanda/sensitivity.json                                 # + scan-allocated
+    python benchmarks/llm_owl.py --bf16 --criteria Wanda --sparsity 0.6 --variants uniform \\
+        --select-lam 0.02 0.04 0.08 --select-m 5 20                             # OWL chosen on held-out text
+
+`--select-lam/--select-m` is model selection without the test set: every (lambda, M) in the grid
+prunes the model and is scored on `--select-tokens` of Andersen's tales (a third corpus, disjoint
+from both the calibration and the Grimm evaluation); only the winner is then evaluated on Grimm,
+as the row "owl selected".
 """
 
 from __future__ import annotations
@@ -113,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true", help="forwards under CPU bf16 autocast (stats/solvers fp32)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense evaluation (time)")
+    parser.add_argument("--select-lam", type=float, nargs="*", default=[], help="OWL lambdas to choose from")
+    parser.add_argument("--select-m", type=float, nargs="*", default=[], help="OWL M values to choose from")
+    parser.add_argument("--select-tokens", type=int, default=8192, help="held-out Andersen tokens for the choice")
     parser.add_argument("--out", type=Path, default=Path("out/llm_owl/results.json"))
     parser.add_argument("--redo", action="store_true", help="re-run rows already in --out")
     return parser
@@ -163,7 +173,7 @@ def main() -> None:
         save()
 
     lods: dict[float, OutlierDistribution] = {}
-    for m in sorted({m for _, _, m, _ in _variants(args)}):
+    for m in sorted({m for _, _, m, _ in _variants(args)} | set(args.select_m)):
         model, _ = load_smollm2()
         t0 = time.perf_counter()
         with autocast():  # the same forward precision as the pruning passes
@@ -185,11 +195,42 @@ def main() -> None:
                 row["allocation"] = allocation
                 results["rows"][key] = row
                 save()
-                flag = "" if row["peak_rss_gib"] <= RSS_LIMIT_GIB else f"  OVER {RSS_LIMIT_GIB} GiB"
-                print(f"{key}: perplexity {row['perplexity']:8.2f}  block sparsity {row['block_sparsity']:.4f}  "
-                      f"prune {row['prune_s']:5.0f} s  eval {row['eval_s']:5.0f} s  "
-                      f"peak RSS {row['peak_rss_gib']:.2f} GiB{flag}", flush=True)
+                _print_row(key, row)
+            if args.select_lam and args.select_m:
+                _select_owl(args, sparsity, criterion, lods, calib, eval_ids, autocast, results)
+                save()
     _print_table(results)
+
+
+def _print_row(key: str, row: dict) -> None:
+    flag = "" if row["peak_rss_gib"] <= RSS_LIMIT_GIB else f"  OVER {RSS_LIMIT_GIB} GiB"
+    print(f"{key}: perplexity {row['perplexity']:8.2f}  block sparsity {row['block_sparsity']:.4f}  "
+          f"prune {row['prune_s']:5.0f} s  eval {row['eval_s']:5.0f} s  "
+          f"peak RSS {row['peak_rss_gib']:.2f} GiB{flag}", flush=True)
+
+
+def _select_owl(args: argparse.Namespace, sparsity: float, criterion: str, lods: dict[float, OutlierDistribution],
+                calib: list[dict], eval_ids: torch.Tensor, autocast: Any, results: dict) -> None:
+    """Choose (lambda, M) on held-out Andersen text, then evaluate only the choice on Grimm."""
+    _, tokenizer = load_smollm2()
+    val_ids = torch.tensor(tokenizer("\n\n".join(corpus_texts("andersen")))["input_ids"])[: args.select_tokens]
+    uniform = pk.UnstructuredConfig(sparsity=sparsity, criterion=CRITERIA[criterion], scope="layer")
+    scores = results.setdefault("selection", {})
+    for lam in args.select_lam:
+        for m in args.select_m:
+            key = f"{criterion} | lam={lam:g} M={m:g} | {sparsity:g} | andersen:{args.select_tokens}"
+            if key not in scores or args.redo:
+                scores[key] = _run_row(lods[m].allocate(uniform, lam).rules(), calib, val_ids, args.seq_len, autocast)
+                _print_row(key, scores[key])
+    mine = {k: v for k, v in scores.items() if k.startswith(f"{criterion} | ") and f"| {sparsity:g} |" in k}
+    best = min(mine, key=lambda k: mine[k]["perplexity"])
+    lam, m = (float(x.split("=")[1]) for x in best.split(" | ")[1].split())
+    allocation = lods[m].allocate(uniform, lam)
+    row = _run_row(allocation.rules(), calib, eval_ids, args.seq_len, autocast)
+    row["allocation"], row["chosen_on"] = allocation.as_dict(), best
+    key = f"{criterion} | owl selected | {sparsity:g}"
+    results["rows"][key] = row
+    _print_row(f"{key} (lambda {lam:g}, M {m:g})", row)
 
 
 def _print_table(results: dict) -> None:
