@@ -169,6 +169,21 @@ def tied_fsdp_checks() -> None:
     assert model.head.weight is model.embed.weight
 
 
+def no_masked_copies_saved() -> None:
+    """FSDP2's masked forward saves FSDP2's own (freed after forward) weights, not masked copies."""
+    model = pk.prune(shard(mlp()), CONFIG)
+    pk.sparsity(model)  # places the masks
+    weight_shapes = {tuple(sorted(m.weight.shape)) for m in model if isinstance(m, nn.Linear)}  # saved as w.t()
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(batch()[0]).sum()
+    weights = [t for t in saved if tuple(sorted(t.shape)) in weight_shapes]
+    assert weights, "no weight was saved for backward"
+    held = [tuple(t.shape) for t in weights if t.untyped_storage().size() > 0]
+    assert not held, f"full-size weights {held} stay allocated between forward and backward"
+    out.backward()
+
+
 def ddp_checks() -> None:
     ref = pk.prune(mlp(), CONFIG)
     model = DistributedDataParallel(mlp())
@@ -202,6 +217,7 @@ def main(out_dir: Path) -> None:
     # layer by layer: every layer's exact top-k, all layers ranked in the same collectives
     train(shard(mlp()), mlp(), "fsdp gradual layer-wise", config=pk.UnstructuredConfig(sparsity=0.75, scope="layer"))
     tied_fsdp_checks()
+    no_masked_copies_saved()
     ddp_checks()
     if dist.get_rank() == 0:
         (out_dir / "figures.json").write_text(json.dumps(figures))
