@@ -42,3 +42,7 @@ def not_a_model() -> str:
 
 def broken() -> nn.Module:
     raise RuntimeError("no GPU here")
+
+
+def wrong_example() -> torch.Tensor:
+    return torch.randn(1, 3, 8, 8)  # the CNN takes one channel

@@ -67,6 +67,13 @@ def test_a_missing_input_names_the_recipe_field(tmp_path, override: dict, needle
         run_recipe(_recipe(schedule=None, finetune=None, **override), tmp_path, progress=False)
 
 
+def test_example_inputs_the_model_rejects_name_their_shape(tmp_path) -> None:
+    recipe = _recipe(model=f"{EP}:build_cnn", data=None, example_inputs=f"{EP}:wrong_example",
+                     prune=pk.ChannelConfig(ratio=0.5), schedule=None, finetune=None)
+    with pytest.raises(pk.TraceError, match=r"recipe.example_inputs \(shape \[1, 3, 8, 8\]\).*1 channels"):
+        run_recipe(recipe, tmp_path, progress=False)
+
+
 def test_export_entry_point_must_build_a_module(tmp_path) -> None:
     from prunekit.cli import export_command
 

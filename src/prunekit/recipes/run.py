@@ -270,10 +270,23 @@ def _plan(model: nn.Module, recipe: Recipe, example: Any, calibration: list[Any]
     try:
         return plan(model, recipe.prune, example, data=calibration)
     except TraceError as err:
-        if example is not None:
-            raise
-        raise ConfigError(f"recipe.prune: {type(recipe.prune).__name__} traces the model and the recipe gives no "
-                          "input: set recipe.data (its first eval batch is used) or recipe.example_inputs") from err
+        if example is None:
+            raise ConfigError(f"recipe.prune: {type(recipe.prune).__name__} traces the model and the recipe gives "
+                              "no input: set recipe.data (its first eval batch is used) or recipe.example_inputs"
+                              ) from err
+        source = "recipe.example_inputs" if recipe.example_inputs else "the first eval batch, cut to one sample"
+        raise TraceError(f"recipe.prune: tracing the model on {source} ({_shapes(example)}) failed: {err}") from err
+
+
+def _shapes(inputs: Any) -> str:
+    """The shapes of the tensors in `inputs`, for an error message."""
+    if isinstance(inputs, torch.Tensor):
+        return f"shape {list(inputs.shape)}"
+    if isinstance(inputs, dict):
+        return ", ".join(f"{k}: {_shapes(v)}" for k, v in inputs.items())
+    if isinstance(inputs, (tuple, list)):
+        return ", ".join(_shapes(v) for v in inputs)
+    return type(inputs).__name__
 
 
 def check_same_model_on_ranks(model: nn.Module) -> None:
