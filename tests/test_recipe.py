@@ -49,12 +49,11 @@ def test_structured_recipe_traces_the_first_eval_batch_and_saves_its_plan(tmp_pa
     assert model[0].out_channels == 4 and model[3].out_channels == 8
     x = next(iter(image_loaders()[1]))[0]
     assert model(x).shape == (32, 3)
-    # the same file exports through the model's entry point, and the ONNX check passes
-    from prunekit.cli import export_command
-
-    out = export_command(tmp_path / "pruned.safetensors", tmp_path / "cnn.onnx", model=f"{EP}:build_cnn",
-                         input_shape=(1, 1, 8, 8))
-    assert out.path.exists()
+    # the same file exports from the command line through the model's entry point; the ONNX check passes
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "pruned.safetensors"), "--out", str(tmp_path / "c.onnx"),
+                                      "--model", f"{EP}:build_cnn", "--input-shape", "1,1,8,8"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c.onnx").exists()
 
 
 @pytest.mark.parametrize(
