@@ -15,7 +15,6 @@ serialises, replays on a fresh dense model, and applies all-or-nothing).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from prunekit.core.inputs import call_model, to_model_device
 from prunekit.core.progress import progress
 from prunekit.errors import ConfigError, PlanError
 from prunekit.storage.files import JsonDocument, validate_document
+from prunekit.structured.rollback import restore, snapshot
 
 FORMAT = "prunekit.llm_plan"
 FORMAT_VERSION = 1
@@ -378,12 +378,12 @@ class LLMPlan(JsonDocument):
             PlanError: the model is not the one planned for (another width, already pruned),
                 or a step failed; the model is left unchanged.
         """
-        snapshot = _snapshot(model)
+        saved = snapshot(model)
         try:
             for step in self.steps:
                 step.apply_to(model)
         except Exception as err:
-            _restore(snapshot)
+            restore(saved)
             if isinstance(err, (PlanError, ConfigError)):
                 raise
             raise PlanError(f"applying the LLM plan failed and was rolled back: {err}") from err
@@ -403,30 +403,3 @@ def replay_llm_plan(plan_data: dict[str, Any], model: nn.Module) -> nn.Module:
     return plan.apply(model)
 
 
-def _snapshot(model: nn.Module) -> list[tuple[Any, dict[str, Any]]]:
-    """Shallow state of every module and of the HF config: steps only rebind, never write in place."""
-    out: list[tuple[Any, dict[str, Any]]] = []
-    for m in {id(m): m for m in model.modules()}.values():
-        state = {k: dict(getattr(m, k)) for k in ("_parameters", "_buffers", "_modules")}
-        state |= {k: copy.copy(v) for k, v in vars(m).items() if not k.startswith("_")}
-        out.append((m, state))
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        out.append((config, dict(vars(config))))
-    return out
-
-
-def _restore(snapshot: list[tuple[Any, dict[str, Any]]]) -> None:
-    for obj, state in snapshot:
-        if isinstance(obj, nn.Module):
-            for key in ("_parameters", "_buffers", "_modules"):
-                getattr(obj, key).clear()
-                getattr(obj, key).update(state[key])
-            for key, value in state.items():
-                if not key.startswith("_"):
-                    object.__setattr__(obj, key, value)
-        else:
-            for key in [k for k in vars(obj) if k not in state]:
-                delattr(obj, key)
-            for key, value in state.items():
-                object.__setattr__(obj, key, value)

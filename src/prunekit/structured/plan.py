@@ -28,6 +28,7 @@ from prunekit.structured.config import ChannelConfig
 from prunekit.structured.groups import DependencyGraph, Group, analyze, warn_barriers
 from prunekit.structured.hf import update_config
 from prunekit.structured.layers import get_layer_handler, is_attention_holder, owner_of
+from prunekit.structured.rollback import restore, snapshot
 from prunekit.structured.select import ScoreInputs, get_group_criterion, select_units, taylor_grads
 from prunekit.structured.trace import TracedModel, trace
 
@@ -162,7 +163,7 @@ class ChannelPlan(JsonDocument):
         # layer it parametrizes has the shape attributes to refresh.
         touched |= {layer.partition(".parametrizations.")[0] for layer in touched if ".parametrizations." in layer}
         holders = [m for m in modules.values() if is_attention_holder(m)]
-        snapshot = _snapshot([modules[t] for t in touched] + holders, model)
+        saved = snapshot(model, [modules[t] for t in touched] + holders)
         try:
             with torch.no_grad():
                 for key, value in new.items():
@@ -176,7 +177,7 @@ class ChannelPlan(JsonDocument):
                     get_layer_handler(holder).update(holder)  # type: ignore[union-attr]
                 update_config(model)
         except Exception as err:
-            _restore(snapshot)
+            restore(saved)
             if isinstance(err, PlanError):
                 raise
             raise PlanError(f"applying the channel plan failed and was rolled back: {err}") from err
@@ -236,30 +237,6 @@ def _assign(model: nn.Module, key: str, value: Tensor) -> None:
                     other._parameters[pname] = param
     else:
         module._buffers[name] = value
-
-
-def _snapshot(modules: list[nn.Module], model: nn.Module) -> list[tuple[Any, dict[str, Any]]]:
-    out = []
-    for m in {id(m): m for m in model.modules()}.values():  # tied tensors may live anywhere
-        out.append((m, {"_parameters": dict(m._parameters), "_buffers": dict(m._buffers)}))
-    for m in modules:
-        # RNNs run from `_flat_weights`, a list of their Parameters: restore it with them.
-        state = {k: copy.copy(v) for k, v in vars(m).items() if not k.startswith("_") or k in _PRIVATE_STATE}
-        out.append((m, state))
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        out.append((config, dict(vars(config))))
-    return out
-
-
-def _restore(snapshot: list[tuple[Any, dict[str, Any]]]) -> None:
-    for obj, state in snapshot:
-        for key, value in state.items():
-            if key in ("_parameters", "_buffers"):
-                getattr(obj, key).clear()
-                getattr(obj, key).update(value)
-            else:
-                object.__setattr__(obj, key, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +311,6 @@ def _scores(model: nn.Module, config: ChannelConfig, groups: list[Group], ctx: P
     return [np.asarray(info.fn(g, inputs), dtype=np.float64) for g in groups]
 
 
-_PRIVATE_STATE = ("_flat_weights", "_flat_weight_refs")
 _PASSES = 3  # plan, then re-plan at most twice with the ops whose spelled sizes broke the run
 
 
