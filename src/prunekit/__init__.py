@@ -48,7 +48,15 @@ from prunekit.methods.nm import NMConfig, NMReport, check_nm
 from prunekit.methods.unstructured import UnstructuredConfig
 from prunekit.recipes.run import FinetuneConfig, Recipe
 from prunekit.runtime import accelerate
-from prunekit.structured import ChannelConfig, ChannelPlan, DepthConfig, LowRankConfig, WidthConfig, bn_scale_penalty
+from prunekit.structured import (
+    ChannelConfig,
+    ChannelPlan,
+    DepthConfig,
+    LowRankConfig,
+    StateSpaceConfig,
+    WidthConfig,
+    bn_scale_penalty,
+)
 from prunekit.train.distill import KDLoss, accuracy, finetune
 from prunekit.train.iterative import prune_iteratively
 from prunekit.train.recovery import RecoveryConfig, recover
@@ -104,6 +112,7 @@ __all__ = [
     "bn_scale_penalty",
     "DepthConfig",
     "WidthConfig",
+    "StateSpaceConfig",
     "LowRankConfig",
     # train: schedules, distillation, iterative structured pruning
     "GradualPruner",

@@ -4,8 +4,9 @@
 op-rule table (`ops/`), `select` scores and picks units, and `ChannelPlan` removes them
 atomically through per-layer handlers (`layers.py`). `prunekit.plan(model, ChannelConfig(...),
 example_inputs)` drives all of it. Language models have their own units: whole decoder blocks
-(`DepthConfig`) and heads, FFN neurons and hidden channels (`WidthConfig`); `LowRankConfig`
-replaces a layer by two thinner ones.
+(`DepthConfig`) and heads, FFN neurons and hidden channels (`WidthConfig`); state-space models
+the inner channels of their Mamba blocks (`StateSpaceConfig`); `LowRankConfig` replaces a
+layer by two thinner ones.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prunekit.structured.select import (
     list_group_criteria,
     register_group_criterion,
 )
+from prunekit.structured.ssm import StateSpaceConfig, ssm_channel_importance
 from prunekit.structured.trace import TracedModel, trace
 from prunekit.structured.width import WidthConfig
 
@@ -59,5 +61,7 @@ __all__ = [
     "register_group_criterion",
     "register_layer_handler",
     "register_op_rule",
+    "StateSpaceConfig",
+    "ssm_channel_importance",
     "trace",
 ]

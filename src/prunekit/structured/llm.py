@@ -284,10 +284,14 @@ def calibration_pass(
 
 
 class PlanStep(Protocol):
-    """One step of an `LLMPlan` (a `DepthStep` or a `WidthStep`)."""
+    """One step of an `LLMPlan` (a `DepthStep`, `WidthStep`, `StateSpaceStep`, ...).
+
+    A step of a family that `DecoderLayout` does not describe (Mamba, MoE experts) also has
+    `model_dims(model) -> dict[str, int]`: the widths `dense` is compared with on replay.
+    """
 
     kind: ClassVar[str]
-    dense: dict[str, int]  # the widths it was planned for (`DecoderLayout.dims`)
+    dense: dict[str, int]  # the widths it was planned for (`DecoderLayout.dims`, or the step's `model_dims`)
 
     def describe(self) -> list[str]: ...
 
@@ -398,8 +402,12 @@ def replay_llm_plan(plan_data: dict[str, Any], model: nn.Module) -> nn.Module:
     step was planned for is returned unchanged (the load's own shape check then decides).
     """
     plan = LLMPlan.from_dict(plan_data)
-    if plan.steps and decoder_layout(model, "LLM plan").dims() != plan.steps[0].dense:
-        return model
+    if plan.steps:
+        first = plan.steps[0]
+        model_dims = getattr(first, "model_dims", None)  # a step of another family reads its own widths
+        have = model_dims(model) if callable(model_dims) else decoder_layout(model, "LLM plan").dims()
+        if have != first.dense:
+            return model
     return plan.apply(model)
 
 
