@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import random
 import resource
 import time
 
 import torch
 
 import prunekit as pk
-from prunekit.zoo.llm import corpus_texts, load_smollm2, perplexity, token_windows
+from prunekit.zoo.llm import corpus_texts, friends_windows, load_smollm2, perplexity, token_windows
 
 SETTINGS = {
     "50% unstructured": lambda c: pk.UnstructuredConfig(sparsity=0.5, criterion=c, scope="layer", exclude=["lm_head"]),
@@ -45,13 +44,8 @@ def _block_sparsity(model: torch.nn.Module) -> float:
 
 
 def calibration_batches(tokenizer, n: int, seq_len: int, seed: int = 0) -> list[dict]:
-    """`n` random windows of `seq_len` tokens from the Friends transcripts."""
-    text = "\n".join(corpus_texts("friends-transcripts", column="Quote"))
-    # Tokenise only about twice the text needed (~4 characters a token), not the 6 MB corpus.
-    ids = torch.tensor(tokenizer(text[: 8 * n * seq_len + 8 * seq_len])["input_ids"])
-    rng = random.Random(seed)
-    starts = [rng.randrange(0, ids.numel() - seq_len) for _ in range(n)]
-    return [{"input_ids": ids[s : s + seq_len].unsqueeze(0), "use_cache": False} for s in starts]
+    """`n` random windows of `seq_len` tokens from the Friends transcripts, as forward kwargs."""
+    return [{"input_ids": w, "use_cache": False} for w in friends_windows(tokenizer, n, seq_len, seed)]
 
 
 def main() -> None:

@@ -42,11 +42,11 @@ from typing import Any
 
 import torch
 from llm_oneshot import _peak_rss_gib, calibration_batches  # benchmarks/ is on sys.path when a script runs
-from safetensors.torch import load, save
+from safetensors.torch import load, save, save_file
 
 import prunekit as pk
 from prunekit.core.masks import load_mask_state_dict, mask_state_dict, masked_modules
-from prunekit.storage.files import atomic_write_bytes, atomic_write_text
+from prunekit.storage.files import atomic_path, atomic_write_bytes, atomic_write_text
 from prunekit.train.recovery import Recovery, RecoveryConfig
 from prunekit.zoo.llm import corpus_texts, load_smollm2, perplexity
 
@@ -143,6 +143,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out", default="out/llm_recovery.json")
+    parser.add_argument("--save-student", type=Path, default=None,
+                        help="write the recovered model's state dict here (safetensors; for llm_int8.py --pruned)")
     return parser.parse_args()
 
 
@@ -228,6 +230,11 @@ def main() -> None:
     run.run(checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=True, callback=curve)
     curve.write()
     print(f"\n{curve.table()}\nwrote {args.out}")
+    if args.save_student is not None:
+        pk.finalize(student)
+        with atomic_path(args.save_student) as tmp:
+            save_file({k: v.contiguous() for k, v in student.state_dict().items() if k != "lm_head.weight"}, tmp)
+        print(f"wrote the recovered model to {args.save_student}")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,29 @@ def broken() -> nn.Module:
 
 def wrong_example() -> torch.Tensor:
     return torch.randn(1, 3, 8, 8)  # the CNN takes one channel
+
+
+def build_tiny_lm() -> nn.Module:
+    """A user's causal LM: a two-block Llama with random weights (Hugging Face)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def _token_stream(n: int, seed: int) -> torch.Tensor:
+    """Ids with some structure (a noisy counter), so a model's loss depends on its weights."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.arange(n) * 3 + torch.randint(0, 4, (n,), generator=g)) % 64
+
+
+def text_data() -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Training windows (2 x 16 tokens each) and held-out token ids in two named segments."""
+    train = _token_stream(256, 0).view(-1, 2, 16)
+    return list(train), {"counting": _token_stream(96, 1), "noise": torch.randint(0, 64, (64,))}
+
+
+def short_text_data() -> tuple[list[torch.Tensor], torch.Tensor]:
+    return list(_token_stream(64, 0).view(-1, 2, 16)), _token_stream(10, 1)

@@ -95,9 +95,13 @@ def test_bad_entry_points_are_named(tmp_path, override: dict, needle: str) -> No
         run_recipe(_recipe(**override), tmp_path, progress=False)
 
 
-def test_entry_point_form_is_validated() -> None:
+def test_entry_point_form_is_validated(tmp_path) -> None:
     with pytest.raises(pk.ConfigError, match="Recipe.model"):
-        _recipe(model="just_a_module")
+        _recipe(model="pkg:mod:fn")
+    with pytest.raises(pk.ConfigError, match="Recipe.calibration"):
+        _recipe(calibration=0)
+    with pytest.raises(pk.ConfigError, match="neither an entry point .* nor a Hugging Face model folder"):
+        run_recipe(_recipe(model="just_a_module"), tmp_path, progress=False)
 
 
 def test_misspelt_recipe_key_fails_in_cli(tmp_path) -> None:
@@ -106,3 +110,104 @@ def test_misspelt_recipe_key_fails_in_cli(tmp_path) -> None:
                     "finetun: {_type: FinetuneConfig}\n")
     result = CliRunner().invoke(app, ["prune", "--recipe", str(path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "finetun" in result.output
+
+
+def _run_cli(tmp_path, text: str, out: str = "out") -> tuple[int, str]:
+    """`python -m prunekit prune` on a YAML recipe, in a subprocess (the real command)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "prunekit", "prune", "--recipe", str(path), "--out",
+                           str(tmp_path / out), "--no-progress"], capture_output=True, text=True, timeout=600)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_wanda_recipe_calibrates_on_training_batches(tmp_path) -> None:
+    code, output = _run_cli(tmp_path, f"""_type: Recipe
+model: {EP}:build_model
+data: {EP}:loaders
+calibration: 4
+prune: {{_type: UnstructuredConfig, sparsity: 0.5, criterion: wanda}}
+report: {{_type: ReportSettings, batch_sizes: [1], repeats: 5}}
+""")
+    assert code == 0, output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["pruned"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert report["stages_s"]["prune"] > 0 and "accuracy within 1 point" in output
+
+
+def test_allocate_quantize_export_recipe(tmp_path) -> None:
+    code, output = _run_cli(tmp_path, f"""_type: Recipe
+model: {EP}:build_model
+data: {EP}:loaders
+allocate: {{_type: AllocateStage, target: {{_type: SparsityTarget, sparsity: 0.6}}, levels: [0.3, 0.6, 0.9]}}
+prune: {{_type: UnstructuredConfig, sparsity: 0.5}}
+finetune: {{_type: FinetuneConfig, epochs: 1, lr: 0.01}}
+quantize: {{_type: DynamicInt8Config}}
+export: {{_type: ExportStage}}
+report: {{_type: ReportSettings, batch_sizes: [1], repeats: 5}}
+""")
+    assert code == 0, output
+    out = tmp_path / "out"
+    allocation = pk.load_recipe(out / "allocation.yaml")
+    assert isinstance(allocation, pk.PerLayer) and len(set(allocation.rules.values())) > 1  # per-layer levels
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["stages_s"]) >= {"allocate", "prune", "finetune", "quantize", "export", "report"}
+    assert report["files"]["onnx"]["int8"] and (out / "model.onnx").stat().st_size > 0
+    assert (out / "sensitivity.json").exists() and (out / "pruned.safetensors").exists()
+
+
+def test_iterative_channel_recipe_saves_every_round_plan(tmp_path) -> None:
+    from tests.recipe_entry_points import build_cnn, image_loaders
+
+    recipe = _recipe(model=f"{EP}:build_cnn", data=f"{EP}:image_loaders", prune=pk.ChannelConfig(ratio=0.5),
+                     schedule=pk.Iterative(steps=(0, 1)), finetune=FinetuneConfig(epochs=1, lr=1e-2))
+    report = run_recipe(recipe, tmp_path, progress=False)
+    assert report["pruned"]["params"] < 0.7 * report["baseline"]["params"]
+    model = pk.load(tmp_path / "pruned.safetensors", build_cnn)  # both rounds' plans replayed
+    x = next(iter(image_loaders()[1]))[0]
+    assert model[0].out_channels < 8 and model(x).shape == (32, 3)
+
+
+def test_per_layer_recipe(tmp_path) -> None:
+    rules = pk.PerLayer({"0": pk.UnstructuredConfig(sparsity=0.8), "_default": None})
+    report = run_recipe(_recipe(prune=rules, schedule=None, finetune=None), tmp_path, progress=False)
+    assert report["pruned"]["layers"]["0"] == pytest.approx(0.8, abs=0.01)
+    assert report["pruned"]["layers"]["2"] == 0.0
+
+
+def test_language_model_recipe_reports_perplexity(tmp_path) -> None:
+    code, output = _run_cli(tmp_path, f"""_type: Recipe
+model: {EP}:build_tiny_lm
+data: {EP}:text_data
+calibration: 2
+prune: {{_type: NMConfig, n: 2, m: 4, criterion: sparsegpt}}
+recover: {{_type: RecoveryConfig, tokens: 256, lr: 0.001}}
+report: {{_type: ReportSettings, seq_len: 32, prompt_tokens: 8, decode_tokens: 2, repeats: 2}}
+""")
+    assert code == 0, output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    ppl = report["perplexity"]
+    assert [s["segment"] for s in ppl["segments"]] == ["counting", "noise"]
+    assert ppl["pruned"] > 0 and ppl["hardest"]["tokens"] > 0 and "perplexity within 10 %" in output
+    assert report["speed"]["pruned"]["decode_tokens_per_s"] > 0
+    assert report["stages_s"]["recover"] > 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Perplexity by segment" in md and "hardest 10%" in md
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [({"data": f"{EP}:short_text_data", "prune": pk.UnstructuredConfig(sparsity=0.5)},
+      "segment 'all' has 10 tokens, shorter than one window of 512"),
+     ({"allocate": pk.AllocateStage(target=pk.SparsityTarget(sparsity=0.5)), "data": None},
+      "recipe.allocate scores each unit on held-out data and the recipe has none: set recipe.data"),
+     ({"finetune": FinetuneConfig(), "data": f"{EP}:text_data"}, "for a language model .* use recipe.recover"),
+     ({"calibration": 3, "data": None, "prune": pk.UnstructuredConfig(sparsity=0.5, criterion="wanda")},
+      r"recipe.calibration = 3 takes the first 3 training batches: set recipe.data")])
+def test_a_stage_without_its_data_names_the_field(tmp_path, override: dict, needle: str) -> None:
+    fields = {"model": f"{EP}:build_tiny_lm", "schedule": None, "finetune": None, **override}
+    with pytest.raises(pk.ConfigError, match=needle):
+        run_recipe(_recipe(**fields), tmp_path, progress=False)

@@ -47,6 +47,7 @@ from prunekit.methods.block import BlockConfig, BlockReport, check_blocks
 from prunekit.methods.nm import NMConfig, NMReport, check_nm
 from prunekit.methods.unstructured import UnstructuredConfig
 from prunekit.recipes.run import FinetuneConfig, Recipe
+from prunekit.recipes.stages import AllocateStage, ExportStage, ReportSettings
 from prunekit.runtime import accelerate
 from prunekit.structured import (
     ChannelConfig,
@@ -167,4 +168,7 @@ __all__ = [
     # recipes
     "Recipe",
     "FinetuneConfig",
+    "AllocateStage",
+    "ExportStage",
+    "ReportSettings",
 ]

@@ -22,8 +22,9 @@ from prunekit.deploy.quantize import DynamicInt8Config, quantize
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.measure.report import compare, write_report
 from prunekit.recipes.demo import DemoSettings, run_demo
+from prunekit.recipes.entry import load_entry_point
 from prunekit.recipes.launch import launched_world, refuse_under_torchrun, torchrun_process_group
-from prunekit.recipes.run import Recipe, load_entry_point, run_recipe
+from prunekit.recipes.run import Recipe, run_recipe
 from prunekit.recipes.search import run_search_recipe
 from prunekit.recipes.sensitivity import run_sensitivity_recipe
 from prunekit.structured import analyze, trace

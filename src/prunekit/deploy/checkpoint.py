@@ -171,7 +171,9 @@ def save(
     """Write `model`'s weights to a safetensors file, sparse tensors compressed; atomic.
 
     Masked (not yet finalized) models are saved as their effective weights. `metadata` is
-    extra JSON-serialisable data stored in the header (e.g. a structured plan).
+    extra JSON-serialisable data stored in the header. `plan` is the structured plan the
+    model was pruned with (or the list of them, in order, for iterative pruning): `load`
+    replays it on a freshly built dense model.
 
     Example:
         >>> report = save(model, "out/model.safetensors")  # doctest: +SKIP
@@ -196,7 +198,9 @@ def save(
             header["encoded"][key] = info
             for part, t in parts.items():
                 tensors[f"{key}::{part}"] = t
-    if plan is not None:  # a structured plan (channels, LLM depth/width, low-rank): `load` replays it
+    if isinstance(plan, (list, tuple)):  # plans applied in turn (iterative pruning): `load` replays each
+        metadata = {**(metadata or {}), "channel_plans": [p.to_dict() for p in plan]}
+    elif plan is not None:  # a structured plan (channels, LLM depth/width, low-rank): `load` replays it
         metadata = {**(metadata or {}), "channel_plan": plan.to_dict()}
     if metadata:
         header["user"] = metadata
@@ -284,6 +288,13 @@ def _check_fits(path: str | Path, state: dict[str, Tensor], model: nn.Module) ->
             )
 
 
+def _replay_all(plans: list[Any], model: nn.Module) -> nn.Module:
+    for plan in plans:
+        replay_plan = _REPLAYS.get(str(plan.get("format")) if isinstance(plan, dict) else "", replay)
+        model = replay_plan(plan, model)
+    return model
+
+
 def load(path: str | Path, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
     """Load a `save`d checkpoint into `model` (mutates, returns); checked before any copy.
 
@@ -296,12 +307,13 @@ def load(path: str | Path, model: nn.Module | Callable[[], nn.Module]) -> nn.Mod
     given = isinstance(model, nn.Module)
     if not isinstance(model, nn.Module):
         model = model()  # a build function: a fresh dense model
-    if "channel_plan" in user:  # structurally pruned: rebuild the shapes first (no pickle)
-        plan = user["channel_plan"]
-        replay_plan = _REPLAYS.get(str(plan.get("format")) if isinstance(plan, dict) else "", replay)
+    plans = user.get("channel_plans", [user["channel_plan"]] if "channel_plan" in user else [])
+    if plans:  # structurally pruned: rebuild the shapes first (no pickle)
+        if not isinstance(plans, list):
+            raise CheckpointError(f"{path}: 'channel_plans' in the header is not a list")
         if given:  # replay on a copy and check that first: a refused load leaves `model` as it was
-            _check_fits(path, state, replay_plan(plan, copy.deepcopy(model)))
-        model = replay_plan(plan, model)
+            _check_fits(path, state, _replay_all(plans, copy.deepcopy(model)))
+        model = _replay_all(plans, model)
     _check_fits(path, state, model)
     modules = dict(model.named_modules())
     plain = {k: v for k, v in state.items() if not _is_masked(modules, k)}

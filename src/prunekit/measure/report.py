@@ -44,13 +44,22 @@ class Report:
 
     data: dict[str, Any] = field(default_factory=dict)
 
+    def markdown(self) -> str:
+        """The report as Markdown."""
+        return render_markdown(self.data)
+
+    def plots(self) -> dict[str, bytes]:
+        """PNG bytes of each plot the report has data for."""
+        return plots(self.data)
+
     def save(self, out: str | Path) -> Path:
         """Write report.json, report.md, report.html and each plot as PNG into `out` (atomically)."""
         out = Path(out)
-        images = plots(self.data)  # rendered once, for the HTML and the PNG files
+        images = self.plots()  # rendered once, for the HTML and the PNG files
+        markdown = self.markdown()
         atomic_write_text(out / "report.json", json.dumps(self.data, indent=2))
-        atomic_write_text(out / "report.md", render_markdown(self.data))
-        atomic_write_text(out / "report.html", render_html(self.data, images))
+        atomic_write_text(out / "report.md", markdown)
+        atomic_write_text(out / "report.html", markdown_html(self.data["title"], markdown, images))
         for name, png in images.items():
             atomic_write_bytes(out / f"{name}.png", png)
         return out
@@ -144,7 +153,7 @@ def _quiet_fd2() -> Iterator[None]:
 
 
 @torch.no_grad()
-def _peak_activation_bytes(model: nn.Module, x: Tensor) -> int:
+def peak_activation_bytes(model: nn.Module, x: Tensor) -> int:
     """Peak bytes allocated during one forward, from the PyTorch profiler's memory events."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -158,12 +167,14 @@ def _peak_activation_bytes(model: nn.Module, x: Tensor) -> int:
     return peak
 
 
-def _weights_bytes(model: nn.Module) -> int:
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers in memory (a tied tensor counted once)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _disk(model: nn.Module, folder: Path, name: str) -> dict[str, int]:
+def disk_sizes(model: nn.Module, folder: Path, name: str) -> dict[str, int]:
+    """The model saved by `prunekit.save` into `folder`: its size in bytes, and xz-compressed."""
     report = save(model, folder / f"{name}.safetensors")
     compressed = len(lzma.compress(report.path.read_bytes(), preset=6))
     return {"size_bytes": report.size_bytes, "size_bytes_lzma": compressed}
@@ -237,14 +248,14 @@ def compare(
                             "page_faults_per_call": [b.page_faults_per_call, p.page_faults_per_call]})
     example = _batch_of(data, 1)
     with tempfile.TemporaryDirectory() as tmp:
-        disk = {n: _disk(m, Path(tmp), n) for n, m in (("baseline", baseline), ("pruned", pruned))}
+        disk = {n: disk_sizes(m, Path(tmp), n) for n, m in (("baseline", baseline), ("pruned", pruned))}
     models = {"baseline": baseline, "pruned": pruned}
     stats = {
         name: {"params": count_params(m), "nonzero_params": count_params(m, nonzero=True),
                "flops": count_flops(m, example), **disk[name],
-               "weights_bytes": _weights_bytes(m),
-               "peak_activation_bytes_batch1": _peak_activation_bytes(m, example),
-               "peak_activation_bytes_batch32": _peak_activation_bytes(m, _batch_of(data, 32)),
+               "weights_bytes": weights_bytes(m),
+               "peak_activation_bytes_batch1": peak_activation_bytes(m, example),
+               "peak_activation_bytes_batch32": peak_activation_bytes(m, _batch_of(data, 32)),
                "accuracy": acc["top1"][name]}
         for name, m in models.items()
     }
@@ -350,7 +361,7 @@ def render_markdown(d: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _figure_png(draw: Any, size: tuple[float, float] = (6.0, 3.4)) -> bytes:
+def figure_png(draw: Any, size: tuple[float, float] = (6.0, 3.4)) -> bytes:
     try:
         import matplotlib
 
@@ -381,13 +392,13 @@ def plots(d: dict[str, Any]) -> dict[str, bytes]:
             ax.axhline(100 * d["baseline"]["accuracy"], color="gray", ls=":", label="baseline")
             ax.set(xlabel="sparsity (%)", ylabel="accuracy (%)", title="Accuracy against sparsity")
             ax.legend(fontsize=8)
-        out["accuracy_vs_sparsity"] = _figure_png(draw_curve)
+        out["accuracy_vs_sparsity"] = figure_png(draw_curve)
     layers = d["pruned"]["layers"]
 
     def draw_layers(ax: Any) -> None:
         ax.barh(list(layers)[::-1], [100 * s for s in list(layers.values())[::-1]], color="tab:orange")
         ax.set(xlabel="sparsity (%)", title="Per-layer sparsity", xlim=(0, 100))
-    out["layer_sparsity"] = _figure_png(draw_layers, (6.0, 0.6 + 0.28 * len(layers)))
+    out["layer_sparsity"] = figure_png(draw_layers, (6.0, 0.6 + 0.28 * len(layers)))
 
     def draw_latency(ax: Any) -> None:
         rows = d["latency"]["by_batch"]
@@ -396,7 +407,7 @@ def plots(d: dict[str, Any]) -> dict[str, bytes]:
         ax.plot(xs, [r["pruned_ms_p50"] for r in rows], "s-", label="pruned p50")
         ax.set(xlabel="batch size", ylabel="ms per batch", title="Latency by batch size", yscale="log")
         ax.legend()
-    out["latency"] = _figure_png(draw_latency)
+    out["latency"] = figure_png(draw_latency)
 
     def draw_classes(ax: Any) -> None:
         rows = d["accuracy"]["per_class"]
@@ -404,24 +415,30 @@ def plots(d: dict[str, Any]) -> dict[str, bytes]:
         ax.bar([r["class"] for r in rows], deltas, color=["tab:red" if v < 0 else "tab:green" for v in deltas])
         ax.axhline(0, color="black", lw=0.8)
         ax.set(ylabel="pruned - baseline (points)", title="Per-class accuracy change")
-    out["per_class_delta"] = _figure_png(draw_classes)
+    out["per_class_delta"] = figure_png(draw_classes)
     return out
 
 
 def render_html(d: dict[str, Any], pngs: dict[str, bytes] | None = None) -> str:
-    """One self-contained HTML page: the Markdown tables as HTML plus the embedded PNG plots
-    (`pngs`, rendered from `d` when not given)."""
+    """One self-contained HTML page of a classification report (`compare`): its Markdown
+    tables as HTML plus the embedded PNG plots (`pngs`, rendered from `d` when not given)."""
+    return markdown_html(d["title"], render_markdown(d), plots(d) if pngs is None else pngs)
+
+
+def markdown_html(title: str, markdown: str, pngs: dict[str, bytes]) -> str:
+    """One self-contained HTML page: the report's Markdown (headings, lists, tables, text) as
+    HTML, then the PNG plots embedded."""
     import base64
     import html
 
     images = "".join(
         f'<figure><img id="plot-{name}" alt="{name}" src="data:image/png;base64,'
         f'{base64.b64encode(png).decode()}"></figure>'
-        for name, png in (plots(d) if pngs is None else pngs).items()
+        for name, png in pngs.items()
     )
     body: list[str] = []
     header = False
-    for line in render_markdown(d).splitlines():
+    for line in markdown.splitlines():
         if line.startswith("|---"):
             continue
         is_row = line.startswith("|")
@@ -452,7 +469,7 @@ def render_html(d: dict[str, Any], pngs: dict[str, bytes] | None = None) -> str:
     style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}table{border-collapse:collapse}"
              "td,th{border:1px solid #ddd;padding:2px 8px;text-align:right}th{background:#f4f4f4}"
              "figure{display:inline-block;margin:4px}img{max-width:470px}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(d['title'])}</title>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}<h2>Plots</h2>{images}</body></html>")
 
 

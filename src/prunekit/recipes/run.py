@@ -6,14 +6,27 @@ holds configs that are validated field by field, so a misspelt key fails with it
 Example recipe (YAML):
 
     _type: Recipe
-    model: mypkg.models:build_model        # returns an nn.Module (weights trained or loaded)
-    data: mypkg.data:loaders               # returns (train_loader, eval_loader)
-    calibration: mypkg.data:calib_batches  # optional: batches for Wanda/SparseGPT criteria
-    example_inputs: mypkg.data:example     # optional: what structured pruning traces with
+    model: mypkg.models:build_model        # returns an nn.Module (weights trained or loaded), or a
+                                           # Hugging Face causal LM folder (safetensors)
+    data: mypkg.data:loaders               # returns (train_loader, eval_loader); for a language
+                                           # model (train batches of token ids, held-out ids or
+                                           # {segment: ids}), and the report speaks in perplexity
+    calibration: 8                         # Wanda/SparseGPT batches: the first 8 training batches,
+                                           # or an entry point returning a list of batches
+    example_inputs: mypkg.data:example     # optional: what structured pruning and export trace with
                                            # (default: the first eval batch, cut to one sample)
+    max_memory: 8GB                        # optional: calibration passes refuse up front above it
+    allocate:                              # optional: per-layer levels from a sensitivity scan
+      target: {_type: LatencyTarget, speedup: 1.5}
     prune: {_type: UnstructuredConfig, sparsity: 0.9}
     schedule: {_type: Cubic, end_step: 2000, every: 100}
     finetune: {_type: FinetuneConfig, epochs: 3, lr: 0.001, alpha: 0.5}
+    quantize: {_type: DynamicInt8Config}   # optional: INT8 stacked on the pruned model
+    export: {_type: ExportStage}           # optional: model.onnx, checked against the model
+    report: {_type: ReportSettings, batch_sizes: [1, 8]}
+
+Stages run in this order: build, allocate, prune (with fine-tuning when a schedule is given),
+fine-tune (`finetune`, or `recover` for a language model), quantize, save, export, report.
 
 The same recipe runs unchanged in one process or under `torchrun --nproc_per_node N`: then
 every rank builds the model and computes the same masks (a calibration criterion sees batch i
@@ -24,8 +37,10 @@ same pruned model, and rank 0 alone writes the output folder and the report.
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +56,38 @@ from prunekit.core.criteria import get_criterion
 from prunekit.core.distributed import collective_device, rank_and_world
 from prunekit.core.masks import finalize
 from prunekit.core.plan import plan
-from prunekit.deploy.checkpoint import load, save
+from prunekit.deploy.checkpoint import save
+from prunekit.deploy.quantize import quantize
 from prunekit.errors import ConfigError, PlanError, TraceError
-from prunekit.measure.report import compare, write_report
+from prunekit.measure.lm_report import as_segments, compare_lm
+from prunekit.measure.report import Report, compare
+from prunekit.recipes.entry import (
+    calibration_batches,
+    first_batch,
+    first_sample,
+    is_entry_point,
+    load_data,
+    load_entry_point,
+    load_model,
+    shapes,
+)
 from prunekit.recipes.launch import recipe_step, torchrun_process_group
+from prunekit.recipes.stages import (
+    AllocateStage,
+    ExportStage,
+    ReportSettings,
+    allocated_config,
+    export_model,
+    int8_block,
+    int8_verdict,
+    is_text,
+)
 from prunekit.storage.runstate import Checkpointer
-from prunekit.structured import ChannelPlan, LLMPlan, LowRankPlan
+from prunekit.structured import ChannelConfig, ChannelPlan, LLMPlan, LowRankPlan
 from prunekit.train.distill import KDLoss, finetune
-from prunekit.train.schedule import GradualPruner, Schedule
+from prunekit.train.iterative import prune_iteratively
+from prunekit.train.recovery import RecoveryConfig, recover
+from prunekit.train.schedule import GradualPruner, Iterative, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -65,120 +104,82 @@ class FinetuneConfig(FrozenConfig):
 
 @recipe_type
 class Recipe(FrozenConfig):
-    """One pruning run: what to prune, how, and how to recover."""
+    """One pruning run: what to prune, how, and how to recover (see the module docstring)."""
 
     model: str
     data: str | None = None
-    calibration: str | None = None
+    calibration: str | int | None = None
     example_inputs: str | None = None
     checkpoint: str | None = None
+    max_memory: int | str | None = None
+    allocate: AllocateStage | None = None
     prune: FrozenConfig
     schedule: FrozenConfig | None = None
     finetune: FinetuneConfig | None = None
+    recover: RecoveryConfig | None = None
+    quantize: FrozenConfig | None = None
+    export: ExportStage | None = None
+    report: ReportSettings = ReportSettings()
     seed: Seed = 0
 
-    @field_validator("model", "data", "calibration", "example_inputs")
+    @field_validator("data", "example_inputs")
     @classmethod
     def _entry_point_form(cls, value: str | None) -> str | None:
-        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+        if value is not None and not is_entry_point(value):
             raise ValueError(f"{value!r} is not an entry point of the form 'package.module:function'")
         return value
 
+    @field_validator("model")
+    @classmethod
+    def _model_form(cls, value: str) -> str:
+        if ":" in value and not is_entry_point(value):
+            raise ValueError(f"{value!r} is not an entry point of the form 'package.module:function' "
+                             "(nor a folder path without ':')")
+        return value
 
-def load_entry_point(spec: str, what: str) -> Any:
-    """Import "package.module:function" and call it; errors name the entry point."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"{what} entry point {spec!r}: cannot import {module_name!r} ({err})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"{what} entry point {spec!r}: {module_name!r} has no callable {attr!r}")
-    try:
-        return fn()
-    except Exception as err:
-        raise ConfigError(f"{what} entry point {spec!r} raised {type(err).__name__}: {err}") from err
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_form(cls, value: str | int | None) -> str | int | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"a number of training batches must be >= 1, got {value}")
+        if isinstance(value, str) and not is_entry_point(value):
+            raise ValueError(f"{value!r} is neither a number of training batches nor an entry point "
+                             "'package.module:function'")
+        return value
 
 
 def build(recipe: Recipe | SearchRecipe) -> tuple[nn.Module, Any, Any]:
     """Build a recipe's model (with its checkpoint loaded) and its data; nothing else is touched.
 
-    The one place the `prune`, `sensitivity` and `search` commands turn entry points into
-    objects, so they fail alike.
-
     Returns:
-        (model, train_loader, eval_loader); both loaders are None when `recipe.data` is not set.
+        (model, train, eval); both are None when `recipe.data` is not set.
 
     Raises:
         ConfigError: an entry point fails, the model is not an `nn.Module`, or the data entry
-            point does not return (train_loader, eval_loader).
+            point does not return (train, eval).
     """
-    model = load_entry_point(recipe.model, "model")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model entry point {recipe.model!r} returned {type(model).__name__}, not an nn.Module")
-    if recipe.checkpoint:
-        load(recipe.checkpoint, model)
+    model = load_model(recipe.model, recipe.checkpoint)
     if not recipe.data:
         return model, None, None
-    loaders = load_entry_point(recipe.data, "data")
-    if not (isinstance(loaders, (tuple, list)) and len(loaders) == 2):
-        raise ConfigError(f"data entry point {recipe.data!r} must return (train_loader, eval_loader)")
-    return model, loaders[0], loaders[1]
+    train, evaluate = load_data(recipe.data)
+    return model, train, evaluate
 
 
 STRUCTURED_PLANS = (ChannelPlan, LowRankPlan, LLMPlan)
 
 
-def example_inputs_of(recipe: Recipe, *loaders: Any) -> Any:
-    """What structured pruning traces the model with: `recipe.example_inputs` called, else the
-    first batch of the first of `loaders` that has one, cut to one sample (None without data).
-
-    A batch is `(inputs, targets)`, a mapping (its "labels" dropped), or the inputs themselves.
-    """
+def example_inputs_of(recipe: Recipe, evaluate: Any, train: Any) -> Any:
+    """What structured pruning and export trace with: `recipe.example_inputs` called, else the
+    first eval (or training) batch cut to one sample, else one window of held-out text."""
     if recipe.example_inputs is not None:
         return load_entry_point(recipe.example_inputs, "example_inputs")
-    for loader in loaders:
-        batch = next(iter(loader), None) if loader is not None else None
-        if batch is None:
-            continue
-        if isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        elif isinstance(batch, dict):
-            batch = {k: v for k, v in batch.items() if k != "labels"}
-        return _first_sample(batch)
+    batch = first_batch(evaluate, train)
+    if batch is not None:
+        return first_sample(batch)
+    if is_text(evaluate):
+        ids = next(iter(as_segments(evaluate, recipe.report.seq_len).values()))
+        return ids[: recipe.report.seq_len].unsqueeze(0)
     return None
-
-
-def _first_sample(inputs: Any) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs[:1]
-    if isinstance(inputs, dict):
-        return {k: _first_sample(v) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_first_sample(v) for v in inputs)
-    return inputs
-
-
-def calibration_share(recipe: Recipe) -> list[Any] | None:
-    """This process's calibration batches: batch i of `recipe.calibration` on rank i % world (all in one process).
-
-    Raises:
-        ConfigError: the entry point fails, returns no batches, or fewer batches than ranks.
-    """
-    if recipe.calibration is None:
-        return None
-    batches = load_entry_point(recipe.calibration, "calibration")
-    try:
-        batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
-    except TypeError:
-        raise ConfigError(f"calibration entry point {recipe.calibration!r} must return batches (a list), "
-                          f"got {type(batches).__name__}") from None
-    rank, world = rank_and_world()
-    if len(batches) < world:
-        raise ConfigError(f"calibration entry point {recipe.calibration!r} gave {len(batches)} batches for {world} "
-                          "ranks: under torchrun each rank calibrates on its own share, so give at least one per rank")
-    return batches[rank::world]
 
 
 def run_recipe(
@@ -190,14 +191,15 @@ def run_recipe(
     checkpoint_every: int = 100,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Run `recipe`: build, prune (one-shot or gradually while fine-tuning), save, report.
+    """Run `recipe`: build, allocate, prune (one-shot, gradually or iteratively while fine-tuning),
+    fine-tune, quantize, save, export, report.
 
     Under torchrun (WORLD_SIZE > 1) it starts the process group itself if none runs (see
     `prunekit.recipes.launch`), every rank prunes, and rank 0 alone writes `out`.
 
     Args:
         recipe: the run.
-        out: folder for `pruned.safetensors` and the report.
+        out: folder for `pruned.safetensors`, the report and the stages' files.
         progress: show progress bars.
         checkpoint_dir: folder for the fine-tuning checkpoint (see `prunekit.finetune`),
             written every `checkpoint_every` steps and at each epoch's end. None: none.
@@ -207,86 +209,185 @@ def run_recipe(
             measured afresh).
 
     Returns:
-        The report's data (`report.json`), or only the saved file's size without `recipe.data`;
-        on ranks other than 0 under torchrun, an empty dict.
+        The report's data (`report.json`) with the stages' wall times and files, or only the
+        saved file's size without eval data; on ranks other than 0 under torchrun, an empty dict.
 
     Raises:
-        ConfigError: a bad recipe, entry point or setting.
+        ConfigError: a bad recipe, entry point or setting; a stage that needs data has none
+            (names the stage and the field to set).
         PlanError: under torchrun, the ranks ended with different models.
         PrunekitError: under torchrun, a collective failed or timed out (names rank, step, op).
     """
     Checkpointer(checkpoint_dir, "finetune", checkpoint_every, resume)  # bad settings fail before any work
     saving: dict[str, Any] = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every, "resume": resume}
     with torchrun_process_group():
-        return _run(recipe, Path(out), progress, saving)
+        return _Run(recipe, Path(out), progress, saving).run()
 
 
-def _run(recipe: Recipe, out: Path, progress: bool, saving: dict[str, Any]) -> dict[str, Any]:
-    torch.manual_seed(recipe.seed)
-    with recipe_step("build"):
-        model, train, evaluate = build(recipe)
-        calibration = calibration_share(recipe)
-    baseline = copy.deepcopy(model).eval()
-    tune = recipe.finetune
-    structured: ChannelPlan | LowRankPlan | LLMPlan | None = None
-    if (recipe.schedule is not None or tune is not None) and not recipe.data:
-        raise ConfigError("recipe.schedule/finetune need training data: set recipe.data")
-    if recipe.schedule is not None:
-        if not isinstance(recipe.schedule, Schedule):
-            raise ConfigError(f"recipe.schedule: {type(recipe.schedule).__name__} is not a schedule")
-        pruner = GradualPruner(model, recipe.prune, recipe.schedule, seed=recipe.seed, data=calibration)
-        tune = tune or FinetuneConfig()
-        with recipe_step("finetune with gradual pruning"):
-            finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=baseline if tune.alpha else None,
-                     kd=KDLoss(tune.temperature, tune.alpha), pruner=pruner, progress=progress, **saving)
-    else:
-        with recipe_step("prune"):
-            planned = _plan(model, recipe, example_inputs_of(recipe, evaluate, train), calibration)
+class _Run:
+    """One recipe run, stage by stage; `times` holds each stage's wall seconds."""
+
+    def __init__(self, recipe: Recipe, out: Path, progress: bool, saving: dict[str, Any]) -> None:
+        self.recipe, self.out, self.progress, self.saving = recipe, out, progress, saving
+        self.times: dict[str, float] = {}
+        self.files: dict[str, Any] = {}
+        self.structured: Any = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with recipe_step(name):
+            yield
+        self.times[name] = round(time.perf_counter() - start, 3)
+        log.info("recipe stage %s: %.1f s", name, self.times[name])
+
+    def run(self) -> dict[str, Any]:
+        recipe = self.recipe
+        torch.manual_seed(recipe.seed)
+        with self.stage("build"):
+            model, train, evaluate = build(recipe)
+            self.text = is_text(evaluate)
+            check_stage_data(recipe, train, evaluate, self.text)
+            calibration = None if recipe.calibration is None else calibration_batches(recipe.calibration, train)
+            example = example_inputs_of(recipe, evaluate, train)
+        baseline = copy.deepcopy(model).eval()
+        config = recipe.prune
+        if recipe.allocate is not None:
+            with self.stage("allocate"):
+                config = allocated_config(model, config, recipe.allocate, evaluate, example=example,
+                                          calibration=calibration, seq_len=recipe.report.seq_len, out=self.out,
+                                          progress=self.progress)
+                self.files["allocation"] = "allocation.yaml"
+        self.prune(model, config, train, example, calibration, baseline)
+        finalize(model)
+        check_same_model_on_ranks(model)
+        final = model
+        if recipe.quantize is not None:
+            with self.stage("quantize"):
+                final = quantize(model, recipe.quantize, data=calibration or _batches(evaluate, 8),
+                                 example_inputs=example)
+        if rank_and_world()[0] != 0:
+            return {}
+        with self.stage("save"):
+            saved = save(model, self.out / "pruned.safetensors", plan=self.structured)
+        if recipe.export is not None:
+            with self.stage("export"):
+                self.files.update(export_model(final, recipe.export, example, evaluate, self.out))
+        if evaluate is None:
+            return {"pruned": {"size_bytes": saved.size_bytes, "file": saved.path.name}, "stages_s": self.times}
+        with self.stage("report"):
+            report = self.report(baseline, model, evaluate)
+            if final is not model:
+                block = int8_block(baseline, final, evaluate, example, self.out, seq_len=recipe.report.seq_len,
+                                   repeats=min(recipe.report.repeats, 20))
+                report.data["pruned_int8"] = block
+                report.data["verdicts"].insert(1, int8_verdict(block, report.data["baseline"]["size_bytes"]))
+        report.data["stages_s"], report.data["files"] = self.times, {"pruned": saved.path.name, **self.files}
+        report.data.setdefault("sections", []).append(_stages_section(self.times, self.files))
+        report.save(self.out)
+        return report.data
+
+    def prune(self, model: nn.Module, config: FrozenConfig, train: Any, example: Any, calibration: Any,
+              baseline: nn.Module) -> None:
+        """Prune `model` (mutates): gradually or iteratively while fine-tuning, or one-shot, then
+        fine-tune or recover as the recipe says."""
+        recipe, tune = self.recipe, self.recipe.finetune or FinetuneConfig()
+        teacher, kd = (baseline if tune.alpha else None), KDLoss(tune.temperature, tune.alpha)
+        saving = self.saving
+        if isinstance(recipe.schedule, Iterative) and isinstance(config, ChannelConfig):
+            with self.stage("prune iteratively with fine-tuning"):
+                _, self.structured = prune_iteratively(
+                    model, config, _traced(example, recipe), train, rounds=len(recipe.schedule.steps),
+                    epochs=tune.epochs, lr=tune.lr, teacher=teacher, kd=kd, progress=self.progress,
+                    checkpoint_dir=saving["checkpoint_dir"], checkpoint_every=saving["checkpoint_every"],
+                    resume=saving["resume"])
+            return
+        if recipe.schedule is not None:
+            if not isinstance(recipe.schedule, Schedule):
+                raise ConfigError(f"recipe.schedule: {type(recipe.schedule).__name__} is not a schedule")
+            pruner = GradualPruner(model, config, recipe.schedule, seed=recipe.seed, data=calibration)
+            with self.stage("finetune with gradual pruning"):
+                finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=teacher, kd=kd, pruner=pruner,
+                         progress=self.progress, **saving)
+            return
+        with self.stage("prune"):
+            planned = _plan(model, config, recipe, example, calibration)
             planned.apply(model)
             if isinstance(planned, STRUCTURED_PLANS):  # saved with the file: `load(path, build_fn)` replays it
-                structured = planned
-        if tune is not None and tune.epochs:
-            with recipe_step("finetune"):
-                finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=baseline if tune.alpha else None,
-                         kd=KDLoss(tune.temperature, tune.alpha), progress=progress, **saving)
-    finalize(model)
-    check_same_model_on_ranks(model)
-    if rank_and_world()[0] != 0:
-        return {}
-    saved = save(model, out / "pruned.safetensors", plan=structured)
-    if evaluate is None:
-        return {"pruned": {"size_bytes": saved.size_bytes, "file": saved.path.name}}
-    report = compare(baseline, model, evaluate, seed=recipe.seed, title=f"prunekit: {recipe.model}")
-    write_report(report, out)
-    return report.data
+                self.structured = planned
+        if recipe.finetune is not None and tune.epochs:
+            with self.stage("finetune"):
+                finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=teacher, kd=kd,
+                         progress=self.progress, **saving)
+        if recipe.recover is not None:
+            with self.stage("recover"):
+                recover(model, baseline, train, recipe.recover, progress=self.progress,
+                        checkpoint_dir=self.saving["checkpoint_dir"], resume=self.saving["resume"])
+
+    def report(self, baseline: nn.Module, final: nn.Module, evaluate: Any) -> Report:
+        settings, title = self.recipe.report, f"prunekit: {self.recipe.model}"
+        if self.text:
+            return compare_lm(baseline, final, evaluate, seq_len=settings.seq_len, prompt_tokens=settings.prompt_tokens,
+                              decode_tokens=settings.decode_tokens, repeats=min(settings.repeats, 10),
+                              seed=self.recipe.seed, title=title)
+        return compare(baseline, final, evaluate, batch_sizes=settings.batch_sizes, repeats=settings.repeats,
+                       seed=self.recipe.seed, title=title)
 
 
-def _plan(model: nn.Module, recipe: Recipe, example: Any, calibration: list[Any] | None) -> Any:
+def check_stage_data(recipe: Recipe, train: Any, evaluate: Any, text: bool) -> None:
+    """Refuse, before any work, a stage that needs data the recipe does not give (names both)."""
+    needs_train = [name for name, value in (("schedule", recipe.schedule), ("finetune", recipe.finetune),
+                                            ("recover", recipe.recover)) if value is not None]
+    if needs_train and train is None:
+        raise ConfigError(f"recipe.{needs_train[0]} trains the model and the recipe has no training data: set "
+                          "recipe.data to an entry point returning (train, eval)")
+    if recipe.finetune is not None and text:
+        raise ConfigError("recipe.finetune trains a classifier on (inputs, labels); for a language model "
+                          "(eval data is token ids) use recipe.recover (distillation by token budget)")
+    if recipe.recover is not None and not text:
+        raise ConfigError("recipe.recover distils a language model on token ids; for (inputs, labels) "
+                          "loaders use recipe.finetune")
+    if recipe.allocate is not None and evaluate is None:
+        raise ConfigError("recipe.allocate scores each unit on held-out data and the recipe has none: set "
+                          "recipe.data to an entry point returning (train, eval)")
+
+
+def _batches(loader: Any, n: int) -> list[Any] | None:
+    if loader is None or is_text(loader):
+        return None
+    return [b for _, b in zip(range(n), loader, strict=False)]
+
+
+def _traced(example: Any, recipe: Recipe) -> Any:
+    if example is None:
+        raise ConfigError(f"recipe.prune: {type(recipe.prune).__name__} traces the model and the recipe gives "
+                          "no input: set recipe.data (its first eval batch is used) or recipe.example_inputs")
+    return example
+
+
+def _stages_section(times: dict[str, float], files: dict[str, Any]) -> dict[str, str]:
+    rows = ["| stage | wall s |", "|---|---|", *[f"| {name} | {s:.1f} |" for name, s in times.items()]]
+    for name, info in files.items():
+        rows.append(f"\n{name}: {info}")
+    return {"title": "Recipe stages", "markdown": "\n".join(rows)}
+
+
+def _plan(model: nn.Module, config: FrozenConfig, recipe: Recipe, example: Any, calibration: list[Any] | None) -> Any:
     """`plan` for the recipe; a missing input is named by the recipe field that gives it."""
-    criterion = getattr(recipe.prune, "criterion", None)
+    criterion = getattr(config, "criterion", None)
     if calibration is None and isinstance(criterion, str) and get_criterion(criterion).needs_data:
         raise ConfigError(f"recipe.prune: criterion {criterion!r} needs calibration data: set recipe.calibration "
-                          "to an entry point 'package.module:function' that returns a list of batches")
+                          "to a number of training batches or an entry point 'package.module:function' that "
+                          "returns a list of batches")
     try:
-        return plan(model, recipe.prune, example, data=calibration)
+        return plan(model, config, example, data=calibration, max_memory=recipe.max_memory)
     except TraceError as err:
         if example is None:
-            raise ConfigError(f"recipe.prune: {type(recipe.prune).__name__} traces the model and the recipe gives "
+            raise ConfigError(f"recipe.prune: {type(config).__name__} traces the model and the recipe gives "
                               "no input: set recipe.data (its first eval batch is used) or recipe.example_inputs"
                               ) from err
         source = "recipe.example_inputs" if recipe.example_inputs else "the first eval batch, cut to one sample"
-        raise TraceError(f"recipe.prune: tracing the model on {source} ({_shapes(example)}) failed: {err}") from err
-
-
-def _shapes(inputs: Any) -> str:
-    """The shapes of the tensors in `inputs`, for an error message."""
-    if isinstance(inputs, torch.Tensor):
-        return f"shape {list(inputs.shape)}"
-    if isinstance(inputs, dict):
-        return ", ".join(f"{k}: {_shapes(v)}" for k, v in inputs.items())
-    if isinstance(inputs, (tuple, list)):
-        return ", ".join(_shapes(v) for v in inputs)
-    return type(inputs).__name__
+        raise TraceError(f"recipe.prune: tracing the model on {source} ({shapes(example)}) failed: {err}") from err
 
 
 def check_same_model_on_ranks(model: nn.Module) -> None:

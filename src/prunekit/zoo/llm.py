@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import math
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -133,3 +134,31 @@ def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 512, *, progress: b
         nll += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
         count += target.numel()
     return math.exp(nll / count)
+
+
+def friends_windows(tokenizer: Any, n: int, seq_len: int, seed: int = 0) -> list[Tensor]:
+    """`n` random (1, `seq_len`) windows of token ids from the Friends transcripts (calibration text)."""
+    text = "\n".join(corpus_texts("friends-transcripts", column="Quote"))
+    # Tokenise only about twice the text needed (~4 characters a token), not the 6 MB corpus.
+    ids = torch.tensor(tokenizer(text[: 8 * n * seq_len + 8 * seq_len])["input_ids"])
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - seq_len) for _ in range(n)]
+    return [ids[s : s + seq_len].unsqueeze(0) for s in starts]
+
+
+def held_out_text(tokenizer: Any, tokens: int = 51_200, second: int = 16_384) -> dict[str, Tensor]:
+    """Held-out token ids in two segments: Grimm's tales (`tokens`) and Andersen's (`second`)."""
+    return {name: torch.tensor(tokenizer("\n\n".join(corpus_texts(name)))["input_ids"])[:n]
+            for name, n in (("grimm-tales", tokens), ("andersen", second)) if n}
+
+
+def smollm2() -> nn.Module:
+    """Recipe model entry point (`prunekit.zoo.llm:smollm2`): SmolLM2-135M-Instruct in float32."""
+    return load_smollm2()[0]
+
+
+def smollm2_text() -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Recipe data entry point (`prunekit.zoo.llm:smollm2_text`): 128 Friends windows of 512
+    tokens to calibrate and recover on, and held-out Grimm (51,200 tokens) and Andersen text."""
+    _, tokenizer = load_smollm2()
+    return friends_windows(tokenizer, 128, 512), held_out_text(tokenizer)

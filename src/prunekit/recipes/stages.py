@@ -1,0 +1,182 @@
+"""A recipe's optional stages around pruning: allocate before it, export and report settings after.
+
+Each stage is a config in the recipe (validated like the rest) and one function here that
+runs it. Which metric a stage measures follows the recipe's data: (inputs, labels) loaders
+give accuracy and loss, held-out token ids give a language model's token loss and perplexity.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from prunekit.allocation.allocate import Target, allocate
+from prunekit.allocation.latency import measure_latency_table
+from prunekit.allocation.sensitivity import proxy_loss, sensitivity
+from prunekit.config import FrozenConfig, recipe_type, save_recipe
+from prunekit.deploy.checkpoint import save
+from prunekit.deploy.onnx_export import export_onnx
+from prunekit.errors import ConfigError, PrunekitError
+from prunekit.measure.bench import measure_latency
+from prunekit.measure.lm_report import as_segments, token_losses
+from prunekit.storage.files import atomic_write_bytes
+from prunekit.train.distill import accuracy
+
+log = logging.getLogger(__name__)
+
+
+@recipe_type
+class AllocateStage(FrozenConfig):
+    """Before pruning: scan each unit of `recipe.prune`'s family alone at `levels`, then choose
+    per-unit levels that meet `target` with the least predicted damage. The chosen `PerLayer`
+    replaces `recipe.prune` (and is written to allocation.yaml beside the report).
+
+    `metric` "loss" is the mean loss on the first `batches` eval batches (token loss for a
+    language model), "accuracy" the eval loader's accuracy. A `LatencyTarget` times every unit
+    on this machine at `latency_batch` examples.
+    """
+
+    target: Target
+    levels: tuple[float, ...] = Field(default=(0.3, 0.5, 0.7, 0.9), min_length=1)
+    metric: Literal["loss", "accuracy"] = "loss"
+    batches: int = Field(default=4, ge=1)
+    max_level: float | None = Field(default=None, gt=0, lt=1)
+    latency_batch: int = Field(default=1, ge=1)
+
+
+@recipe_type
+class ExportStage(FrozenConfig):
+    """After pruning (and quantizing): write model.onnx and check that its outputs and zeros
+    match the PyTorch model on the first eval batches."""
+
+    onnx: bool = True
+    opset: int | None = None
+    dynamic_batch: bool = True
+    check_batches: int = Field(default=3, ge=1)
+
+
+@recipe_type
+class ReportSettings(FrozenConfig):
+    """What the report measures: latency batch sizes and repeats (classification), the window,
+    prompt and decode lengths (language models)."""
+
+    batch_sizes: tuple[int, ...] = Field(default=(1, 4, 8, 32), min_length=1)
+    repeats: int = Field(default=50, ge=1)
+    seq_len: int = Field(default=512, ge=2)
+    prompt_tokens: int = Field(default=128, ge=1)
+    decode_tokens: int = Field(default=16, ge=1)
+
+
+def is_text(evaluate: Any) -> bool:
+    """Whether a recipe's eval data is held-out token ids (a language model's), not a loader."""
+    return isinstance(evaluate, Tensor) or (isinstance(evaluate, Mapping) and all(
+        isinstance(v, Tensor) for v in evaluate.values()))
+
+
+def probe_metric(stage: AllocateStage, evaluate: Any, seq_len: int) -> tuple[Callable[[nn.Module], float], bool]:
+    """(model -> metric, higher is better) for the allocation scan, from the recipe's eval data."""
+    if is_text(evaluate):
+        if stage.metric == "accuracy":
+            raise ConfigError("recipe.allocate.metric: 'accuracy' needs labelled batches; a language model's "
+                              "eval text is scored by token loss: set metric: loss")
+        ids = torch.cat(list(as_segments(evaluate, seq_len).values()))[: stage.batches * seq_len]
+        return (lambda m: float(token_losses(m, ids, min(seq_len, ids.numel())).mean())), False
+    if stage.metric == "accuracy":
+        return (lambda m: accuracy(m, evaluate)), True
+    return proxy_loss(evaluate, n_batches=stage.batches), False
+
+
+def allocated_config(model: nn.Module, prune: FrozenConfig, stage: AllocateStage, evaluate: Any, *,
+                     example: Any, calibration: list[Any] | None, seq_len: int, out: Path,
+                     progress: bool) -> FrozenConfig:
+    """Run the allocate stage: sensitivity scan, optional latency table, `allocate`; the model ends
+    unchanged. Writes sensitivity.json (+ .png) and allocation.yaml into `out`.
+
+    Raises:
+        ConfigError: the recipe has no eval data, or a latency target has no example inputs.
+        AllocationError: the target cannot be met at the scanned levels (names the binding unit).
+    """
+    if evaluate is None:
+        raise ConfigError("recipe.allocate scores each unit on held-out data: set recipe.data")
+    metric, higher = probe_metric(stage, evaluate, seq_len)
+    table = sensitivity(model, prune, metric, stage.levels, higher_is_better=higher, example_inputs=example,
+                        data=calibration, progress=progress)
+    latency = None
+    if type(stage.target).__name__ == "LatencyTarget":
+        if example is None:
+            raise ConfigError("recipe.allocate: a LatencyTarget times the model on example inputs: "
+                              "set recipe.data or recipe.example_inputs")
+        served = _repeat_batch(example, stage.latency_batch)
+        latency = measure_latency_table(model, prune, stage.levels, served, progress=progress)
+    allocation = allocate(table, stage.target, latency=latency, max_level=stage.max_level)
+    log.info("allocation: %s", allocation)
+    table.save(out / "sensitivity.json")
+    try:
+        table.plot(out / "sensitivity.png")
+    except PrunekitError as err:  # matplotlib missing: the table is still written
+        log.warning("%s", err)
+    config = allocation.to_config(prune)
+    save_recipe(config, out / "allocation.yaml")
+    return config
+
+
+def _repeat_batch(example: Any, n: int) -> Any:
+    if isinstance(example, Tensor):
+        return example[:1].repeat(n, *[1] * (example.dim() - 1))
+    return example
+
+
+def export_model(model: nn.Module, stage: ExportStage, example: Any, batches: Any, out: Path) -> dict[str, Any]:
+    """Run the export stage: model.onnx, checked against `model` on `batches`; returns what was written.
+
+    Raises:
+        ExportCheckError: the exported file's outputs or zeros differ from the model's.
+    """
+    if not stage.onnx:
+        return {}
+    if example is None:
+        raise ConfigError("recipe.export exports from example inputs: set recipe.data or recipe.example_inputs")
+    report = export_onnx(model, out / "model.onnx", example, dynamic_batch=stage.dynamic_batch, check=True,
+                         data=batches or None, max_batches=stage.check_batches, opset=stage.opset)
+    return {"onnx": {"file": "model.onnx", "size_bytes": report.size_bytes, "int8": report.int8,
+                     "batches_checked": report.batches_checked, "max_abs_diff": report.max_abs_diff}}
+
+
+def int8_block(baseline: nn.Module, quantized: nn.Module, evaluate: Any, example: Any, out: Path, *,
+               seq_len: int, repeats: int) -> dict[str, Any]:
+    """What INT8 stacked on the pruned model bought: its file, its metric, its batch-1 latency
+    against the dense baseline (interleaved medians). Writes pruned_int8.safetensors, or
+    pruned_int8.onnx for a static-INT8 (onnxruntime) model."""
+    onnx_bytes = getattr(quantized, "onnx_model_bytes", None)
+    if isinstance(onnx_bytes, bytes):
+        path = out / "pruned_int8.onnx"
+        atomic_write_bytes(path, onnx_bytes)
+        size = len(onnx_bytes)
+    else:
+        saved = save(quantized, out / "pruned_int8.safetensors")
+        path, size = saved.path, saved.size_bytes
+    block: dict[str, Any] = {"file": path.name, "size_bytes": size}
+    if is_text(evaluate):
+        ids = torch.cat(list(as_segments(evaluate, seq_len).values()))
+        block["perplexity"] = float(torch.exp(token_losses(quantized, ids, seq_len).mean()))
+    elif evaluate is not None:
+        block["accuracy"] = accuracy(quantized, evaluate)
+    if example is not None:
+        timed = measure_latency({"baseline": baseline, "int8": quantized}, example, repeats=repeats, warmup=3)
+        block["speedup_batch1"] = timed["baseline"].latency_ms_p50 / timed["int8"].latency_ms_p50
+    return block
+
+
+def int8_verdict(block: dict[str, Any], baseline_size: int) -> str:
+    """One sentence on the INT8 model: size against the dense file, metric, speed."""
+    metric = (f"perplexity {block['perplexity']:.2f}" if "perplexity" in block else
+              f"accuracy {block['accuracy']:.2%}" if "accuracy" in block else "no eval data")
+    speed = f", {block['speedup_batch1']:.2f}x the dense model's speed at batch 1" if "speedup_batch1" in block else ""
+    return (f"pruned + INT8: file {block['size_bytes']:,} B ({block['size_bytes'] / baseline_size:.1%} of the dense "
+            f"file), {metric}{speed}")
