@@ -93,6 +93,20 @@ def loaders() -> tuple[DataLoader, DataLoader]:
         data, batch_size=32)
 
 
+@torch.no_grad()
+def recipe_loaders() -> tuple[DataLoader, DataLoader]:
+    """Data entry point for examples/recipes/efficientnet_latency.yaml: 256 training crops and 128
+    other held-out crops (different seeds), both labelled by the dense model's top-1."""
+    dense = build_model()
+
+    def labelled(images: torch.Tensor) -> TensorDataset:
+        return TensorDataset(images, torch.cat([dense(images[i:i + 32]).argmax(-1) for i in range(0, len(images), 32)]))
+
+    train, held_out = labelled(photo_crops(256, seed=1)), labelled(photo_crops(128, seed=0))
+    return DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)), DataLoader(
+        held_out, batch_size=32)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/effnet"))

@@ -53,6 +53,7 @@ from prunekit.structured import (
     ChannelConfig,
     ChannelPlan,
     DepthConfig,
+    ExpertConfig,
     LowRankConfig,
     StateSpaceConfig,
     WidthConfig,
@@ -114,6 +115,7 @@ __all__ = [
     "DepthConfig",
     "WidthConfig",
     "StateSpaceConfig",
+    "ExpertConfig",
     "LowRankConfig",
     # train: schedules, distillation, iterative structured pruning
     "GradualPruner",

@@ -50,7 +50,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from prunekit.allocation.search import SearchRecipe
-from prunekit.config import FrozenConfig, Seed, recipe_type
+from prunekit.config import FrozenConfig, MaskConfig, Seed, recipe_type
 from prunekit.core.collectives import collective_guard
 from prunekit.core.criteria import get_criterion
 from prunekit.core.distributed import collective_device, rank_and_world
@@ -374,7 +374,7 @@ def _stages_section(times: dict[str, float], files: dict[str, Any]) -> dict[str,
 
 def _plan(model: nn.Module, config: FrozenConfig, recipe: Recipe, example: Any, calibration: list[Any] | None) -> Any:
     """`plan` for the recipe; a missing input is named by the recipe field that gives it."""
-    criterion = getattr(config, "criterion", None)
+    criterion = getattr(config, "criterion", None) if isinstance(config, MaskConfig) else None
     if calibration is None and isinstance(criterion, str) and get_criterion(criterion).needs_data:
         raise ConfigError(f"recipe.prune: criterion {criterion!r} needs calibration data: set recipe.calibration "
                           "to a number of training batches or an entry point 'package.module:function' that "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from prunekit.allocation.allocate import Target, allocate
@@ -48,6 +48,14 @@ class AllocateStage(FrozenConfig):
     batches: int = Field(default=4, ge=1)
     max_level: float | None = Field(default=None, gt=0, lt=1)
     latency_batch: int = Field(default=1, ge=1)
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _concrete_target(cls, value: Any) -> Any:
+        if not isinstance(value, Target) or type(value) is Target:
+            raise ValueError("needs a concrete target: SparsityTarget, FlopsTarget, SizeTarget or LatencyTarget "
+                             "(in YAML, a mapping with its '_type')")
+        return value
 
 
 @recipe_type

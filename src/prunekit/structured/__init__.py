@@ -5,7 +5,8 @@ op-rule table (`ops/`), `select` scores and picks units, and `ChannelPlan` remov
 atomically through per-layer handlers (`layers.py`). `prunekit.plan(model, ChannelConfig(...),
 example_inputs)` drives all of it. Language models have their own units: whole decoder blocks
 (`DepthConfig`) and heads, FFN neurons and hidden channels (`WidthConfig`); state-space models
-the inner channels of their Mamba blocks (`StateSpaceConfig`); `LowRankConfig` replaces a
+the inner channels of their Mamba blocks (`StateSpaceConfig`); mixture-of-experts models whole
+experts and per-expert FFN neurons (`ExpertConfig`); `LowRankConfig` replaces a
 layer by two thinner ones.
 """
 
@@ -19,6 +20,7 @@ from prunekit.structured.layers import get_layer_handler, list_layer_handlers, r
 from prunekit.structured.llm import LLMPlan
 from prunekit.structured.lowrank import LowRankConfig, LowRankPlan
 from prunekit.structured.mha import PrunedMultiheadAttention
+from prunekit.structured.moe import ExpertConfig, expert_importance
 from prunekit.structured.ops import get_op_rule, list_op_rules, register_op_rule
 from prunekit.structured.plan import ChannelPlan, plan_channels
 from prunekit.structured.select import (
@@ -62,6 +64,8 @@ __all__ = [
     "register_layer_handler",
     "register_op_rule",
     "StateSpaceConfig",
+    "ExpertConfig",
+    "expert_importance",
     "ssm_channel_importance",
     "trace",
 ]
