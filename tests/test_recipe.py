@@ -211,3 +211,17 @@ def test_a_stage_without_its_data_names_the_field(tmp_path, override: dict, need
     fields = {"model": f"{EP}:build_tiny_lm", "schedule": None, "finetune": None, **override}
     with pytest.raises(pk.ConfigError, match=needle):
         run_recipe(_recipe(**fields), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("name", ["digits_channels", "digits_wanda", "mnist_workflow", "smollm2_sparsegpt24",
+                                  "efficientnet_latency"])
+def test_worked_recipes_parse_and_name_real_entry_points(name: str) -> None:
+    import importlib
+    from pathlib import Path
+
+    recipe = pk.load_recipe(Path(__file__).parents[1] / "examples" / "recipes" / f"{name}.yaml")
+    assert isinstance(recipe, Recipe)
+    for spec in (recipe.model, recipe.data, recipe.example_inputs, recipe.calibration):
+        if isinstance(spec, str):
+            module, _, fn = spec.partition(":")
+            assert callable(getattr(importlib.import_module(module), fn)), spec

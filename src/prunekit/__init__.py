@@ -42,6 +42,7 @@ from prunekit.errors import (
     UnsupportedLayerError,
 )
 from prunekit.measure.bench import compare_speed, count_flops, count_params, measure_latency
+from prunekit.measure.lm_report import compare_lm
 from prunekit.measure.report import Report, compare, write_report
 from prunekit.methods.block import BlockConfig, BlockReport, check_blocks
 from prunekit.methods.nm import NMConfig, NMReport, check_nm
@@ -145,6 +146,7 @@ __all__ = [
     "measure_latency",
     "compare_speed",
     "compare",
+    "compare_lm",
     "write_report",
     "Report",
     # allocation: sensitivity, per-layer levels for a target, search
