@@ -17,7 +17,8 @@ from prunekit.allocation.sensitivity import proxy_loss, sensitivity
 from prunekit.config import save_recipe
 from prunekit.core.distributed import is_main_rank
 from prunekit.errors import ConfigError, PrunekitError
-from prunekit.recipes.run import Recipe, build
+from prunekit.recipes.entry import calibration_batches
+from prunekit.recipes.run import Recipe, build, example_inputs_of
 from prunekit.train.distill import accuracy
 
 log = logging.getLogger(__name__)
@@ -41,16 +42,17 @@ def run_sensitivity_recipe(
     afresh and ends unchanged. Returns the table, the allocation (or None) and the paths.
     """
     out = Path(out)
-    model, _train, held_out = build(recipe)
+    model, train, held_out = build(recipe)
     if not recipe.data:
         raise ConfigError("prunekit sensitivity needs recipe.data: an entry point returning (train, eval) loaders")
+    calibration = None if recipe.calibration is None else calibration_batches(recipe.calibration, train)
     if metric == "accuracy":
         evaluate, higher = (lambda m: accuracy(m, held_out)), True
     else:
         evaluate, higher = proxy_loss(held_out, n_batches=loss_batches), False
-    inputs = torch.zeros(input_shape) if input_shape else None
+    inputs = torch.zeros(input_shape) if input_shape else example_inputs_of(recipe, held_out, train)
     table = sensitivity(model, recipe.prune, evaluate, levels, higher_is_better=higher, example_inputs=inputs,
-                        progress=progress)
+                        data=calibration, progress=progress, max_memory=recipe.max_memory)
     allocation = allocate(table, target) if target is not None else None
     if not is_main_rank():  # under torchrun every rank holds the same merged table; rank 0 writes it
         return {"table": table, "allocation": allocation, "files": {}}
