@@ -24,7 +24,8 @@ from prunekit.config import config_from_dict, config_to_dict
 from prunekit.errors import CalibrationError, ConfigError, PlanError
 from prunekit.structured import llm
 from prunekit.structured.llm import LLMPlan
-from prunekit.structured.moe import ExpertConfig, ExpertStep, expert_importance
+from prunekit.structured.moe import ExpertConfig, ExpertStep
+from prunekit.structured.moe_routing import expert_importance
 
 transformers = pytest.importorskip("transformers")
 

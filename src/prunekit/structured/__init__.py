@@ -20,7 +20,8 @@ from prunekit.structured.layers import get_layer_handler, list_layer_handlers, r
 from prunekit.structured.llm import LLMPlan
 from prunekit.structured.lowrank import LowRankConfig, LowRankPlan
 from prunekit.structured.mha import PrunedMultiheadAttention
-from prunekit.structured.moe import ExpertConfig, expert_importance
+from prunekit.structured.moe import ExpertConfig
+from prunekit.structured.moe_routing import expert_importance
 from prunekit.structured.ops import get_op_rule, list_op_rules, register_op_rule
 from prunekit.structured.plan import ChannelPlan, plan_channels
 from prunekit.structured.select import (
