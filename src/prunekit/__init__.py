@@ -25,6 +25,7 @@ from prunekit.config import PerLayer, load_recipe, save_recipe
 from prunekit.core.masks import SparsityReport, finalize, sparsity
 from prunekit.core.plan import MaskPlan, plan, prune, register_method
 from prunekit.deploy.checkpoint import SaveReport, load, save
+from prunekit.deploy.coreml import CoreMLReport, check_coreml, export_coreml
 from prunekit.deploy.onnx_export import ExportReport, export_onnx
 from prunekit.deploy.quantize import DynamicInt8Config, OrtModule, StaticInt8Config, quantize
 from prunekit.errors import (
@@ -140,6 +141,9 @@ __all__ = [
     "OrtModule",
     "export_onnx",
     "ExportReport",
+    "export_coreml",
+    "check_coreml",
+    "CoreMLReport",
     # measure: counts, latency, the validation report
     "count_params",
     "count_flops",

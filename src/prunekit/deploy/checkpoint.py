@@ -74,20 +74,20 @@ class SaveReport:
 
 
 def effective_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """`model.state_dict()` with parametrizations squashed: 'fc.weight' = original * mask.
+    """`model.state_dict()` with prunekit's masks squashed: 'fc.weight' = original * mask.
 
-    Keys under 'parametrizations.' are replaced by the tensor they parametrize.
+    Keys under 'parametrizations.' of a masked tensor are replaced by the tensor they
+    parametrize; other parametrizations (`weight_norm`'s original0/original1) keep their keys.
     """
     modules = dict(model.named_modules())
     out = {}
     for key, value in model.state_dict().items():
         head, sep, tail = key.partition("parametrizations.")
-        if not sep:
-            out[key] = value
-            continue
         name, _, rest = tail.partition(".")
-        if rest == "original":  # one entry per parametrized tensor; masks are implied by zeros
-            fqn = head.removesuffix(".")
+        fqn = head.removesuffix(".")
+        if not sep or fqn not in modules or get_mask(modules[fqn], name) is None:
+            out[key] = value
+        elif rest == "original":  # one entry per masked tensor; masks are implied by zeros
             out[f"{fqn}.{name}" if fqn else name] = getattr(modules[fqn], name).detach()
     return int8_state(model, out)  # INT8 layers: packed params -> plain int8 + scales
 

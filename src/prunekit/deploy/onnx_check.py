@@ -6,7 +6,9 @@ suffixes onnxruntime's quantizer adds), by exact value (directly or transposed, 
 MatMul whose weight the exporter pre-transposed), by zero pattern, by a per-output-channel
 scale (a BatchNorm folded into a conv, or an int8 weight with per-channel scales), and last
 by a shape no other initializer has. Every pruned tensor must be found; a dense tensor that
-is not found (folded away, say) is listed in the report instead.
+is not found (folded away, say) is listed in the report instead. Sparse initializers
+(`SparseTensorProto`, as `export_onnx(..., sparse_initializers=True)` writes) are densified
+first and checked like dense ones; malformed indices fail naming the tensor.
 """
 
 from __future__ import annotations
@@ -132,6 +134,42 @@ def float_twin(model: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------------------------
 # Matching initializers to tensors.
+
+
+def initializer_arrays(proto: Any) -> dict[str, np.ndarray]:
+    """Name -> array of every initializer of `proto`, dense ones and densified sparse ones."""
+    from onnx import numpy_helper
+
+    out = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    out.update({s.values.name: densify_sparse(s) for s in proto.graph.sparse_initializer})
+    return out
+
+
+def densify_sparse(sparse: Any) -> np.ndarray:
+    """The dense array an ONNX `SparseTensorProto` stands for (COO, linear or [NNZ, rank] indices).
+
+    Raises:
+        ExportCheckError: the indices are out of range, not ascending, or do not match the
+            values; the message names the tensor.
+    """
+    from onnx import numpy_helper
+
+    name, shape = sparse.values.name, tuple(int(d) for d in sparse.dims)
+    values = numpy_helper.to_array(sparse.values).reshape(-1)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    size = int(np.prod(shape))
+    if indices.ndim == 2 and indices.shape[1] == len(shape) and (indices >= 0).all() \
+            and (indices < np.array(shape)).all():
+        indices = np.ravel_multi_index(tuple(indices.T), shape) if indices.size else indices.reshape(-1)
+    flat = indices.reshape(-1) if indices.ndim == 1 else None
+    if flat is None or flat.size != values.size or (flat.size and (flat.min() < 0 or flat.max() >= size)) \
+            or (np.diff(flat) <= 0).any():
+        raise ExportCheckError(f"sparse initializer {name!r}: its {values.size} values and indices of shape "
+                               f"{tuple(indices.shape)} do not describe a tensor of shape {shape} "
+                               "(indices must be in range, ascending, one per value)")
+    dense = np.zeros(size, dtype=values.dtype)
+    dense[flat] = values
+    return dense.reshape(shape)
 
 
 def _orientations(ref: np.ndarray, arr: np.ndarray, name: str) -> list[tuple[np.ndarray, str]]:
@@ -335,7 +373,8 @@ def check_onnx(
 
     Args:
         model: the PyTorch model that was exported (masked, finalized or dynamic-INT8).
-        onnx_model: a path, the file's bytes, or an `onnx.ModelProto`.
+        onnx_model: a path, the file's bytes, or an `onnx.ModelProto`; dense and sparse
+            initializers are both read.
         example_inputs: a tensor or tuple of tensors the model takes.
         data: real batches: `x`, or a tuple whose first k items are the model's k inputs
             (`(x, y)`, `(input_ids, attention_mask)`); up to `max_batches` of them are run
@@ -354,14 +393,13 @@ def check_onnx(
     """
     onnx = require_onnx()
     import onnxruntime as ort
-    from onnx import numpy_helper
 
     proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else load_onnx(onnx_model)
     validate_nm(n, m)
     model.eval()
     used = _used_weights(model, _as_tuple(example_inputs))
     refs = reference_weights(model)
-    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    inits = initializer_arrays(proto)
     found = match_initializers(refs, inits)
     checks, unmapped = [], []
     for key, ref in refs.items():

@@ -8,10 +8,15 @@ Dynamic INT8 models (`prunekit.quantize` with `DynamicInt8Config`) are exported 
 whose weights are the dequantized int8 weights, then quantized by onnxruntime's dynamic
 quantizer with the same per-channel symmetric scheme (scale = max|w| / 127, zero point 0), so
 the int8 weights in the file equal PyTorch's and every pruned zero stays an int8 zero.
+
+With `sparse_initializers=True` each initializer that is smaller stored sparse moves to
+`graph.sparse_initializer` as an ONNX `SparseTensorProto` (non-zero values plus their int64
+linear indices). onnxruntime densifies them when it loads the file; OpenVINO cannot read them.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import lzma
 import tempfile
@@ -22,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from prunekit._moved import moved_name
+from prunekit.core.masks import finalize, masked_modules
 from prunekit.deploy.int8 import is_quantized_linear
 from prunekit.deploy.onnx_check import (
     CheckResult,
@@ -73,6 +80,7 @@ class ExportReport:
     batches_checked: int = 0
     atol: float = 0.0
     rtol: float = 0.0
+    sparse: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """The sizes, then one line per checked tensor."""
@@ -80,6 +88,8 @@ class ExportReport:
             f"{self.path}: {self.size_bytes:,} bytes (zip {self.zip_bytes:,}, xz {self.lzma_bytes:,}), "
             f"opset {self.opset}{', INT8' if self.int8 else ''}"
         ]
+        if self.sparse:
+            lines.append(f"{len(self.sparse)} initializers stored sparse: {', '.join(self.sparse)}")
         if self.checked:
             lines.append(
                 f"check passed: {len(self.tensors)} weights matched, outputs within "
@@ -113,6 +123,7 @@ def export_onnx(
     rtol: float | None = None,
     max_batches: int = 3,
     compress: bool = True,
+    sparse_initializers: bool = False,
 ) -> ExportReport:
     """Export `model` to an ONNX file at `path`, checked, written atomically (does not mutate).
 
@@ -138,6 +149,9 @@ def export_onnx(
             against its float-activation twin: onnxruntime's may be at most twice PyTorch's
             plus rtol (default 0.02), since the two quantize activations differently.
         compress: also measure the file's zip (deflate) and xz sizes.
+        sparse_initializers: store each initializer as an ONNX `SparseTensorProto` where that is
+            smaller than dense (see `sparsify_initializers`: above 2/3 sparsity for float32).
+            onnxruntime loads such files; OpenVINO and some other runtimes do not.
 
     Returns:
         An `ExportReport` with the file size, compressed sizes and per-tensor checks.
@@ -166,6 +180,11 @@ def export_onnx(
     try:
         with atomic_writer(path) as stream:  # fails early, before exporting, if path is unwritable
             blob = onnx_bytes(model, inputs, dynamic_batch=dynamic_batch, opset=opset)
+            sparse: tuple[str, ...] = ()
+            if sparse_initializers:
+                proto = onnx.load_from_string(blob)
+                sparse = sparsify_initializers(proto)
+                blob = proto.SerializeToString()
             result: CheckResult | None = None
             if check:
                 result = check_onnx(model, blob, inputs, data=data, max_batches=max_batches, n=n, m=m,
@@ -177,7 +196,7 @@ def export_onnx(
     report = ExportReport(
         path, len(blob), zipped, xz, opset, int8, result is not None,
         result.tensors if result else (), result.unmapped if result else (),
-        result.max_abs_diff if result else None, result.batches if result else 0, atol, rtol,
+        result.max_abs_diff if result else None, result.batches if result else 0, atol, rtol, sparse,
     )
     log.info("%s", report.summary())
     return report
@@ -200,14 +219,51 @@ def _check_opset(onnx: Any, opset: int | None) -> int:
 # Building the file.
 
 
+def sparsify_initializers(proto: Any) -> tuple[str, ...]:
+    """Move each initializer that is smaller sparse into `graph.sparse_initializer` (mutates `proto`).
+
+    A sparse tensor stores its non-zeros plus one int64 linear index each (the ONNX format
+    allows no narrower index type), so it only pays where the non-zeros are few enough: below
+    1/3 density for float32, 1/5 for float16, 1/9 for int8. Initializers also listed as graph
+    inputs (overridable at run time) stay dense.
+
+    Returns:
+        The names of the initializers now stored sparse, in graph order.
+    """
+    from onnx import helper, numpy_helper
+
+    overridable = {i.name for i in proto.graph.input}
+    keep, moved, names = [], [], []
+    for init in proto.graph.initializer:
+        arr = None if init.name in overridable else numpy_helper.to_array(init)
+        if (arr is None or arr.ndim == 0 or arr.dtype.kind not in "fiu"
+                or np.count_nonzero(arr) * (arr.itemsize + 8) >= arr.nbytes):
+            keep.append(init)
+            continue
+        flat = arr.reshape(-1)
+        where = np.flatnonzero(flat)  # ascending, as the format requires
+        values = numpy_helper.from_array(flat[where], init.name)
+        indices = numpy_helper.from_array(where.astype(np.int64), f"{init.name}_indices")
+        moved.append(helper.make_sparse_tensor(values, indices, list(arr.shape)))
+        names.append(init.name)
+    if names:
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+        proto.graph.sparse_initializer.extend(moved)
+    return tuple(names)
+
+
 def onnx_bytes(model: nn.Module, inputs: tuple[Tensor, ...], *, dynamic_batch: bool, opset: int) -> bytes:
     """The serialised ONNX model for `model` (no file is written, nothing is checked)."""
     if hasattr(model, "onnx_model_bytes"):  # an onnxruntime-backed module: it already is a file
         return bytes(model.onnx_model_bytes)  # type: ignore[arg-type]
     if is_int8(model):
         return _int8_bytes(model, inputs, dynamic_batch, opset)
-    # A masked model needs no finalizing: the exporter folds `original * mask` into one
-    # constant per weight (named like 'mul_6'; the check matches it back by value).
+    if masked_modules(model):
+        # The exporter folds `original * mask` into one constant only for small tensors: a
+        # 300x784 weight stays a run-time Mul of two dense initializers. So a finalized copy
+        # is exported (its weights equal the masked ones; the check compares by value).
+        model = finalize(copy.deepcopy(model))
     return _export_proto(model, inputs, dynamic_batch, opset).SerializeToString()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,10 +85,19 @@ class DependencyGraph:
     groups: list[Group]
     sizes: dict[str, tuple[int, ...]]
     barriers: list[tuple[str, str]] = field(default_factory=list)  # (unknown op and line, layer)
-    blocked: dict[str, list[str]] = field(default_factory=dict)  # layer FQN -> why its outputs stay
+    explain_blocked: Callable[[], dict[str, list[str]]] = field(default=dict, repr=False)  # -> `blocked`
     refused: list[str] = field(default_factory=list)  # named barriers: op, line, layer and why
     spelled: dict[str, list[np.ndarray]] = field(default_factory=dict)  # node -> atoms its sizes fix
     components: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # per atom
+    _blocked: dict[str, list[str]] | None = field(default=None, repr=False)
+
+    @property
+    def blocked(self) -> dict[str, list[str]]:
+        """Layer FQN -> why none of its output channels can go. Worked out on first use: on a
+        large model that takes longer than planning itself needs, and only reports read it."""
+        if self._blocked is None:
+            self._blocked = self.explain_blocked()
+        return self._blocked
 
     def summary(self) -> str:
         """One line per prunable group, then the blocked layers (and why), then the barriers."""
@@ -212,10 +222,9 @@ def analyze(
         else:
             ctx.env[node] = rule(ctx, node)
     ctx.atoms.enforce_rectangular()
-    blocked: dict[str, list[str]] = {}
-    groups, comp = _groups(model, ctx.atoms, exclude or [], blocked)
+    groups, comp, explain = _groups(model, ctx.atoms, exclude or [])
     sizes = {fqn: tuple(t.shape) for fqn, t in tensors.items()}
-    graph = DependencyGraph(groups, sizes, barriers, blocked, ctx.refused, ctx.spelled, comp)
+    graph = DependencyGraph(groups, sizes, barriers, explain, ctx.refused, ctx.spelled, comp)
     if warn:
         warn_barriers(graph)
     return graph
@@ -279,8 +288,8 @@ def _barrier(ctx: _Context, node: Node, barriers: list[tuple[str, str]]) -> Labe
 
 
 def _groups(
-    model: nn.Module, atoms: AtomGraph, exclude: list[str], blocked: dict[str, list[str]] | None = None
-) -> tuple[list[Group], np.ndarray]:
+    model: nn.Module, atoms: AtomGraph, exclude: list[str]
+) -> tuple[list[Group], np.ndarray, Callable[[], dict[str, list[str]]]]:
     comp, graph_frozen = atoms.components()
     frozen = graph_frozen.copy()
     head_comps = set(comp[np.concatenate(atoms.heads)].tolist()) if atoms.heads else set()
@@ -301,8 +310,9 @@ def _groups(
             why = "excluded" if dim in shrinkable else f"{fqn} dim {dim} cannot shrink ({type(module).__name__})"
             for c in set(comp[arr].tolist()):
                 held.setdefault(c, why)
-    if blocked is not None:
-        _explain_blocked(atoms, comp, graph_frozen, frozen, held, outputs, blocked)
+
+    def explain() -> dict[str, list[str]]:
+        return _explain_blocked(atoms, comp, graph_frozen, frozen, held, outputs)
     keys = list(atoms.params)
     comps, mems, poss = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for k, arr in enumerate(atoms.params.values()):
@@ -313,7 +323,7 @@ def _groups(
         poss.append(idx)
     c, m, p = np.concatenate(comps), np.concatenate(mems), np.concatenate(poss)
     if c.size == 0:
-        return [], comp
+        return [], comp, explain
     order_ = np.lexsort((p, m, c))  # by unit, then member, then position (vectorised: ~1e5 positions)
     c, m, p = c[order_], m[order_], p[order_]
     cuts = np.flatnonzero((np.diff(c) != 0) | (np.diff(m) != 0)) + 1
@@ -345,7 +355,7 @@ def _groups(
         groups.append(Group(members, positions, layers, kind, units))
     order = {fqn: i for i, fqn in enumerate(modules)}
     groups.sort(key=lambda g: min(order.get(owner_of(fqn)[0], 0) for fqn, _ in g.members))
-    return groups, comp
+    return groups, comp, explain
 
 
 def _explain_blocked(
@@ -355,12 +365,12 @@ def _explain_blocked(
     frozen: np.ndarray,
     held: dict[int, str],
     outputs: list[tuple[str, np.ndarray]],
-    blocked: dict[str, list[str]],
-) -> None:
-    """Fill `blocked` with the layers none of whose output channels can go, and why."""
+) -> dict[str, list[str]]:
+    """The layers none of whose output channels can go, and why."""
     stuck = [(layer, set(comp[arr].tolist())) for layer, arr in outputs if frozen[comp[arr]].all()]
     wanted = {c for _, comps in stuck for c in comps if graph_frozen[c]}
     reasons = atoms.frozen_by(comp, wanted) if wanted else {}
+    blocked: dict[str, list[str]] = {}
     for layer, comps in stuck:
         why: list[str] = []
         for c in sorted(comps):
@@ -368,3 +378,4 @@ def _explain_blocked(
                 if r and r not in why:
                     why.append(r)
         blocked[layer] = why[:3] + ([f"+{len(why) - 3} more"] if len(why) > 3 else []) or ["frozen"]
+    return blocked

@@ -40,6 +40,10 @@ def _ffn_width(fqn: str, module: Any) -> int | None:
         return child.out_features
     if fqn.endswith("mlp") and hasattr(getattr(module, "c_fc", None), "nf"):
         return module.c_fc.nf
+    if fqn.endswith("DenseReluDense"):  # T5: wi (or gated wi_0/wi_1) -> wo
+        child = next((getattr(module, c) for c in ("wi", "wi_0") if isinstance(getattr(module, c, None), nn.Linear)),
+                     None)
+        return child.out_features if child is not None else None
     return None
 
 
@@ -95,7 +99,7 @@ def update_config(model: nn.Module) -> list[str]:
     ffn = {w for fqn, m in model.named_modules() if (w := _ffn_width(fqn, m)) is not None}
     heads = {h for m in model.modules() if (h := _heads(m)) is not None}
     skipped = []
-    ffn_field = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
+    ffn_field = next((f for f in ("d_ff", "n_inner") if hasattr(config, f)), "intermediate_size")
     if len(ffn) == 1:
         setattr(config, ffn_field, ffn.pop())
     elif ffn:
@@ -119,8 +123,9 @@ def update_config(model: nn.Module) -> list[str]:
         _WARNED.add((type(model).__name__, mismatched[0]))  # planning applies to a copy first: say it once
         log.warning(
             "%s: from_pretrained cannot rebuild this pruned model from its config (%d tensors differ, "
-            "e.g. %s): its attention derives the head size from hidden_size // num_attention_heads "
-            "(BERT, GPT-2; config.pruned_heads is gone in transformers 5); save with "
+            "e.g. %s): no config field describes that shape (BERT and GPT-2 attention, for one, derive "
+            "the head size from hidden_size // num_attention_heads; config.pruned_heads is gone in "
+            "transformers 5); save with "
             "prunekit.save(model, path, plan=plan) and rebuild with prunekit.load(path, build_dense_model)",
             type(model).__name__,
             len(mismatched),

@@ -351,15 +351,23 @@ def plan_channels(model: nn.Module, config: ChannelConfig, fqns: list[str] | Non
     return plan
 
 
+# Hugging Face model types whose structured units the channel graph cannot see, and the config that prunes them.
+_OWN_CONFIG = {"mamba": "StateSpaceConfig", "falcon_mamba": "StateSpaceConfig", "mixtral": "ExpertConfig",
+               "qwen2_moe": "ExpertConfig", "qwen3_moe": "ExpertConfig", "olmoe": "ExpertConfig"}
+
+
 def _plan_once(
     model: nn.Module, config: ChannelConfig, graph: DependencyGraph, ctx: PlanContext
 ) -> tuple[ChannelPlan, list[np.ndarray], Exception | None]:
     """Select, build and self-check one plan; the error if the pruned copy fails to run."""
     if not graph.groups:
         warn_barriers(graph)
+        first = f"; the first barrier is {graph.barriers[0][0]} in {graph.barriers[0][1]!r}" if graph.barriers else ""
+        own = _OWN_CONFIG.get(str(getattr(getattr(model, "config", None), "model_type", "")))
         raise UnsupportedLayerError(
             f"{type(model).__name__} has no prunable channel group: no Linear/Conv output can shrink "
-            "(no such layer, every one excluded, or all behind ops prunekit does not understand)"
+            f"(no such layer, every one excluded, or all behind ops prunekit does not understand{first})"
+            + (f"; this family has its own structured config: prunekit.{own}" if own else "")
         )
     removed = select_units(
         graph.groups,
