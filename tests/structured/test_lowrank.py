@@ -372,3 +372,30 @@ def test_level_is_the_reduction_and_allocate_meets_a_flops_target() -> None:
     assert achieved == pytest.approx(0.4, abs=0.03)
     pruned = allocation.apply(copy.deepcopy(model), x)  # the layer path: prunekit.prune with the rules
     assert pk.count_flops(pruned, x) == plan.stats["flops_after"]
+
+
+def test_sensitivity_and_allocate_choose_ranks_for_a_flops_target() -> None:
+    """Each layer is factorized alone at each level on a copy; allocate picks per-layer reductions
+    that meet the FLOPs target, and the plan built from them measures that reduction."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():  # layer 2 is nearly rank 8: cheap to factorize, so allocation should favour it
+        model[2].weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8 + 1e-3 * torch.randn(64, 64))
+    x = torch.randn(128, 32)
+    reference = model(x).detach()
+
+    @torch.no_grad()
+    def mse(m: nn.Module) -> float:
+        return float((m(x) - reference).pow(2).mean())
+
+    family = pk.LowRankConfig(reduction=0.3, exclude=["4"])
+    before = copy.deepcopy(model.state_dict())
+    table = pk.sensitivity(model, family, mse, [0.2, 0.5, 0.8], higher_is_better=False, example_inputs=x[:1])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # probes ran on copies
+    assert table.units == ["0", "2"] and table.values["2"][1] < table.values["0"][1]
+    rules = pk.allocate(table, pk.FlopsTarget(reduction=0.3)).to_config(family)
+    pruned = pk.plan(model, rules, x[:1]).apply(copy.deepcopy(model))
+    saved = 1 - pk.count_flops(pruned, x[:1]) / pk.count_flops(model, x[:1])
+    assert saved == pytest.approx(0.3, abs=0.05)
+    assert rules.rules["2"] is not None and (rules.rules["0"] is None or rules.rules["0"].reduction
+                                             < rules.rules["2"].reduction)

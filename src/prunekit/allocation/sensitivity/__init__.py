@@ -11,8 +11,9 @@ Mask configs are restored exactly (the layer's previous mask and stored weight a
 structured configs change shapes, so each probe runs on a copy of the model.
 
 This package holds the public entry points and dispatches on the config's type: `layers.py`
-scans mask layers (and estimates a scan's memory), `groups.py` scans channel groups, and
-`common.py` holds what both share (the evaluate contract, the resumable cell checkpoint), and
+scans mask layers (and estimates a scan's memory), `groups.py` scans channel groups,
+`replaced.py` factorizes one layer at a time on a copy (`LowRankConfig`: the level is the share
+of the layer's weights removed, so `allocate` picks per-layer ranks), and `common.py` holds what both share (the evaluate contract, the resumable cell checkpoint), and
 `ranks.py` splits a scan across torchrun ranks: each measures its share of the cells, and the
 ranks merge them (no pickle) into the table one process would build, identical on every rank.
 """
@@ -34,10 +35,12 @@ from prunekit.allocation.sensitivity.layers import (
     scan_layers,
     sensitivity_estimate,
 )
+from prunekit.allocation.sensitivity.replaced import scan_replaced_layers
 from prunekit.allocation.sensitivity.table import SensitivityTable
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer, config_to_dict
 from prunekit.core.memory import parse_memory
 from prunekit.errors import ConfigError, SensitivityError
+from prunekit.structured.lowrank import LowRankConfig
 
 __all__ = [
     "Evaluate",
@@ -171,9 +174,13 @@ def sensitivity(
         raise ConfigError(f"sensitivity: on_error must be 'continue' or 'stop', got {on_error!r}")
     parse_memory(max_memory)
     check_sensitivity_memory(model, config, data, max_memory)
-    # a mask config (or PerLayer of them) scans layers in place; anything else is a channel
-    # config, or scan_groups names what it is not
-    scan = scan_layers if isinstance(config, (MaskConfig, PerLayer)) else scan_groups
+    # a mask config (or PerLayer of them) scans layers in place, a low-rank config factorizes
+    # each layer on a copy; anything else is a channel config, or scan_groups names what it is not
+    if isinstance(config, LowRankConfig) or (isinstance(config, PerLayer) and any(
+            isinstance(v, LowRankConfig) for v in config.rules.values())):
+        scan = scan_replaced_layers
+    else:
+        scan = scan_layers if isinstance(config, (MaskConfig, PerLayer)) else scan_groups
     training = model.training  # evaluate functions switch to eval mode; give the caller's back
     try:
         return scan(model, config, evaluate, levels, higher_is_better=higher_is_better,
