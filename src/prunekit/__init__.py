@@ -43,6 +43,7 @@ from prunekit.errors import (
     UnsupportedLayerError,
 )
 from prunekit.measure.bench import compare_speed, count_flops, count_params, measure_latency
+from prunekit.measure.gate import Budget, GateResult, check_report, load_budget
 from prunekit.measure.lm_report import compare_lm
 from prunekit.measure.report import Report, compare, write_report
 from prunekit.methods.block import BlockConfig, BlockReport, check_blocks
@@ -151,6 +152,10 @@ __all__ = [
     "compare_speed",
     "compare",
     "compare_lm",
+    "Budget",
+    "GateResult",
+    "check_report",
+    "load_budget",
     "write_report",
     "Report",
     # allocation: sensitivity, per-layer levels for a target, search

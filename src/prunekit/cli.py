@@ -20,6 +20,7 @@ from prunekit.deploy.checkpoint import load, read_checkpoint
 from prunekit.deploy.onnx_export import ExportReport, export_onnx
 from prunekit.deploy.quantize import DynamicInt8Config, quantize
 from prunekit.errors import ConfigError, PrunekitError
+from prunekit.measure.gate import check_report, load_budget, load_report
 from prunekit.measure.report import compare, write_report
 from prunekit.recipes.demo import DemoSettings, run_demo
 from prunekit.recipes.entry import load_entry_point
@@ -352,6 +353,31 @@ def report(
         return
     typer.echo(result.summary())
     typer.echo(f"report: {out / 'report.html'}")
+
+
+@app.command("check")
+def check_command(
+    report_json: Annotated[Path, typer.Argument(help="The report.json to gate (written by prunekit report/prune).")],
+    budget: Annotated[Path, typer.Option(help="YAML/JSON budget: max_accuracy_drop_points, max_segment_drop_points, "
+                                              "max_latency_ms_p99 with batch_size, max_size_bytes, min_sparsity, "
+                                              "fail_on_regression.")],
+    previous: Annotated[Path | None, typer.Option(help="The previous report.json of the same model and data, "
+                                                       "for a diff of what regressed.")] = None,
+) -> None:
+    """Gate a report against a budget: exit 1 with one line per broken budget, 0 when all pass.
+
+    Exit code 2 means the gate could not check (unreadable files, an unknown budget key, or
+    reports of different models or data).
+    """
+    try:
+        result = check_report(load_report(report_json), load_budget(budget),
+                              load_report(previous) if previous is not None else None)
+    except PrunekitError as err:
+        _fail(err)
+        return
+    typer.echo(result.summary())
+    if not result.passed:
+        raise typer.Exit(code=1)
 
 
 def _floats(text: str, option: str) -> list[float]:

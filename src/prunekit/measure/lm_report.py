@@ -10,8 +10,9 @@ batch 1 (baseline and pruned interleaved), and sizes on disk and in memory.
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from prunekit.core.masks import sparsity
 from prunekit.errors import ConfigError
 from prunekit.measure.bench import count_params, measure_latency
+from prunekit.measure.noise import bootstrap_interval, speed_call, speed_words, speedup_halves, speedup_interval
 from prunekit.measure.report import (
     REPORT_VERSION,
     Report,
@@ -90,6 +92,9 @@ def generation_speed(baseline: nn.Module, pruned: nn.Module, prompt: Tensor, *, 
     """Prefill and decode tokens/s at batch 1, baseline and pruned interleaved (medians).
 
     Decode time per token is (prefill + `decode_tokens` steps - prefill) / `decode_tokens`.
+    Each phase's speed-up (pruned tokens/s over baseline tokens/s) gets a 95 % paired-bootstrap
+    interval (`prunekit.measure.report.bootstrap_interval`) and a call: faster, slower, no
+    measurable difference, or undetermined with fewer than 5 timed calls.
     """
     models = {"baseline": baseline, "pruned": pruned}
     prefill = measure_latency(models, {"input_ids": prompt, "use_cache": True}, repeats=repeats, warmup=warmup)
@@ -101,7 +106,30 @@ def generation_speed(baseline: nn.Module, pruned: nn.Module, prompt: Tensor, *, 
         step = max(both[name].latency_ms_p50 - pre, 1e-6) / decode_tokens
         out[name] = {"prefill_ms": pre, "prefill_tokens_per_s": 1000 * prompt.numel() / pre,
                      "decode_ms_per_token": step, "decode_tokens_per_s": 1000 / step}
+    pre_b, pre_p = prefill["baseline"].times_ms, prefill["pruned"].times_ms
+    dec_b, dec_p = both["baseline"].times_ms, both["pruned"].times_ms
+    intervals = {"prefill": speedup_interval(pre_b, pre_p),
+                 "decode": bootstrap_interval([pre_b, pre_p, dec_b, dec_p],
+                                              lambda m: (m[2] - m[0]).clamp_min(1e-6) / (m[3] - m[1]).clamp_min(1e-6))}
+    halves = {"prefill": speedup_halves(pre_b, pre_p), "decode": _decode_halves(pre_b, pre_p, dec_b, dec_p)}
+    out["halves_spread"] = max((abs(h[1] / h[0] - 1) for h in halves.values() if h), default=None)
+    for phase, interval in intervals.items():
+        out[f"{phase}_speedup_ci95"] = interval
+        out[f"{phase}_speedup_halves"] = halves[phase]
+        out[f"{phase}_speed_call"] = speed_call(interval, halves[phase], out["halves_spread"] or 0.0)
     return out
+
+
+def _decode_halves(pre_b: Sequence[float], pre_p: Sequence[float], dec_b: Sequence[float],
+                   dec_p: Sequence[float]) -> list[float]:
+    """The decode speed-up in each half of the timed calls (prefill medians subtracted), as `speedup_halves`."""
+    half = min(map(len, (pre_b, pre_p, dec_b, dec_p))) // 2
+    if half < 3:
+        return []
+    cuts = (slice(0, half), slice(half, None))
+    step = [[max(statistics.median(d[c]) - statistics.median(q[c]), 1e-6) for c in cuts]
+            for q, d in ((pre_b, dec_b), (pre_p, dec_p))]
+    return [step[0][0] / step[1][0], step[0][1] / step[1][1]]
 
 
 def _perplexities(base: Tensor, pruned: Tensor) -> dict[str, float]:
@@ -176,9 +204,11 @@ def lm_verdicts(d: dict[str, Any]) -> list[str]:
                f"{b['size_bytes']:,} B)")
     for phase, key in (("prefill", "prefill_tokens_per_s"), ("decode", "decode_tokens_per_s")):
         s = speed["pruned"][key] / speed["baseline"][key]
-        line = f"faster {phase} at batch 1: {'yes' if s > 1.05 else 'no'} ({s:.2f}x, {speed['pruned'][key]:.1f} vs " \
-               f"{speed['baseline'][key]:.1f} tokens/s)"
-        if s <= 1.05 and p["params"] == b["params"]:
+        line = speed_words(f"faster {phase} at batch 1", s, speed.get(f"{phase}_speedup_ci95"),
+                           speed.get(f"{phase}_speedup_halves", []), speed["repeats"],
+                           speed.get("halves_spread") or 0.0)
+        line += f" [{speed['pruned'][key]:.1f} vs {speed['baseline'][key]:.1f} tokens/s]"
+        if speed.get(f"{phase}_speed_call") != "faster" and p["params"] == b["params"]:
             line += ": unstructured sparsity needs a sparse runtime here (the dense kernels still multiply zeros)"
         out.append(line)
     return out

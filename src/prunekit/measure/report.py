@@ -15,7 +15,6 @@ import json
 import lzma
 import os
 import platform
-import statistics
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,6 +31,17 @@ from prunekit.deploy.checkpoint import save
 from prunekit.errors import PrunekitError
 from prunekit.measure.bench import count_flops, count_params, measure_latency
 from prunekit.measure.heap import SYSTEM_ALLOCATOR, retained_memory
+from prunekit.measure.noise import (
+    BOOTSTRAP_RESAMPLES,
+    MIN_TIMED_CALLS,
+    paired_change,
+    speed_call,
+    speed_words,
+    speedup_halves,
+    speedup_interval,
+    wilson_interval,
+)
+from prunekit.measure.segments import Segments, segment_block, segment_names
 from prunekit.storage.files import atomic_write_bytes, atomic_write_text
 
 REPORT_VERSION = 1
@@ -108,8 +118,11 @@ def _accuracy_block(base: Tensor, pruned: Tensor, labels: Tensor, class_names: S
     margin = top2[:, 0] - top2[:, 1]
     low = margin <= torch.quantile(margin, LOW_MARGIN_QUANTILE)
     agree = pruned.argmax(1) == base.argmax(1)
+    correct = {"baseline": base.argmax(1) == labels, "pruned": pruned.argmax(1) == labels}
     return {
         "top1": top1,
+        "top1_ci95": {name: wilson_interval(int(c.sum()), c.numel()) for name, c in correct.items()},
+        "top1_change": paired_change(correct["baseline"], correct["pruned"]),
         "top5": top5,
         "top5_k": k,
         "agreement": float(agree.float().mean()),
@@ -210,6 +223,7 @@ def compare(
     seed: int | None = None,
     title: str = "prunekit validation report",
     retain_memory: bool = True,
+    segments: Segments | None = None,
 ) -> Report:
     """Measure `pruned` against `baseline` on `(x, y)` batches; neither model is changed.
 
@@ -225,13 +239,27 @@ def compare(
         seed: recorded in the environment fingerprint.
         retain_memory: time with freed memory kept mapped (see `prunekit.measure.heap`); False
             times glibc's default allocator. The report records which.
+        segments: an extra segmentation beside the per-class one: a function of one example's
+            input tensor returning its segment name, or the names aligned with `data`'s examples.
+            Accuracy and agreement are reported per segment, with the segments that dropped most.
 
     Returns:
-        A `Report`; `report.save(folder)` writes report.json, report.md and report.html.
+        A `Report`; `report.save(folder)` writes report.json, report.md and report.html. Speed
+        verdicts say "faster" only when a 95 % interval of the speed-up (paired bootstrap over
+        the interleaved calls, widened to both halves of the run) lies above 1 by more than the
+        run's own spread (`halves_spread`).
+
+    Raises:
+        PrunekitError: `data` yields no batches.
+        ConfigError: `segments` has the wrong length, or its function fails on an example
+            (the message names the example's index).
     """
     base_logits, labels = _logits(baseline, data)
     pruned_logits, _ = _logits(pruned, data)
     acc = _accuracy_block(base_logits, pruned_logits, labels, class_names)
+    if segments is not None:
+        names = segment_names(segments, data, int(labels.numel()))
+        acc["segments"] = segment_block(names, base_logits.argmax(1), pruned_logits.argmax(1), labels)
 
     latency: list[dict[str, Any]] = []
     halves: list[list[float]] = []
@@ -241,10 +269,13 @@ def compare(
             res = measure_latency({"baseline": baseline, "pruned": pruned}, x, repeats=repeats, warmup=warmup,
                                   retain_memory=retain_memory)
             b, p = res["baseline"], res["pruned"]
-            halves.append(_speedup_halves(b.times_ms, p.times_ms))
+            halves.append(speedup_halves(b.times_ms, p.times_ms))
+            interval = speedup_interval(b.times_ms, p.times_ms)
             latency.append({"batch_size": n, "baseline_ms_p50": b.latency_ms_p50, "baseline_ms_p99": b.latency_ms_p99,
                             "pruned_ms_p50": p.latency_ms_p50, "pruned_ms_p99": p.latency_ms_p99,
                             "speedup": b.latency_ms_p50 / p.latency_ms_p50, "speedup_halves": halves[-1],
+                            "speedup_ci95": interval,
+                            "timed_calls": min(len(b.times_ms), len(p.times_ms)),
                             "page_faults_per_call": [b.page_faults_per_call, p.page_faults_per_call]})
     example = _batch_of(data, 1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,33 +300,23 @@ def compare(
         "accuracy": acc,
         "latency": {"repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
                     "interleaved": True, "allocator": allocator, "by_batch": latency,
-                    "halves_spread": max((abs(h[1] / h[0] - 1) for h in halves if h), default=None)},
+                    "halves_spread": max((abs(h[1] / h[0] - 1) for h in halves if h), default=None),
+                    "noise": {"method": "paired percentile bootstrap of the ratio of medians, widened to the "
+                              "halves' speed-ups, then past the run's halves_spread", "confidence": 0.95,
+                              "resamples": BOOTSTRAP_RESAMPLES, "seed": 0, "min_timed_calls": MIN_TIMED_CALLS}},
         "curve": list(curve or []),
     }
+    spread = data_out["latency"]["halves_spread"] or 0.0
+    for row in latency:  # called once the run's own spread over all batch sizes is known
+        row["speed_call"] = speed_call(row["speedup_ci95"], row["speedup_halves"], spread)
     data_out["verdicts"] = verdicts(data_out)
     return Report(data_out)
-
-
-def _speedup_halves(base: Sequence[float], pruned: Sequence[float]) -> list[float]:
-    """Speed-up (median over median) in the first and in the second half of the timed calls.
-
-    How far the two halves disagree is the run's own estimate of how reproducible its ratios
-    are: load that drifts within a run drifts between runs too.
-    """
-    half = min(len(base), len(pruned)) // 2
-    if half < 3:
-        return []
-    first = statistics.median(base[:half]) / statistics.median(pruned[:half])
-    second = statistics.median(base[half:]) / statistics.median(pruned[half:])
-    return [first, second]
 
 
 def verdicts(d: dict[str, Any]) -> list[str]:
     """One sentence per budget: met or not, by how much, and why when it is not."""
     b, p = d["baseline"], d["pruned"]
-    drop = 100 * (b["accuracy"] - p["accuracy"])
-    out = [f"accuracy within 1 point: {'yes' if drop <= 1.0 else 'no'} ({-drop:+.2f} points, "
-           f"{100 * p['accuracy']:.2f}% vs {100 * b['accuracy']:.2f}%)"]
+    out = [_accuracy_words(d)]
     disk = b["size_bytes"] / p["size_bytes"]
     out.append(f"smaller on disk: {'yes' if disk > 1.05 else 'no'} ({disk:.1f}x, "
                f"{p['size_bytes']:,} B vs {b['size_bytes']:,} B)")
@@ -305,12 +326,13 @@ def verdicts(d: dict[str, Any]) -> list[str]:
         line += f"; the pruned model holds {b['nonzero_params'] / max(p['nonzero_params'], 1):.1f}x fewer non-zeros"
     out.append(line)
     for row in d["latency"]["by_batch"]:
-        s = row["speedup"]
-        line = f"faster at batch {row['batch_size']}: {'yes' if s > 1.05 else 'no'} ({s:.2f}x)"
-        if s <= 1.05 and p["params"] == b["params"]:
+        line = speed_words(f"faster at batch {row['batch_size']}", row["speedup"], row.get("speedup_ci95"),
+                           row.get("speedup_halves", []), row.get("timed_calls", d["latency"]["repeats"]),
+                           d["latency"].get("halves_spread") or 0.0)
+        if row.get("speed_call") != "faster" and p["params"] == b["params"]:
             line += ": unstructured sparsity needs a sparse runtime here (the dense kernels still multiply zeros)"
-        elif s <= 1.05:
-            line += ": the smaller layers do not run faster at this batch size on this machine"
+        elif row.get("speed_call") != "faster":
+            line += ": the smaller layers do not run measurably faster at this batch size on this machine"
         out.append(line)
     spread = d["latency"].get("halves_spread")
     if spread is not None:
@@ -322,7 +344,27 @@ def verdicts(d: dict[str, Any]) -> list[str]:
                f"{100 * low['pruned']:.1f}% vs {100 * low['baseline']:.1f}%, agreement {100 * low['agreement']:.1f}%")
     if d["accuracy"]["dropped_most"]:
         out.append(f"classes that dropped most: {', '.join(d['accuracy']['dropped_most'])}")
+    seg = d["accuracy"].get("segments")
+    if seg and seg["dropped_most"]:
+        rows = {r["segment"]: r for r in seg["rows"]}
+        out.append("segments that dropped most: " + ", ".join(
+            f"{n} ({100 * rows[n]['delta']:+.2f} points, {'beyond' if rows[n]['beyond_noise'] else 'within'} noise)"
+            for n in seg["dropped_most"]))
     return out
+
+
+def _accuracy_words(d: dict[str, Any]) -> str:
+    b, p, n = d["baseline"]["accuracy"], d["pruned"]["accuracy"], d["examples"]
+    drop = 100 * (b - p)
+    line = (f"accuracy within 1 point: {'yes' if drop <= 1.0 else 'no'} ({100 * (p - b):+.2f} points, "
+            f"{100 * p:.2f}% vs {100 * b:.2f}%")
+    change, ci = d["accuracy"].get("top1_change"), d["accuracy"].get("top1_ci95")
+    if change is None or ci is None:
+        return line + ")"
+    half = max(100 * (hi - lo) / 2 for lo, hi in ci.values())
+    lo, hi = change["ci95_points"]
+    return (line + f"; each ±{half:.2f} points at 95 % on {n:,} examples; the change is "
+            f"{'beyond' if change['beyond_noise'] else 'within'} that noise: paired 95 % CI {lo:+.2f} to {hi:+.2f})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,21 +386,38 @@ def render_markdown(d: dict[str, Any]) -> str:
     rows += ["", f"Pruned sparsity: {100 * p['sparsity']:.2f}%.", "", "## Latency (ms, interleaved, "
              f"{d['latency']['repeats']} repeats after {d['latency']['warmup']} warm-up)", "",
              f"Allocator while timing: {d['latency'].get('allocator', 'not recorded')}.", "",
-             "| batch | baseline p50 | baseline p99 | pruned p50 | pruned p99 | speedup |", "|---|---|---|---|---|---|"]
+             "| batch | baseline p50 | baseline p99 | pruned p50 | pruned p99 | speedup | speedup 95 % CI | call |",
+             "|---|---|---|---|---|---|---|---|"]
     rows += [f"| {r['batch_size']} | {r['baseline_ms_p50']:.3f} | {r['baseline_ms_p99']:.3f} "
-             f"| {r['pruned_ms_p50']:.3f} | {r['pruned_ms_p99']:.3f} | {r['speedup']:.2f}x |"
+             f"| {r['pruned_ms_p50']:.3f} | {r['pruned_ms_p99']:.3f} | {r['speedup']:.2f}x | "
+             f"{_interval_text(r.get('speedup_ci95'), '{:.2f}')} | {r.get('speed_call', '-')} |"
              for r in d["latency"]["by_batch"]]
     a = d["accuracy"]
+    ci = a.get("top1_ci95")
+    noise = "" if ci is None else (
+        f" Top-1 95 % CI (Wilson, {d['examples']:,} examples): baseline {_interval_text(ci['baseline'], '{:.2%}')}, "
+        f"pruned {_interval_text(ci['pruned'], '{:.2%}')}; paired change "
+        f"{_interval_text(a['top1_change']['ci95_points'], '{:+.2f}')} points.")
     rows += ["", "## Accuracy", "", f"Top-{a['top5_k']}: baseline {100 * a['top5']['baseline']:.2f}%, pruned "
-             f"{100 * a['top5']['pruned']:.2f}%. Prediction agreement {100 * a['agreement']:.2f}%.", "",
+             f"{100 * a['top5']['pruned']:.2f}%. Prediction agreement {100 * a['agreement']:.2f}%.{noise}", "",
              "| class | count | baseline | pruned | delta |", "|---|---|---|---|---|"]
     rows += [f"| {r['class']} | {r['count']} | {100 * r['baseline']:.2f}% | {100 * r['pruned']:.2f}% | "
              f"{100 * r['delta']:+.2f} |" for r in a["per_class"]]
+    if a.get("segments"):
+        rows += ["", "## Accuracy by segment", "", "| segment | count | baseline | pruned | delta | change 95 % CI "
+                 "| agreement |", "|---|---|---|---|---|---|---|"]
+        rows += [f"| {r['segment']} | {r['count']} | {100 * r['baseline']:.2f}% | {100 * r['pruned']:.2f}% | "
+                 f"{100 * r['delta']:+.2f} | {_interval_text(r['change_ci95_points'], '{:+.2f}')} | "
+                 f"{100 * r['agreement']:.2f}% |" for r in a["segments"]["rows"]]
     rows += ["", "## Per-layer sparsity", "", "| layer | sparsity |", "|---|---|"]
     rows += [f"| `{n}` | {100 * s:.2f}% |" for n, s in p["layers"].items()]
     for section in d.get("sections", []):  # extra Markdown a caller (e.g. the demo) attaches
         rows += ["", f"## {section['title']}", "", section["markdown"]]
     return "\n".join(rows) + "\n"
+
+
+def _interval_text(interval: Sequence[float] | None, fmt: str) -> str:
+    return "-" if interval is None else f"{fmt.format(interval[0])} to {fmt.format(interval[1])}"
 
 
 def figure_png(draw: Any, size: tuple[float, float] = (6.0, 3.4)) -> bytes:
