@@ -13,9 +13,10 @@ structured configs change shapes, so each probe runs on a copy of the model.
 This package holds the public entry points and dispatches on the config's type: `layers.py`
 scans mask layers (and estimates a scan's memory), `groups.py` scans channel groups,
 `replaced.py` factorizes one layer at a time on a copy (`LowRankConfig`: the level is the share
-of the layer's weights removed, so `allocate` picks per-layer ranks), and `common.py` holds what both share (the evaluate contract, the resumable cell checkpoint), and
-`ranks.py` splits a scan across torchrun ranks: each measures its share of the cells, and the
-ranks merge them (no pickle) into the table one process would build, identical on every rank.
+of the layer's weights removed, so `allocate` picks per-layer ranks), `common.py` holds what they
+share (the evaluate contract, the resumable cell checkpoint), and `ranks.py` splits a scan across
+torchrun ranks: each measures its share of the cells, and the ranks merge them (no pickle) into
+the table one process would build, identical on every rank.
 """
 
 from __future__ import annotations
