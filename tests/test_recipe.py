@@ -146,7 +146,7 @@ allocate: {{_type: AllocateStage, target: {{_type: SparsityTarget, sparsity: 0.6
 prune: {{_type: UnstructuredConfig, sparsity: 0.5}}
 finetune: {{_type: FinetuneConfig, epochs: 1, lr: 0.01}}
 quantize: {{_type: DynamicInt8Config}}
-export: {{_type: ExportStage}}
+export: {{_type: ExportStage, sparse_initializers: true, coreml: fp16}}
 report: {{_type: ReportSettings, batch_sizes: [1], repeats: 5}}
 """)
     assert code == 0, output
@@ -156,6 +156,8 @@ report: {{_type: ReportSettings, batch_sizes: [1], repeats: 5}}
     report = json.loads((out / "report.json").read_text())
     assert set(report["stages_s"]) >= {"allocate", "prune", "finetune", "quantize", "export", "report"}
     assert report["files"]["onnx"]["int8"] and (out / "model.onnx").stat().st_size > 0
+    coreml = report["files"]["coreml"]  # the float pruned model, its sparse weights checked in the package
+    assert coreml["sparse_weights_checked"] >= 1 and coreml["size_bytes"] < coreml["dense_size_bytes"]
     assert (out / "sensitivity.json").exists() and (out / "pruned.safetensors").exists()
 
 

@@ -272,7 +272,7 @@ class _Run:
             saved = save(model, self.out / "pruned.safetensors", plan=self.structured)
         if recipe.export is not None:
             with self.stage("export"):
-                self.files.update(export_model(final, recipe.export, example, evaluate, self.out))
+                self.files.update(export_model(final, model, recipe.export, example, evaluate, self.out))
         if evaluate is None:
             return {"pruned": {"size_bytes": saved.size_bytes, "file": saved.path.name}, "stages_s": self.times}
         with self.stage("report"):

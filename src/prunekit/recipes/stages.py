@@ -21,6 +21,7 @@ from prunekit.allocation.latency import measure_latency_table
 from prunekit.allocation.sensitivity import proxy_loss, sensitivity
 from prunekit.config import FrozenConfig, recipe_type, save_recipe
 from prunekit.deploy.checkpoint import save
+from prunekit.deploy.coreml import export_coreml
 from prunekit.deploy.onnx_export import export_onnx
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.measure.bench import measure_latency
@@ -61,12 +62,15 @@ class AllocateStage(FrozenConfig):
 @recipe_type
 class ExportStage(FrozenConfig):
     """After pruning (and quantizing): write model.onnx and check that its outputs and zeros
-    match the PyTorch model on the first eval batches."""
+    match the PyTorch model on the first eval batches; optionally with sparse initializers, and a
+    Core ML package of the float pruned model (`coreml`: "fp32" or "fp16"; needs prunekit[coreml])."""
 
     onnx: bool = True
     opset: int | None = None
     dynamic_batch: bool = True
+    sparse_initializers: bool = False
     check_batches: int = Field(default=3, ge=1)
+    coreml: Literal["fp32", "fp16"] | None = None
 
 
 @recipe_type
@@ -140,20 +144,31 @@ def _repeat_batch(example: Any, n: int) -> Any:
     return example
 
 
-def export_model(model: nn.Module, stage: ExportStage, example: Any, batches: Any, out: Path) -> dict[str, Any]:
-    """Run the export stage: model.onnx, checked against `model` on `batches`; returns what was written.
+def export_model(model: nn.Module, float_model: nn.Module, stage: ExportStage, example: Any, batches: Any,
+                 out: Path) -> dict[str, Any]:
+    """Run the export stage: model.onnx (of `model`, INT8 if quantized) checked against it on
+    `batches`, and model.mlpackage (of `float_model`) checked by reading it back; returns what
+    was written.
 
     Raises:
-        ExportCheckError: the exported file's outputs or zeros differ from the model's.
+        ExportCheckError: an exported file's outputs or zeros differ from the model's.
     """
-    if not stage.onnx:
-        return {}
-    if example is None:
+    if example is None and (stage.onnx or stage.coreml):
         raise ConfigError("recipe.export exports from example inputs: set recipe.data or recipe.example_inputs")
-    report = export_onnx(model, out / "model.onnx", example, dynamic_batch=stage.dynamic_batch, check=True,
-                         data=batches or None, max_batches=stage.check_batches, opset=stage.opset)
-    return {"onnx": {"file": "model.onnx", "size_bytes": report.size_bytes, "int8": report.int8,
-                     "batches_checked": report.batches_checked, "max_abs_diff": report.max_abs_diff}}
+    written: dict[str, Any] = {}
+    if stage.onnx:
+        report = export_onnx(model, out / "model.onnx", example, dynamic_batch=stage.dynamic_batch, check=True,
+                             data=batches or None, max_batches=stage.check_batches, opset=stage.opset,
+                             sparse_initializers=stage.sparse_initializers)
+        written["onnx"] = {"file": "model.onnx", "size_bytes": report.size_bytes, "int8": report.int8,
+                           "batches_checked": report.batches_checked, "max_abs_diff": report.max_abs_diff,
+                           "sparse_initializers": len(report.sparse)}
+    if stage.coreml:
+        package = export_coreml(float_model, out / "model.mlpackage", example, precision=stage.coreml)
+        written["coreml"] = {"file": "model.mlpackage", "size_bytes": package.size_bytes,
+                             "dense_size_bytes": package.dense_size_bytes, "precision": package.precision,
+                             "sparse_weights_checked": len(package.tensors)}
+    return written
 
 
 def int8_block(baseline: nn.Module, quantized: nn.Module, evaluate: Any, example: Any, out: Path, *,
