@@ -26,6 +26,7 @@ from prunekit.core.masks import SparsityReport, finalize, sparsity
 from prunekit.core.plan import MaskPlan, plan, prune, register_method
 from prunekit.deploy.checkpoint import SaveReport, load, save
 from prunekit.deploy.coreml import CoreMLReport, check_coreml, export_coreml
+from prunekit.deploy.executorch import ExecuTorchReport, export_executorch, load_pte, time_pte
 from prunekit.deploy.onnx_export import ExportReport, export_onnx
 from prunekit.deploy.quantize import DynamicInt8Config, OrtModule, StaticInt8Config, quantize
 from prunekit.errors import (
@@ -145,6 +146,10 @@ __all__ = [
     "export_coreml",
     "check_coreml",
     "CoreMLReport",
+    "export_executorch",
+    "ExecuTorchReport",
+    "load_pte",
+    "time_pte",
     # measure: counts, latency, the validation report
     "count_params",
     "count_flops",
