@@ -42,3 +42,18 @@ def assert_equivalent(model: nn.Module, plan: ChannelPlan, inputs: Any, atol: fl
     pruned = plan.apply(copy.deepcopy(model)).eval()
     torch.testing.assert_close(run(pruned, inputs), reference, atol=atol, rtol=1e-4)
     return pruned
+
+
+def token_batches(n: int = 2, seq: int = 16, seed: int = 1, vocab: int = 256) -> list[dict[str, torch.Tensor]]:
+    """`n` calibration batches of random token ids (2 sequences of `seq` each), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (2, seq), generator=g)} for _ in range(n)]
+
+
+PROBE_IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+def lm_logits(model: Any, x: torch.Tensor = PROBE_IDS) -> torch.Tensor:
+    """A causal LM's logits on `x`, without a KV cache."""
+    with torch.no_grad():
+        return model(input_ids=x, use_cache=False).logits

@@ -24,6 +24,9 @@ from prunekit.errors import CalibrationError, ConfigError, PlanError
 from prunekit.structured.depth import DepthConfig, DepthStep, angular_distances, block_influence
 from prunekit.structured.llm import LLMPlan, replay_llm_plan
 from prunekit.structured.width import WidthConfig, width_importance
+from tests.structured.helpers import PROBE_IDS as X
+from tests.structured.helpers import lm_logits as _logits
+from tests.structured.helpers import token_batches as _data
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,19 +54,6 @@ def _model(family: str = "llama", tie: bool = False, seed: int = 0, **kw: Any) -
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     return model
-
-
-def _data(n: int = 2, seq: int = 16, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 256, (2, seq), generator=g)} for _ in range(n)]
-
-
-X = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
-
-
-def _logits(model: Any, x: torch.Tensor = X) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=x, use_cache=False).logits
 
 
 def _make_identity(model: Any, blocks: list[int]) -> None:

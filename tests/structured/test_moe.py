@@ -26,6 +26,9 @@ from prunekit.structured import llm
 from prunekit.structured.llm import LLMPlan
 from prunekit.structured.moe import ExpertConfig, ExpertStep
 from prunekit.structured.moe_routing import expert_importance
+from tests.structured.helpers import PROBE_IDS as X
+from tests.structured.helpers import lm_logits as _logits
+from tests.structured.helpers import token_batches as _data
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,19 +54,6 @@ def _config(family: str) -> Any:
 def _model(family: str, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(_config(family)).eval()
-
-
-def _data(n: int = 2, seq: int = 16, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 256, (2, seq), generator=g)} for _ in range(n)]
-
-
-X = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
-
-
-def _logits(model: Any) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=X, use_cache=False).logits
 
 
 def _blocks(model: Any) -> list[Any]:

@@ -22,6 +22,9 @@ from prunekit.config import config_from_dict, config_to_dict
 from prunekit.errors import CalibrationError, ConfigError, PlanError
 from prunekit.structured.llm import LLMPlan
 from prunekit.structured.ssm import StateSpaceConfig, StateSpaceStep, ssm_channel_importance
+from tests.structured.helpers import PROBE_IDS as X
+from tests.structured.helpers import lm_logits as _logits
+from tests.structured.helpers import token_batches as _data
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,19 +41,6 @@ def _model(family: str = "mamba", seed: int = 0, **kw: Any) -> Any:
             if name.endswith(("conv1d.bias", ".D", "norm.weight", "in_proj.bias", "out_proj.bias")):
                 p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.5)
     return model
-
-
-def _data(n: int = 2, seq: int = 16, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 256, (2, seq), generator=g)} for _ in range(n)]
-
-
-X = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
-
-
-def _logits(model: Any, x: torch.Tensor = X) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=x, use_cache=False).logits
 
 
 def _removed(plan: LLMPlan) -> list[list[int]]:

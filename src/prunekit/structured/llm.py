@@ -120,6 +120,20 @@ def _layer_widths(fqn: str, layer: nn.Module) -> tuple[int, int, int, int]:
     return q // hd, k // hd, hd, f
 
 
+def layer_stack(model: nn.Module, owner: str) -> tuple[nn.Module, str, Any]:
+    """(the module holding a Hugging Face LM's `layers`, its FQN prefix, the layers or None).
+
+    Raises:
+        ConfigError: masks are attached (plans slice plain weights; finalize first).
+    """
+    if any(hasattr(m, "parametrizations") for m in model.modules()):
+        raise ConfigError(f"{owner}: the model has masks attached; call prunekit.finalize(model) first")
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return inner, "model.", inner.layers
+    return model, "", getattr(model, "layers", None)
+
+
 def decoder_layout(model: nn.Module, owner: str) -> DecoderLayout:
     """Find the decoder stack of a supported model and read its widths (pure).
 
@@ -139,11 +153,7 @@ def decoder_layout(model: nn.Module, owner: str) -> DecoderLayout:
             f"{owner}: supports Llama-family decoders (model_type {', '.join(SUPPORTED_MODEL_TYPES)}); "
             f"{type(model).__name__} has model_type {model_type!r}. Use ChannelConfig for other models"
         )
-    if any(hasattr(m, "parametrizations") for m in model.modules()):
-        raise ConfigError(f"{owner}: the model has masks attached; call prunekit.finalize(model) first")
-    inner = getattr(model, "model", None)
-    base, prefix = (inner, "model.") if isinstance(getattr(inner, "layers", None), nn.ModuleList) else (model, "")
-    layers = getattr(base, "layers", None)
+    base, prefix, layers = layer_stack(model, owner)
     embed = getattr(base, "embed_tokens", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers) or not isinstance(embed, nn.Embedding):
         raise ConfigError(f"{owner}: {type(model).__name__} has no {prefix}layers / {prefix}embed_tokens stack")

@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from prunekit.core.distributed import all_reduce_sum
 from prunekit.errors import CalibrationError, ConfigError, PlanError
 from prunekit.methods.calibration import rank_batches
-from prunekit.structured.llm import Weights, calibration_pass
+from prunekit.structured.llm import Weights, calibration_pass, layer_stack
 
 # model_type -> (config field of the expert count, config field of the expert FFN width).
 # Each family's experts are `@use_experts_implementation` with the concatenated [gate; up]
@@ -93,11 +93,7 @@ def moe_layout(model: nn.Module, owner: str = "ExpertConfig") -> MoeLayout:
             f"{owner}: {type(model).__name__} (model_type {model_type!r}) has no supported mixture-of-experts "
             f"layers; supported model types: {', '.join(FAMILIES)}. Use WidthConfig / ChannelConfig for dense models"
         )
-    if any(hasattr(m, "parametrizations") for m in model.modules()):
-        raise ConfigError(f"{owner}: the model has masks attached; call prunekit.finalize(model) first")
-    inner = getattr(model, "model", None)
-    base, prefix = (inner, "model.") if isinstance(getattr(inner, "layers", None), nn.ModuleList) else (model, "")
-    layers = getattr(base, "layers", None)
+    _, prefix, layers = layer_stack(model, owner)
     if not isinstance(layers, nn.ModuleList):
         raise ConfigError(f"{owner}: {type(model).__name__} has no {prefix}layers stack")
     sizes = {f"{prefix}layers.{i}.mlp": s for i, layer in enumerate(layers)
