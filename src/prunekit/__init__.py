@@ -16,6 +16,8 @@ from prunekit.allocation.allocate import (
     Target,
     allocate,
 )
+from prunekit.allocation.bundle import make_bundle
+from prunekit.allocation.device_table import load_device_table
 from prunekit.allocation.latency import LatencyTable, measure_latency_table
 from prunekit.allocation.owl import owl
 from prunekit.allocation.search import SearchConfig, SearchRecipe, SearchResult, search
@@ -161,6 +163,8 @@ __all__ = [
     "GateResult",
     "check_report",
     "load_budget",
+    "make_bundle",
+    "load_device_table",
     "write_report",
     "Report",
     # allocation: sensitivity, per-layer levels for a target, search

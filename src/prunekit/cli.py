@@ -12,6 +12,8 @@ import typer
 from torch import nn
 
 from prunekit.allocation.allocate import SparsityTarget
+from prunekit.allocation.bundle import make_bundle
+from prunekit.allocation.device_table import load_device_table
 from prunekit.allocation.search import SearchRecipe
 from prunekit.config import load_recipe
 from prunekit.core.masks import sparsity
@@ -28,7 +30,7 @@ from prunekit.recipes.launch import launched_world, refuse_under_torchrun, torch
 from prunekit.recipes.run import Recipe, run_recipe
 from prunekit.recipes.search import run_search_recipe
 from prunekit.recipes.sensitivity import run_sensitivity_recipe
-from prunekit.structured import analyze, trace
+from prunekit.structured import ChannelConfig, analyze, trace
 from prunekit.structured.layers import owner_of
 from prunekit.structured.plan import excluded_layers
 from prunekit.zoo import models as zoo
@@ -456,3 +458,49 @@ def search_command(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+@app.command("bundle")
+def bundle_command(
+    model: Annotated[str, typer.Argument(help="Model entry point 'package.module:function' (the dense model).")],
+    out: Annotated[Path, typer.Option(help="Folder (or .zip) to write the bundle to.")] = Path("out/bundle"),
+    ratio: Annotated[float, typer.Option(help="ChannelConfig ratio whose groups are timed.")] = 0.3,
+    levels: Annotated[str, typer.Option(help="Levels to time each group at, comma-separated.")] = "0.25,0.5",
+    round_to: Annotated[int, typer.Option(help="ChannelConfig round_to.")] = 8,
+    exclude: Annotated[list[str] | None, typer.Option(help="Layers to keep whole (repeatable).")] = None,
+    input_shape: Annotated[str, typer.Option(help="Example input shape, e.g. 1,3,224,224 (default: the "
+                                                  "model module's example_inputs()).")] = "",
+) -> None:
+    """Write a bench bundle: the ONNX variants a latency table needs, and a runner (numpy + onnxruntime only).
+
+    Copy the folder to the target device and run `python bundle_runner.py BUNDLE --threads N` there;
+    bring back device_table.json and turn it into a latency table with `prunekit device-table`.
+    """
+    try:
+        net = load_entry_point(model, "model")
+        inputs = _example_inputs(model, input_shape, "")
+        if not isinstance(net, nn.Module) or inputs is None:
+            raise ConfigError(f"bundle: {model!r} must build an nn.Module, and the inputs need --input-shape or an "
+                              "example_inputs() beside the model")
+        config = ChannelConfig(ratio=ratio, round_to=round_to, exclude=tuple(exclude or ()))
+        path = make_bundle(net, config, _floats(levels, "--levels"), inputs, out, progress=True)
+    except PrunekitError as err:
+        _fail(err)
+        return
+    typer.echo(f"wrote {path}; on the device: python {path}/bundle_runner.py {path} --threads N")
+
+
+@app.command("device-table")
+def device_table_command(
+    bundle: Annotated[Path, typer.Argument(help="The bundle written by `prunekit bundle`.")],
+    results: Annotated[Path, typer.Argument(help="device_table.json written by the runner on the device.")],
+    out: Annotated[Path, typer.Option(help="Where to write the LatencyTable (JSON).")] = Path("latency.json"),
+) -> None:
+    """Check a device's results against their bundle and write them as a LatencyTable for allocation."""
+    try:
+        table = load_device_table(bundle, results)
+        table.save(out)
+    except PrunekitError as err:
+        _fail(err)
+        return
+    typer.echo(f"wrote {out}: {len(table.units)} units at levels {table.levels}")
