@@ -232,6 +232,7 @@ class _Run:
         self.times: dict[str, float] = {}
         self.files: dict[str, Any] = {}
         self.structured: Any = None
+        self.text = False  # the eval data is held-out token ids (a language model's run)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -20,6 +20,7 @@ from prunekit.allocation.allocate import Target, allocate
 from prunekit.allocation.latency import measure_latency_table
 from prunekit.allocation.sensitivity import proxy_loss, sensitivity
 from prunekit.config import FrozenConfig, recipe_type, save_recipe
+from prunekit.core.distributed import is_main_rank
 from prunekit.deploy.checkpoint import save
 from prunekit.deploy.coreml import export_coreml
 from prunekit.deploy.onnx_export import export_onnx
@@ -108,7 +109,7 @@ def allocated_config(model: nn.Module, prune: FrozenConfig, stage: AllocateStage
                      example: Any, calibration: list[Any] | None, seq_len: int, out: Path,
                      progress: bool) -> FrozenConfig:
     """Run the allocate stage: sensitivity scan, optional latency table, `allocate`; the model ends
-    unchanged. Writes sensitivity.json (+ .png) and allocation.yaml into `out`.
+    unchanged. Writes sensitivity.json (+ .png) and allocation.yaml into `out` (rank 0 under torchrun).
 
     Raises:
         ConfigError: the recipe has no eval data, or a latency target has no example inputs.
@@ -128,12 +129,14 @@ def allocated_config(model: nn.Module, prune: FrozenConfig, stage: AllocateStage
         latency = measure_latency_table(model, prune, stage.levels, served, progress=progress)
     allocation = allocate(table, stage.target, latency=latency, max_level=stage.max_level)
     log.info("allocation: %s", allocation)
+    config = allocation.to_config(prune)
+    if not is_main_rank():  # under torchrun every rank holds the same table; rank 0 writes it
+        return config
     table.save(out / "sensitivity.json")
     try:
         table.plot(out / "sensitivity.png")
     except PrunekitError as err:  # matplotlib missing: the table is still written
         log.warning("%s", err)
-    config = allocation.to_config(prune)
     save_recipe(config, out / "allocation.yaml")
     return config
 
