@@ -227,3 +227,20 @@ def test_worked_recipes_parse_and_name_real_entry_points(name: str) -> None:
         if isinstance(spec, str):
             module, _, fn = spec.partition(":")
             assert callable(getattr(importlib.import_module(module), fn)), spec
+
+
+def test_channel_allocation_recipe_prunes_each_group_at_its_ratio(tmp_path) -> None:
+    """allocate + ChannelConfig: the groups get their own ratios (one channel plan), the plan is saved."""
+    from tests.recipe_entry_points import build_cnn
+
+    recipe = _recipe(model=f"{EP}:build_cnn", data=f"{EP}:image_loaders", schedule=None,
+                     prune=pk.ChannelConfig(ratio=0.5), finetune=FinetuneConfig(epochs=1, lr=1e-2),
+                     allocate=pk.AllocateStage(target=pk.FlopsTarget(reduction=0.3), levels=(0.25, 0.5, 0.75)))
+    report = run_recipe(recipe, tmp_path, progress=False)
+    levels = json.loads((tmp_path / "allocation.json").read_text())["levels"]
+    assert len(levels) >= 2 and report["pruned"]["flops"] < report["baseline"]["flops"]
+    model = pk.load(tmp_path / "pruned.safetensors", build_cnn)  # the allocated plan replays on a dense build
+    assert pk.count_params(model) == report["pruned"]["params"]
+    with pytest.raises(pk.ConfigError, match="drop recipe.schedule"):
+        run_recipe(_recipe(model=f"{EP}:build_cnn", data=f"{EP}:image_loaders", prune=pk.ChannelConfig(ratio=0.5),
+                           allocate=recipe.allocate), tmp_path / "b", progress=False)

@@ -252,13 +252,13 @@ class _Run:
             calibration = None if recipe.calibration is None else calibration_batches(recipe.calibration, train)
             example = example_inputs_of(recipe, evaluate, train)
         baseline = copy.deepcopy(model).eval()
-        config = recipe.prune
+        config: FrozenConfig | ChannelPlan = recipe.prune
         if recipe.allocate is not None:
             with self.stage("allocate"):
-                config = allocated_config(model, config, recipe.allocate, evaluate, example=example,
+                config = allocated_config(model, recipe.prune, recipe.allocate, evaluate, example=example,
                                           calibration=calibration, seq_len=recipe.report.seq_len, out=self.out,
                                           progress=self.progress)
-                self.files["allocation"] = "allocation.yaml"
+                self.files["allocation"] = "allocation.json" if isinstance(config, ChannelPlan) else "allocation.yaml"
         self.prune(model, config, train, example, calibration, baseline)
         finalize(model)
         check_same_model_on_ranks(model)
@@ -288,13 +288,16 @@ class _Run:
         report.save(self.out)
         return report.data
 
-    def prune(self, model: nn.Module, config: FrozenConfig, train: Any, example: Any, calibration: Any,
+    def prune(self, model: nn.Module, config: FrozenConfig | ChannelPlan, train: Any, example: Any, calibration: Any,
               baseline: nn.Module) -> None:
         """Prune `model` (mutates): gradually or iteratively while fine-tuning, or one-shot, then
         fine-tune or recover as the recipe says."""
         recipe, tune = self.recipe, self.recipe.finetune or FinetuneConfig()
         teacher, kd = (baseline if tune.alpha else None), KDLoss(tune.temperature, tune.alpha)
         saving = self.saving
+        if isinstance(config, ChannelPlan) and recipe.schedule is not None:
+            raise ConfigError("recipe.allocate chose a ratio per channel group, which prunes in one shot: drop "
+                              "recipe.schedule (recipe.finetune still fine-tunes afterwards)")
         if isinstance(recipe.schedule, Iterative) and isinstance(config, ChannelConfig):
             with self.stage("prune iteratively with fine-tuning"):
                 _, self.structured = prune_iteratively(
@@ -303,7 +306,7 @@ class _Run:
                     checkpoint_dir=saving["checkpoint_dir"], checkpoint_every=saving["checkpoint_every"],
                     resume=saving["resume"])
             return
-        if recipe.schedule is not None:
+        if recipe.schedule is not None and not isinstance(config, ChannelPlan):
             if not isinstance(recipe.schedule, Schedule):
                 raise ConfigError(f"recipe.schedule: {type(recipe.schedule).__name__} is not a schedule")
             pruner = GradualPruner(model, config, recipe.schedule, seed=recipe.seed, data=calibration)
@@ -312,7 +315,7 @@ class _Run:
                          progress=self.progress, **saving)
             return
         with self.stage("prune"):
-            planned = _plan(model, config, recipe, example, calibration)
+            planned = config if isinstance(config, ChannelPlan) else _plan(model, config, recipe, example, calibration)
             planned.apply(model)
             if isinstance(planned, STRUCTURED_PLANS):  # saved with the file: `load(path, build_fn)` replays it
                 self.structured = planned

@@ -7,6 +7,7 @@ give accuracy and loss, held-out token ids give a language model's token loss an
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 from prunekit.allocation.allocate import Target, allocate
 from prunekit.allocation.latency import measure_latency_table
 from prunekit.allocation.sensitivity import proxy_loss, sensitivity
-from prunekit.config import FrozenConfig, recipe_type, save_recipe
+from prunekit.allocation.sensitivity.groups import GroupPruner
+from prunekit.config import FrozenConfig, config_to_dict, recipe_type, save_recipe
 from prunekit.core.distributed import is_main_rank
 from prunekit.deploy.checkpoint import save
 from prunekit.deploy.coreml import export_coreml
@@ -27,7 +29,8 @@ from prunekit.deploy.onnx_export import export_onnx
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.measure.bench import measure_latency
 from prunekit.measure.lm_report import as_segments, token_losses
-from prunekit.storage.files import atomic_write_bytes
+from prunekit.storage.files import atomic_write_bytes, atomic_write_text
+from prunekit.structured import ChannelPlan
 from prunekit.train.distill import accuracy
 
 log = logging.getLogger(__name__)
@@ -107,9 +110,11 @@ def probe_metric(stage: AllocateStage, evaluate: Any, seq_len: int) -> tuple[Cal
 
 def allocated_config(model: nn.Module, prune: FrozenConfig, stage: AllocateStage, evaluate: Any, *,
                      example: Any, calibration: list[Any] | None, seq_len: int, out: Path,
-                     progress: bool) -> FrozenConfig:
+                     progress: bool) -> FrozenConfig | ChannelPlan:
     """Run the allocate stage: sensitivity scan, optional latency table, `allocate`; the model ends
-    unchanged. Writes sensitivity.json (+ .png) and allocation.yaml into `out` (rank 0 under torchrun).
+    unchanged. Returns `PerLayer` rules (layers), or the channel plan (channel groups: each group
+    at its own ratio). Writes sensitivity.json (+ .png) and allocation.yaml / allocation.json
+    into `out` (rank 0 under torchrun).
 
     Raises:
         ConfigError: the recipe has no eval data, or a latency target has no example inputs.
@@ -129,16 +134,25 @@ def allocated_config(model: nn.Module, prune: FrozenConfig, stage: AllocateStage
         latency = measure_latency_table(model, prune, stage.levels, served, progress=progress)
     allocation = allocate(table, stage.target, latency=latency, max_level=stage.max_level)
     log.info("allocation: %s", allocation)
-    config = allocation.to_config(prune)
+    if allocation.kind == "group":
+        result: FrozenConfig | ChannelPlan = GroupPruner(model, prune, example, calibration).plan_many(
+            {u: lv for u, lv in allocation.levels.items() if lv > 0})
+    else:
+        result = allocation.to_config(prune)
     if not is_main_rank():  # under torchrun every rank holds the same table; rank 0 writes it
-        return config
+        return result
     table.save(out / "sensitivity.json")
     try:
         table.plot(out / "sensitivity.png")
     except PrunekitError as err:  # matplotlib missing: the table is still written
         log.warning("%s", err)
-    save_recipe(config, out / "allocation.yaml")
-    return config
+    if isinstance(result, ChannelPlan):
+        atomic_write_text(out / "allocation.json", json.dumps(
+            {"levels": allocation.levels, "target": config_to_dict(allocation.target),
+             "predicted": allocation.achieved, "predicted_degradation": allocation.predicted_degradation}, indent=1))
+    else:
+        save_recipe(result, out / "allocation.yaml")
+    return result
 
 
 def _repeat_batch(example: Any, n: int) -> Any:
