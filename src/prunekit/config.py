@@ -209,17 +209,29 @@ def save_recipe(config: FrozenConfig, path: str | Path) -> Path:
     return atomic_write_text(path, text)
 
 
-def load_recipe(path: str | Path) -> Any:
-    """Read a recipe written by `save_recipe` (safe YAML / JSON; allow-listed types only)."""
+def read_config_file(path: str | Path, what: str) -> Any:
+    """The plain data of a YAML (.yaml/.yml) or JSON config file, parsed safely and size-checked.
+
+    Raises:
+        ConfigError: the file is unreadable, not valid YAML/JSON, or expands beyond the limits
+            (the message names `what` and the file).
+    """
     import yaml
 
     path = Path(path)
-    text = read_document(path, "recipe", ConfigError)
+    text = read_document(path, what, ConfigError)
     try:
         data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        check_expanded_size(data, f"recipe {str(path)!r}", ConfigError)
+        check_expanded_size(data, f"{what} {str(path)!r}", ConfigError)
     except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as err:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML/JSON: {err}") from None
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML/JSON: {err}") from None
+    return data
+
+
+def load_recipe(path: str | Path) -> Any:
+    """Read a recipe written by `save_recipe` (safe YAML / JSON; allow-listed types only)."""
+    path = Path(path)
+    data = read_config_file(path, "recipe")
     if not isinstance(data, dict) or "_type" not in data:
         raise ConfigError(f"recipe {str(path)!r} has no top-level '_type' mapping")
     return config_from_dict(data, where=path.name)

@@ -57,9 +57,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
+from prunekit.allocation.latency import zeroed_variant
 from prunekit.allocation.sensitivity.groups import GroupPruner
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer, config_to_dict
 from prunekit.core.inputs import run_with_hooks
@@ -153,21 +153,6 @@ def copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).eval()
 
 
-def _zeroed(layer: nn.Module, level: float) -> nn.Module:
-    """A copy of `layer` with its smallest-magnitude `level` fraction of weights zeroed, as
-    `measure_latency_table` times it."""
-    pruned = copy_module(layer)
-    weight = pruned.weight
-    if not isinstance(weight, Tensor):
-        raise ConfigError(f"make_bundle: layer {type(layer).__name__} has no weight tensor to prune")
-    with torch.no_grad():
-        flat = weight.abs().flatten()
-        k = round(level * flat.numel())
-        if k:
-            weight.mul_(weight.abs() > flat.kthvalue(k).values)
-    return pruned
-
-
 class _Units:
     """A config's units: layer FQNs (mask configs) or channel groups and the layers each touches."""
 
@@ -196,7 +181,7 @@ def _pruned_model(model: nn.Module, units: _Units, unit: str, level: float) -> n
     layer = dict(whole.named_modules())[unit]
     parent_name, _, child = unit.rpartition(".")
     parent = dict(whole.named_modules())[parent_name] if parent_name else whole
-    setattr(parent, child, _zeroed(layer, level))
+    setattr(parent, child, zeroed_variant(layer, level))
     return whole
 
 
@@ -216,7 +201,7 @@ def _unit_variants(writer: _Writer, model: nn.Module, example_inputs: tuple[Tens
         if units.kind == "group":
             sub, sub_inputs = _layers_variant(units.pruned_group(unit, level), example_inputs, fqns)
         else:
-            sub, sub_inputs = _Calls([_zeroed(dict(model.named_modules())[unit], level)]), inputs
+            sub, sub_inputs = _Calls([zeroed_variant(dict(model.named_modules())[unit], level)]), inputs
         entry["levels"].append(writer.variant(f"u{index}_l{i}", sub, sub_inputs))
     return entry
 

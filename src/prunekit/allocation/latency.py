@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -216,7 +216,7 @@ def measure_latency_table(
             # every variant of a layer timed together, interleaved, each bound to its own input
             variants = {"model": _Whole(model, example_inputs), "dense": _Bound(modules[fqn], inputs[fqn])}
             for i, level in enumerate(levels):
-                variants[str(i)] = _Bound(_variant(modules[fqn], level), inputs[fqn])
+                variants[str(i)] = _Bound(zeroed_variant(modules[fqn], level), inputs[fqn])
             timed = measure_latency(variants, None, repeats=repeats, warmup=warmup, threads=threads)
             references.append(_cost_ms(timed.pop("model")))
             for j, name in enumerate(timed):
@@ -308,10 +308,17 @@ class _Bound(nn.Module):
         return self.layer(self.x)
 
 
-def _variant(layer: nn.Module, level: float) -> nn.Module:
-    """A copy of `layer` with its smallest-magnitude `level` fraction of weights zeroed."""
-    pruned = copy.deepcopy(layer)
-    weight = cast(Tensor, pruned.weight)
+def zeroed_variant(layer: nn.Module, level: float) -> nn.Module:
+    """A copy of `layer` with its smallest-magnitude `level` fraction of weights zeroed (what a
+    mask config's unit is timed as).
+
+    Raises:
+        ConfigError: the layer has no weight tensor.
+    """
+    pruned = copy.deepcopy(layer).eval()
+    weight = pruned.weight
+    if not isinstance(weight, Tensor):
+        raise ConfigError(f"layer {type(layer).__name__} has no weight tensor to prune")
     with torch.no_grad():
         flat = weight.abs().flatten()
         k = round(level * flat.numel())

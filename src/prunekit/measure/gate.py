@@ -17,10 +17,10 @@ from typing import Any
 
 from pydantic import Field
 
-from prunekit.config import FrozenConfig, config_from_dict, recipe_type
+from prunekit.config import FrozenConfig, config_from_dict, read_config_file, recipe_type
 from prunekit.errors import ConfigError
 from prunekit.measure.noise import Z95
-from prunekit.storage.files import check_expanded_size, read_document
+from prunekit.storage.files import read_document
 
 
 @recipe_type
@@ -69,15 +69,8 @@ def load_budget(path: str | Path) -> Budget:
         ConfigError: the file is unreadable or not a mapping, or a key is unknown or out of
             range (the message names it).
     """
-    import yaml
-
     path = Path(path)
-    text = read_document(path, "budget", ConfigError)
-    try:
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        check_expanded_size(data, f"budget {str(path)!r}", ConfigError)
-    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as err:
-        raise ConfigError(f"budget {str(path)!r} is not valid YAML/JSON: {err}") from None
+    data = read_config_file(path, "budget")
     if not isinstance(data, dict):
         raise ConfigError(f"budget {str(path)!r}: expected a mapping of limits such as max_accuracy_drop_points")
     if "_type" in data:
