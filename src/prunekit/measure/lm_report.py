@@ -32,6 +32,7 @@ from prunekit.measure.report import (
     peak_activation_bytes,
     weights_bytes,
 )
+from prunekit.zoo.llm import token_losses
 
 HARD_QUANTILE = 0.1  # the baseline's highest-loss decile of tokens
 
@@ -54,19 +55,6 @@ def as_segments(text: Tensor | Mapping[str, Tensor], seq_len: int) -> dict[str, 
                               f"{seq_len}: give more held-out text or a smaller report seq_len")
         out[name] = ids
     return out
-
-
-@torch.no_grad()
-def token_losses(model: nn.Module, ids: Tensor, seq_len: int) -> Tensor:
-    """Per-token negative log-likelihood (float64) of a 1-D stream, in non-overlapping windows;
-    each window predicts its tokens 2..seq_len from the ones before."""
-    model.eval()
-    out = []
-    for start in range(0, ids.numel() - seq_len + 1, seq_len):
-        window = ids[start : start + seq_len].unsqueeze(0)
-        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-        out.append(nn.functional.cross_entropy(logits, window[0, 1:], reduction="none").double())
-    return torch.cat(out)
 
 
 class _Decode(nn.Module):
@@ -161,6 +149,7 @@ def compare_lm(
         ConfigError: a segment is shorter than one window, or is not token ids.
     """
     segments = as_segments(text, seq_len)
+    baseline.eval(), pruned.eval()
     losses = {name: (token_losses(baseline, ids, seq_len), token_losses(pruned, ids, seq_len))
               for name, ids in segments.items()}
     base_all = torch.cat([b for b, _ in losses.values()])

@@ -28,10 +28,11 @@ from prunekit.deploy.coreml import export_coreml
 from prunekit.deploy.onnx_export import export_onnx
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.measure.bench import measure_latency
-from prunekit.measure.lm_report import as_segments, token_losses
+from prunekit.measure.lm_report import as_segments
 from prunekit.storage.files import atomic_write_bytes, atomic_write_text
 from prunekit.structured import ChannelPlan
 from prunekit.train.distill import accuracy
+from prunekit.zoo.llm import token_losses
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def probe_metric(stage: AllocateStage, evaluate: Any, seq_len: int) -> tuple[Cal
             raise ConfigError("recipe.allocate.metric: 'accuracy' needs labelled batches; a language model's "
                               "eval text is scored by token loss: set metric: loss")
         ids = torch.cat(list(as_segments(evaluate, seq_len).values()))[: stage.batches * seq_len]
-        return (lambda m: float(token_losses(m, ids, min(seq_len, ids.numel())).mean())), False
+        return (lambda m: float(token_losses(m.eval(), ids, min(seq_len, ids.numel())).mean())), False
     if stage.metric == "accuracy":
         return (lambda m: accuracy(m, evaluate)), True
     return proxy_loss(evaluate, n_batches=stage.batches), False
@@ -204,7 +205,7 @@ def int8_block(baseline: nn.Module, quantized: nn.Module, evaluate: Any, example
     block: dict[str, Any] = {"file": path.name, "size_bytes": size}
     if is_text(evaluate):
         ids = torch.cat(list(as_segments(evaluate, seq_len).values()))
-        block["perplexity"] = float(torch.exp(token_losses(quantized, ids, seq_len).mean()))
+        block["perplexity"] = float(torch.exp(token_losses(quantized.eval(), ids, seq_len).mean()))
     elif evaluate is not None:
         block["accuracy"] = accuracy(quantized, evaluate)
     if example is not None:

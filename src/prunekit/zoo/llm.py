@@ -118,23 +118,29 @@ def token_windows(ids: Tensor, seq_len: int, n: int | None = None) -> list[Tenso
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 512, *, progress: bool = False) -> float:
-    """Perplexity of a causal LM on a 1-D token stream, in non-overlapping windows.
+def token_losses(model: nn.Module, ids: Tensor, seq_len: int = 512, *, progress: bool = False) -> Tensor:
+    """Per-token negative log-likelihood (float64) of a causal LM on a 1-D token stream.
 
-    Every window predicts its tokens 2..seq_len from the ones before (the standard
-    WikiText-style evaluation of the SparseGPT and Wanda papers).
+    Non-overlapping windows, each predicting its tokens 2..seq_len from the ones before (the
+    standard WikiText-style evaluation of the SparseGPT and Wanda papers). The model's mode is
+    left as it is: call `model.eval()` first.
+
+    Raises:
+        PrunekitError: fewer than `seq_len` tokens.
     """
     windows = token_windows(ids, seq_len)
     if not windows:
         raise PrunekitError(f"perplexity needs at least {seq_len} tokens, got {ids.numel()}")
-    nll, count = 0.0, 0
+    out = []
     for window in progress_bar(windows, "perplexity", progress, leave=True):
         logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-        target = window[0, 1:]
-        nll += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
-        count += target.numel()
-    return math.exp(nll / count)
+        out.append(nn.functional.cross_entropy(logits, window[0, 1:], reduction="none").double())
+    return torch.cat(out)
 
+
+def perplexity(model: nn.Module, ids: Tensor, seq_len: int = 512, *, progress: bool = False) -> float:
+    """Perplexity of a causal LM on a 1-D token stream: exp of the mean `token_losses`."""
+    return math.exp(float(token_losses(model, ids, seq_len, progress=progress).mean()))
 
 def friends_windows(tokenizer: Any, n: int, seq_len: int, seed: int = 0) -> list[Tensor]:
     """`n` random (1, `seq_len`) windows of token ids from the Friends transcripts (calibration text)."""
