@@ -9,6 +9,7 @@ batch 1 (baseline and pruned interleaved), and sizes on disk and in memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import tempfile
@@ -35,6 +36,16 @@ from prunekit.measure.report import (
 from prunekit.zoo.llm import token_losses
 
 HARD_QUANTILE = 0.1  # the baseline's highest-loss decile of tokens
+PRECISIONS = ("fp32", "bf16")
+
+
+def scoring_context(precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The context perplexity is scored under: bf16 autocast on the CPU, or nothing for fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def as_segments(text: Tensor | Mapping[str, Tensor], seq_len: int) -> dict[str, Tensor]:
@@ -133,6 +144,7 @@ def compare_lm(
     prompt_tokens: int = 128,
     decode_tokens: int = 16,
     repeats: int = 5,
+    precision: str = "fp32",
     seed: int | None = None,
     title: str = "prunekit validation report (language model)",
 ) -> Report:
@@ -144,14 +156,18 @@ def compare_lm(
         seq_len: evaluation window; every segment must hold at least one.
         prompt_tokens, decode_tokens: the prompt length and generated tokens of the speed test.
         repeats: timed calls per model (after one warm-up), interleaved.
+        precision: "fp32", or "bf16" to score perplexity under bf16 autocast (about twice as fast on
+            CPUs with bf16 instructions, within ~0.1 % of fp32 on SmolLM2). Speed is timed as the models are.
 
     Raises:
-        ConfigError: a segment is shorter than one window, or is not token ids.
+        ConfigError: a segment is shorter than one window, or is not token ids; an unknown precision.
     """
     segments = as_segments(text, seq_len)
+    scoring = scoring_context(precision)
     baseline.eval(), pruned.eval()
-    losses = {name: (token_losses(baseline, ids, seq_len), token_losses(pruned, ids, seq_len))
-              for name, ids in segments.items()}
+    with scoring:
+        losses = {name: (token_losses(baseline, ids, seq_len), token_losses(pruned, ids, seq_len))
+                  for name, ids in segments.items()}
     base_all = torch.cat([b for b, _ in losses.values()])
     pruned_all = torch.cat([p for _, p in losses.values()])
     hard = base_all >= torch.quantile(base_all.float(), 1 - HARD_QUANTILE).double()
@@ -163,7 +179,7 @@ def compare_lm(
              for name, m in (("baseline", baseline), ("pruned", pruned))}
     data: dict[str, Any] = {
         "report_version": REPORT_VERSION, "kind": "causal-lm", "title": title, "environment": environment(seed),
-        "tokens": int(base_all.numel()), "seq_len": seq_len,
+        "tokens": int(base_all.numel()), "seq_len": seq_len, "precision": precision,
         "baseline": stats["baseline"], "pruned": {**stats["pruned"], "sparsity": sparsity(pruned).total},
         "perplexity": {**_perplexities(base_all, pruned_all),
                        "segments": [{"segment": n, "tokens": int(b.numel()), **_perplexities(b, p)}
@@ -212,7 +228,8 @@ class LMReport(Report):
         b, p, env, ppl, speed = d["baseline"], d["pruned"], d["environment"], d["perplexity"], d["speed"]
         rows = [f"# {d['title']}", "", f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}, "
                 f"prunekit {env['prunekit']}, seed {env['seed']}. {d['tokens']:,} held-out tokens in windows of "
-                f"{d['seq_len']}.", "", "## Verdicts", "", *[f"- {v}" for v in d["verdicts"]], "",
+                f"{d['seq_len']}, scored in {d.get('precision', 'fp32')}.", "", "## Verdicts", "",
+                *[f"- {v}" for v in d["verdicts"]], "",
                 "## Summary", "", "| | baseline | pruned | ratio |", "|---|---|---|---|",
                 f"| perplexity | {ppl['baseline']:.3f} | {ppl['pruned']:.3f} | {ppl['pruned'] / ppl['baseline']:.3f} |"]
         for key in ("params", "nonzero_params", "size_bytes", "size_bytes_lzma", "weights_bytes",

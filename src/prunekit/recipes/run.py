@@ -333,7 +333,7 @@ class _Run:
         if self.text:
             return compare_lm(baseline, final, evaluate, seq_len=settings.seq_len, prompt_tokens=settings.prompt_tokens,
                               decode_tokens=settings.decode_tokens, repeats=min(settings.repeats, 10),
-                              seed=self.recipe.seed, title=title)
+                              precision=settings.precision, seed=self.recipe.seed, title=title)
         return compare(baseline, final, evaluate, batch_sizes=settings.batch_sizes, repeats=settings.repeats,
                        seed=self.recipe.seed, title=title)
 

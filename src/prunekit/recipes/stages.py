@@ -88,6 +88,7 @@ class ReportSettings(FrozenConfig):
     seq_len: int = Field(default=512, ge=2)
     prompt_tokens: int = Field(default=128, ge=1)
     decode_tokens: int = Field(default=16, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"  # a language model's perplexity scoring
 
 
 def is_text(evaluate: Any) -> bool:
