@@ -22,10 +22,7 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import fcntl
-import math
 import os
 import statistics
 import sys
@@ -37,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
+from prunekit.allocation.closed_loop import allocate_measured
 from prunekit.allocation.latency import LatencyTable
 from prunekit.config import config_from_dict
 from prunekit.measure.bench import Latency
@@ -176,54 +174,16 @@ def confirm(dense: nn.Module, allocated: nn.Module, uniform: nn.Module, x: torch
     return paired["allocated"], paired["uniform"]
 
 
-def _reachable(table: pk.SensitivityTable, lut: LatencyTable) -> float:
-    """The largest speed-up the table predicts with every group at its highest usable level."""
-    budget = lut.budget(table, pk.LatencyTarget(speedup=1.01))
-    best = 0.0
-    for unit, savings in budget.savings.items():
-        usable = [s for i, s in enumerate(savings) if not math.isnan(table.values[unit][i])]
-        best += max(usable, default=0.0)
-    return lut.model_ms / (lut.model_ms - best)
-
-
 def closed_loop(dense: nn.Module, table: pk.SensitivityTable, lut: LatencyTable, x: torch.Tensor,
                 args: argparse.Namespace) -> tuple[pk.Allocation, nn.Module, float]:
-    """Allocate, measure end to end, calibrate the table on that point, allocate again.
-
-    The table's additive prediction is biased (coupled groups save less together than alone;
-    activations and memory traffic are not in the layers' own times): `LatencyTable.calibrated`
-    rescales its savings to the measured point. The measured speed-up is far from linear in
-    the prediction, though (a group that dominates the latency enters or leaves the
-    allocation), so once one round has overshot and another undershot, the next aim bisects
-    between them (in the table's own, uncalibrated saving) instead of rescaling again.
-    """
-    goal_saving = 1 - 1 / args.speedup
-    table_k, best = lut, None
-    under, over = None, None  # (uncalibrated saving aimed at, measured) on each side of the goal
-    for round_ in range(args.rounds):
-        goal = min(args.speedup, 0.995 * _reachable(table, table_k))
-        allocation = pk.allocate(table, pk.LatencyTarget(speedup=goal), latency=table_k)
-        pruned = allocation.apply(copy.deepcopy(dense), x).eval()  # apply mutates: keep the dense model
-        measured = measure(dense, pruned, x, args.measure_repeats)
-        raw_saving = (1 - 1 / allocation.achieved) / table_k.saving_scale
-        print(f"round {round_ + 1}: savings scale {table_k.saving_scale:.3f}, predicted {allocation.achieved:.3f}x "
-              f"(uncalibrated table: {1 / (1 - raw_saving):.3f}x), measured {measured:.3f}x "
-              f"({measured / args.speedup - 1:+.1%} vs target) [{_load()}]", flush=True)
-        if best is None or abs(measured / args.speedup - 1) < abs(best[2] / args.speedup - 1):
-            best = (allocation, pruned, measured)
-        if abs(measured / args.speedup - 1) <= args.tolerance or measured <= 1.0:
-            break
-        if measured < args.speedup:
-            under = (raw_saving, measured)
-        else:
-            over = (raw_saving, measured)
-        if under is not None and over is not None:
-            aim = (under[0] + over[0]) / 2
-            table_k = dataclasses.replace(lut, saving_scale=goal_saving / aim)
-        else:
-            table_k = table_k.calibrated(allocation.achieved, measured)
-    assert best is not None
-    return best
+    """Allocate, measure end to end, calibrate the table on that point, allocate again
+    (`prunekit.allocation.closed_loop.allocate_measured`), printing each round."""
+    result = allocate_measured(dense, table, pk.LatencyTarget(speedup=args.speedup), lut, x, rounds=args.rounds,
+                               tolerance=args.tolerance, measure=lambda p: measure(dense, p, x, args.measure_repeats))
+    for i, (predicted, measured) in enumerate(result.rounds, 1):
+        print(f"round {i}: predicted {predicted:.3f}x, measured {measured:.3f}x "
+              f"({measured / args.speedup - 1:+.1%} vs target)", flush=True)
+    return result.allocation, result.model, result.measured_speedup
 
 
 def uniform_at(dense: nn.Module, table: pk.SensitivityTable, x: torch.Tensor, speedup: float,

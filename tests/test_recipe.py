@@ -244,3 +244,14 @@ def test_channel_allocation_recipe_prunes_each_group_at_its_ratio(tmp_path) -> N
     with pytest.raises(pk.ConfigError, match="drop recipe.schedule"):
         run_recipe(_recipe(model=f"{EP}:build_cnn", data=f"{EP}:image_loaders", prune=pk.ChannelConfig(ratio=0.5),
                            allocate=recipe.allocate), tmp_path / "b", progress=False)
+
+
+def test_latency_allocation_recipe_measures_its_rounds(tmp_path) -> None:
+    """allocate + LatencyTarget: the pruned copy is timed end to end and each round is recorded."""
+    recipe = _recipe(model=f"{EP}:build_cnn", data=f"{EP}:image_loaders", schedule=None, finetune=None,
+                     prune=pk.ChannelConfig(ratio=0.5),
+                     allocate=pk.AllocateStage(target=pk.LatencyTarget(speedup=1.1), levels=(0.25, 0.5, 0.75),
+                                               measure_rounds=2))
+    run_recipe(recipe, tmp_path, progress=False)
+    rounds = json.loads((tmp_path / "allocation.json").read_text())["measured_rounds"]
+    assert 1 <= len(rounds) <= 2 and all(r["measured"] > 0 and r["predicted"] > 1.0 for r in rounds)

@@ -17,6 +17,7 @@ from prunekit.allocation.allocate import (
     allocate,
 )
 from prunekit.allocation.bundle import make_bundle
+from prunekit.allocation.closed_loop import MeasuredAllocation, allocate_measured
 from prunekit.allocation.device_table import load_device_table
 from prunekit.allocation.latency import LatencyTable, measure_latency_table
 from prunekit.allocation.owl import owl
@@ -26,6 +27,7 @@ from prunekit.allocation.sensitivity.table import SensitivityTable
 from prunekit.config import PerLayer, load_recipe, save_recipe
 from prunekit.core.masks import SparsityReport, finalize, sparsity
 from prunekit.core.plan import MaskPlan, plan, prune, register_method
+from prunekit.core.tracking import MLflowTracker, TensorBoardTracker, Tracker, log_report_headline, tracker_from_spec
 from prunekit.deploy.checkpoint import SaveReport, load, save
 from prunekit.deploy.coreml import CoreMLReport, check_coreml, export_coreml
 from prunekit.deploy.executorch import ExecuTorchReport, export_executorch, load_pte, time_pte
@@ -46,9 +48,10 @@ from prunekit.errors import (
     UnsupportedLayerError,
 )
 from prunekit.measure.bench import compare_speed, count_flops, count_params, measure_latency
+from prunekit.measure.cost import CostQuery
 from prunekit.measure.gate import Budget, GateResult, check_report, load_budget
 from prunekit.measure.lm_report import compare_lm
-from prunekit.measure.report import Report, compare, write_report
+from prunekit.measure.report import Report, compare, with_cost, write_report
 from prunekit.methods.block import BlockConfig, BlockReport, check_blocks
 from prunekit.methods.nm import NMConfig, NMReport, check_nm
 from prunekit.methods.unstructured import UnstructuredConfig
@@ -106,6 +109,11 @@ __all__ = [
     "finalize",
     "sparsity",
     "SparsityReport",
+    "Tracker",
+    "TensorBoardTracker",
+    "MLflowTracker",
+    "tracker_from_spec",
+    "log_report_headline",
     # methods: mask configs and their checks
     "UnstructuredConfig",
     "NMConfig",
@@ -167,6 +175,8 @@ __all__ = [
     "load_device_table",
     "write_report",
     "Report",
+    "CostQuery",
+    "with_cost",
     # allocation: sensitivity, per-layer levels for a target, search
     "sensitivity",
     "proxy_loss",
@@ -175,6 +185,8 @@ __all__ = [
     "LatencyTable",
     "allocate",
     "Allocation",
+    "allocate_measured",
+    "MeasuredAllocation",
     "Target",
     "SparsityTarget",
     "SizeTarget",

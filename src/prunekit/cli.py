@@ -18,24 +18,38 @@ from prunekit.allocation.search import SearchRecipe
 from prunekit.config import load_recipe
 from prunekit.core.masks import sparsity
 from prunekit.core.targets import prunable_layers
+from prunekit.core.tracking import Tracker, log_report_headline, tracker_from_spec
 from prunekit.deploy.checkpoint import load, read_checkpoint
 from prunekit.deploy.onnx_export import ExportReport, export_onnx
 from prunekit.deploy.quantize import DynamicInt8Config, quantize
 from prunekit.errors import ConfigError, PrunekitError
+from prunekit.measure.cost import CostQuery
 from prunekit.measure.gate import check_report, load_budget, load_report
 from prunekit.measure.report import compare, write_report
+from prunekit.measure.segments import Segments
 from prunekit.recipes.demo import DemoSettings, run_demo
-from prunekit.recipes.entry import load_entry_point
+from prunekit.recipes.entry import is_entry_point, load_entry_point
 from prunekit.recipes.launch import launched_world, refuse_under_torchrun, torchrun_process_group
 from prunekit.recipes.run import Recipe, run_recipe
 from prunekit.recipes.search import run_search_recipe
 from prunekit.recipes.sensitivity import run_sensitivity_recipe
+from prunekit.storage.files import read_document
 from prunekit.structured import ChannelConfig, analyze, trace
 from prunekit.structured.layers import owner_of
 from prunekit.structured.plan import excluded_layers
 from prunekit.zoo import models as zoo
 
 app = typer.Typer(help="Prune trained PyTorch models and measure what it bought.", no_args_is_help=True)
+
+
+TrackOption = Annotated[str, typer.Option(
+    help="Log to 'tensorboard:DIR' or 'mlflow:sqlite:///mlflow.db[#experiment]' (needs prunekit[tensorboard] / "
+         "prunekit[mlflow]); under torchrun only rank 0 writes.")]
+
+
+def _tracker(spec: str) -> Tracker | None:
+    """`--track SPEC` as a tracker (None without one); a bad spec fails before any work."""
+    return tracker_from_spec(spec) if spec else None
 
 
 def _fail(err: PrunekitError) -> None:
@@ -289,6 +303,7 @@ def prune_command(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Folder for resumable fine-tuning checkpoints.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Optimizer steps between checkpoints.")] = 100,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from --checkpoint-dir.")] = False,
+    track: TrackOption = "",
 ) -> None:
     """Run a pruning recipe on your own model: build, prune, fine-tune, save, report.
 
@@ -303,9 +318,12 @@ def prune_command(
         loaded = load_recipe(recipe)
         if not isinstance(loaded, Recipe):
             raise PrunekitError(f"{recipe}: top-level _type must be Recipe, got {type(loaded).__name__}")
+        tracker = _tracker(track)
         with torchrun_process_group():
             result = run_recipe(loaded, out, progress=progress, checkpoint_dir=checkpoint_dir,
-                                checkpoint_every=checkpoint_every, resume=resume)
+                                checkpoint_every=checkpoint_every, resume=resume, tracker=tracker)
+        if tracker is not None:
+            tracker.close()
     except PrunekitError as err:
         _fail(err)
         return
@@ -330,8 +348,23 @@ def report(
     retain_memory: Annotated[bool, typer.Option(
         help="Keep freed memory mapped while timing, as jemalloc/tcmalloc would (--no-retain-memory: glibc's "
              "default, which page-faults large activations back on every call).")] = True,
+    segments: Annotated[str, typer.Option(
+        help="Accuracy per segment besides per class: an entry point 'module:function' returning a function "
+             "of one example's input (its segment name) or the names, or a text file with one segment name "
+             "per evaluation example, in the data's order.")] = "",
+    qps: Annotated[float | None, typer.Option(
+        help="Project serving cost at this target QPS: hosts dense vs pruned from the measured latency.")] = None,
+    serving_batch: Annotated[int | None, typer.Option(
+        help="Batch size served (with --qps); must be one of --batch-sizes.")] = None,
+    price_per_host_hour: Annotated[float | None, typer.Option(
+        help="Price of one host for one hour (with --qps): adds the yearly cost.")] = None,
+    track: TrackOption = "",
 ) -> None:
-    """Measure a pruned checkpoint against its baseline and write the validation report."""
+    """Measure a pruned checkpoint against its baseline and write the validation report.
+
+    With --qps and --serving-batch it adds the serving cost (hosts, and yearly cost with
+    --price-per-host-hour), the formula shown with the measured numbers.
+    """
     _one_process("report", "it measures latency, which other processes on the machine would disturb")
     try:
         from functools import partial
@@ -342,19 +375,63 @@ def report(
         if not sizes or min(sizes) < 1 or repeats < 1 or warmup < 0 or threads < 0:
             raise PrunekitError(f"--batch-sizes must be positive integers, --repeats >= 1, --warmup and "
                                 f"--threads >= 0; got {batch_sizes!r}, {repeats}, {warmup}, {threads}")
+        cost = _cost_query(qps, serving_batch, price_per_host_hour)
+        tracker = _tracker(track)
+        if cost is not None and cost.serving_batch not in sizes:
+            raise ConfigError(f"--serving-batch {cost.serving_batch} is not among --batch-sizes {batch_sizes!r}: "
+                              "the cost is projected from measured latency only; add it to --batch-sizes")
         if threads:
             torch.set_num_threads(threads)  # the report records the thread count it ran with
         build = partial(load_entry_point, model, "model")
         dense, small = load(baseline, build()), load(pruned, build)
         _, evaluate = load_entry_point(data, "data")
         result = compare(dense, small, evaluate, batch_sizes=sizes, repeats=repeats, warmup=warmup,
-                         retain_memory=retain_memory, title=f"prunekit report: {pruned.name} vs {baseline.name}")
+                         retain_memory=retain_memory, title=f"prunekit report: {pruned.name} vs {baseline.name}",
+                         segments=_report_segments(segments) if segments else None, cost=cost)
         write_report(result, out)
+        if tracker is not None:
+            log_report_headline(tracker, result)
+            tracker.close()
     except PrunekitError as err:
         _fail(err)
         return
     typer.echo(result.summary())
     typer.echo(f"report: {out / 'report.html'}")
+
+
+def _cost_query(qps: float | None, serving_batch: int | None, price: float | None) -> CostQuery | None:
+    """`report --qps/--serving-batch/--price-per-host-hour` as a `CostQuery` (None without --qps)."""
+    if qps is None:
+        if serving_batch is not None or price is not None:
+            raise ConfigError("--serving-batch and --price-per-host-hour need --qps (the target rate to size for)")
+        return None
+    if serving_batch is None:
+        raise ConfigError("--qps needs --serving-batch: the batch size served, one of --batch-sizes")
+    for option, value in (("--qps", qps), ("--serving-batch", serving_batch), ("--price-per-host-hour", price)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{option} must be positive, got {value}")
+    return CostQuery(qps=qps, serving_batch=serving_batch, price_per_host_hour=price)
+
+
+def _report_segments(spec: str) -> Segments:
+    """`report --segments`: a text file of one name per example, or an entry point returning a
+    segment function or the names."""
+    if Path(spec).is_file() or not is_entry_point(spec):
+        lines = read_document(spec, "--segments file", ConfigError).splitlines()
+        names = [line.strip() for line in lines]
+        while names and not names[-1]:
+            names.pop()  # a trailing newline (or several) is not an example
+        if not names or not all(names):
+            raise ConfigError(f"--segments file {spec!r}: expected one non-empty segment name per line, "
+                              "one line per evaluation example")
+        return names
+    value = load_entry_point(spec, "segments")
+    if callable(value):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    raise ConfigError(f"segments entry point {spec!r} returned {type(value).__name__}: return a function of one "
+                      "example's input tensor (its segment name) or a list of names, one per example")
 
 
 @app.command("check")
@@ -404,6 +481,7 @@ def sensitivity_command(
     input_shape: Annotated[str, typer.Option(help="Example input shape for FLOPs/tracing, e.g. 1,1,28,28.")] = "",
     target_sparsity: Annotated[float, typer.Option(help="If > 0, allocate levels for this global sparsity.")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    track: TrackOption = "",
 ) -> None:
     """Prune each layer alone at each level, measure it, and (optionally) allocate a budget.
 
@@ -418,9 +496,12 @@ def sensitivity_command(
             raise PrunekitError(f"{recipe}: top-level _type must be Recipe, got {type(loaded).__name__}")
         shape = tuple(int(v) for v in _floats(input_shape, "--input-shape")) or None
         target = SparsityTarget(sparsity=target_sparsity) if target_sparsity > 0 else None
+        tracker = _tracker(track)
         with torchrun_process_group():
             result = run_sensitivity_recipe(loaded, out, levels=_floats(levels, "--levels"), metric=metric,  # type: ignore[arg-type]
-                                            input_shape=shape, target=target, progress=progress)
+                                            input_shape=shape, target=target, progress=progress, tracker=tracker)
+        if tracker is not None:
+            tracker.close()
     except PrunekitError as err:
         _fail(err)
         return
@@ -441,13 +522,17 @@ def search_command(
     ),
     storage: Annotated[str, typer.Option(help="Optuna storage URL; a shared postgresql:// URL for workers.")] = "",
     trials: Annotated[int, typer.Option(help="Finished trials wanted in the study (overrides the recipe).")] = 0,
+    track: TrackOption = "",
 ) -> None:
     """Search per-layer levels, schedule and distillation weight with Optuna, measuring each trial."""
     try:
         loaded = load_recipe(recipe)
         if not isinstance(loaded, SearchRecipe):
             raise PrunekitError(f"{recipe}: top-level _type must be SearchRecipe, got {type(loaded).__name__}")
-        result = run_search_recipe(loaded, out, storage=storage or None, trials=trials or None)
+        tracker = _tracker(track)
+        result = run_search_recipe(loaded, out, storage=storage or None, trials=trials or None, tracker=tracker)
+        if tracker is not None:
+            tracker.close()
     except PrunekitError as err:
         _fail(err)
         return
@@ -455,9 +540,6 @@ def search_command(
     if result.best:
         typer.echo(f"best rules: {out / 'best_recipe.yaml'}")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    app()
 
 
 @app.command("bundle")
@@ -504,3 +586,7 @@ def device_table_command(
         _fail(err)
         return
     typer.echo(f"wrote {out}: {len(table.units)} units at levels {table.levels}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -38,6 +38,7 @@ from prunekit._moved import moved_name
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer, recipe_type
 from prunekit.core.masks import finalize, sparsity
 from prunekit.core.targets import resolve
+from prunekit.core.tracking import Tracker, track
 from prunekit.errors import ConfigError, SearchError
 from prunekit.measure.bench import measure_latency
 from prunekit.storage.runstate import loader_generators
@@ -250,6 +251,7 @@ def search(
     config: SearchConfig | None = None,
     *,
     storage: str | None = None,
+    tracker: Tracker | None = None,
 ) -> SearchResult:
     """Run this worker's share of an Optuna study on `model` (not mutated; trials prune copies).
 
@@ -262,6 +264,9 @@ def search(
         config: the search space and budget.
         storage: an Optuna RDB URL; default "sqlite:///prunekit-search.db" in the working
             directory. Give the same PostgreSQL URL and study name to several workers to share.
+        tracker: a `prunekit.core.tracking.Tracker`: each trial this worker runs logs
+            "search/accuracy", "search/latency_ms", "search/sparsity" (measured), "search/alpha"
+            and "search/schedule_end" at step = the trial's number.
 
     Returns:
         A `SearchResult` with the study's Pareto-optimal trials.
@@ -321,6 +326,8 @@ def search(
         }
         for key, value in measured.items():
             trial.set_user_attr(key, value)
+        track(tracker, {**{f"search/{k}": v for k, v in measured.items()}, "search/alpha": alpha,
+                        "search/schedule_end": end}, trial.number)
         if config.min_sparsity is not None:
             violation = config.min_sparsity - measured["sparsity"]  # <= 0 is feasible
             trial.set_user_attr("constraint", violation)

@@ -30,6 +30,7 @@ from prunekit.core.masks import sparsity
 from prunekit.deploy.checkpoint import save
 from prunekit.errors import PrunekitError
 from prunekit.measure.bench import count_flops, count_params, measure_latency
+from prunekit.measure.cost import CostQuery, check_batch, cost_block, cost_markdown, cost_verdict
 from prunekit.measure.heap import SYSTEM_ALLOCATOR, retained_memory
 from prunekit.measure.noise import (
     BOOTSTRAP_RESAMPLES,
@@ -224,6 +225,7 @@ def compare(
     title: str = "prunekit validation report",
     retain_memory: bool = True,
     segments: Segments | None = None,
+    cost: CostQuery | None = None,
 ) -> Report:
     """Measure `pruned` against `baseline` on `(x, y)` batches; neither model is changed.
 
@@ -242,6 +244,8 @@ def compare(
         segments: an extra segmentation beside the per-class one: a function of one example's
             input tensor returning its segment name, or the names aligned with `data`'s examples.
             Accuracy and agreement are reported per segment, with the segments that dropped most.
+        cost: optional serving-cost projection (`prunekit.measure.cost`): hosts dense vs pruned at
+            a target QPS and serving batch size, and the yearly cost, from the latency measured here.
 
     Returns:
         A `Report`; `report.save(folder)` writes report.json, report.md and report.html. Speed
@@ -252,8 +256,11 @@ def compare(
     Raises:
         PrunekitError: `data` yields no batches.
         ConfigError: `segments` has the wrong length, or its function fails on an example
-            (the message names the example's index).
+            (the message names the example's index); `cost.serving_batch` is not in `batch_sizes`
+            (checked before anything is measured).
     """
+    if cost is not None:
+        check_batch(cost, list(batch_sizes))
     base_logits, labels = _logits(baseline, data)
     pruned_logits, _ = _logits(pruned, data)
     acc = _accuracy_block(base_logits, pruned_logits, labels, class_names)
@@ -309,8 +316,23 @@ def compare(
     spread = data_out["latency"]["halves_spread"] or 0.0
     for row in latency:  # called once the run's own spread over all batch sizes is known
         row["speed_call"] = speed_call(row["speedup_ci95"], row["speedup_halves"], spread)
+    if cost is not None:
+        data_out["cost"] = cost_block(data_out, cost)
     data_out["verdicts"] = verdicts(data_out)
     return Report(data_out)
+
+
+def with_cost(report: Report | dict[str, Any], query: CostQuery) -> Report:
+    """A copy of `report` (a `Report` or its dict, e.g. a loaded report.json) with the cost
+    projection for `query` added and the verdicts redone; the input is not changed.
+
+    Raises:
+        ConfigError: the report did not time `query.serving_batch` (the message names the ones it did).
+    """
+    data = dict(report.data if isinstance(report, Report) else report)
+    data["cost"] = cost_block(data, query)
+    data["verdicts"] = verdicts(data)
+    return Report(data)
 
 
 def verdicts(d: dict[str, Any]) -> list[str]:
@@ -350,6 +372,8 @@ def verdicts(d: dict[str, Any]) -> list[str]:
         out.append("segments that dropped most: " + ", ".join(
             f"{n} ({100 * rows[n]['delta']:+.2f} points, {'beyond' if rows[n]['beyond_noise'] else 'within'} noise)"
             for n in seg["dropped_most"]))
+    if d.get("cost"):
+        out.append(cost_verdict(d["cost"]))
     return out
 
 
@@ -409,6 +433,8 @@ def render_markdown(d: dict[str, Any]) -> str:
         rows += [f"| {r['segment']} | {r['count']} | {100 * r['baseline']:.2f}% | {100 * r['pruned']:.2f}% | "
                  f"{100 * r['delta']:+.2f} | {_interval_text(r['change_ci95_points'], '{:+.2f}')} | "
                  f"{100 * r['agreement']:.2f}% |" for r in a["segments"]["rows"]]
+    if d.get("cost"):
+        rows += ["", "## Serving cost", "", *cost_markdown(d["cost"], env.get("cpu", ""))]
     rows += ["", "## Per-layer sparsity", "", "| layer | sparsity |", "|---|---|"]
     rows += [f"| `{n}` | {100 * s:.2f}% |" for n, s in p["layers"].items()]
     for section in d.get("sections", []):  # extra Markdown a caller (e.g. the demo) attaches

@@ -56,6 +56,7 @@ from prunekit.core.criteria import get_criterion
 from prunekit.core.distributed import collective_device, rank_and_world
 from prunekit.core.masks import finalize
 from prunekit.core.plan import plan
+from prunekit.core.tracking import Tracker, log_report_headline
 from prunekit.deploy.checkpoint import save
 from prunekit.deploy.quantize import quantize
 from prunekit.errors import ConfigError, PlanError, TraceError
@@ -190,6 +191,7 @@ def run_recipe(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Run `recipe`: build, allocate, prune (one-shot, gradually or iteratively while fine-tuning),
     fine-tune, quantize, save, export, report.
@@ -207,6 +209,8 @@ def run_recipe(
         resume: continue a killed run from `checkpoint_dir`; the pruned model is then
             bit-identical to an uninterrupted run's on CPU (the report's latencies are
             measured afresh).
+        tracker: logs per-step loss, learning rate and sparsity of the training stages, and the
+            report's headline numbers (`prunekit.core.tracking`).
 
     Returns:
         The report's data (`report.json`) with the stages' wall times and files, or only the
@@ -221,14 +225,15 @@ def run_recipe(
     Checkpointer(checkpoint_dir, "finetune", checkpoint_every, resume)  # bad settings fail before any work
     saving: dict[str, Any] = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every, "resume": resume}
     with torchrun_process_group():
-        return _Run(recipe, Path(out), progress, saving).run()
+        return _Run(recipe, Path(out), progress, saving, tracker).run()
 
 
 class _Run:
     """One recipe run, stage by stage; `times` holds each stage's wall seconds."""
 
-    def __init__(self, recipe: Recipe, out: Path, progress: bool, saving: dict[str, Any]) -> None:
-        self.recipe, self.out, self.progress, self.saving = recipe, out, progress, saving
+    def __init__(self, recipe: Recipe, out: Path, progress: bool, saving: dict[str, Any],
+                 tracker: Tracker | None = None) -> None:
+        self.recipe, self.out, self.progress, self.saving, self.tracker = recipe, out, progress, saving, tracker
         self.times: dict[str, float] = {}
         self.files: dict[str, Any] = {}
         self.structured: Any = None
@@ -286,6 +291,8 @@ class _Run:
         report.data["stages_s"], report.data["files"] = self.times, {"pruned": saved.path.name, **self.files}
         report.data.setdefault("sections", []).append(_stages_section(self.times, self.files))
         report.save(self.out)
+        if self.tracker is not None:
+            log_report_headline(self.tracker, report)
         return report.data
 
     def prune(self, model: nn.Module, config: FrozenConfig | ChannelPlan, train: Any, example: Any, calibration: Any,
@@ -309,10 +316,11 @@ class _Run:
         if recipe.schedule is not None and not isinstance(config, ChannelPlan):
             if not isinstance(recipe.schedule, Schedule):
                 raise ConfigError(f"recipe.schedule: {type(recipe.schedule).__name__} is not a schedule")
-            pruner = GradualPruner(model, config, recipe.schedule, seed=recipe.seed, data=calibration)
+            pruner = GradualPruner(model, config, recipe.schedule, seed=recipe.seed, data=calibration,
+                                   tracker=self.tracker)
             with self.stage("finetune with gradual pruning"):
                 finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=teacher, kd=kd, pruner=pruner,
-                         progress=self.progress, **saving)
+                         progress=self.progress, tracker=self.tracker, **saving)
             return
         with self.stage("prune"):
             planned = config if isinstance(config, ChannelPlan) else _plan(model, config, recipe, example, calibration)
@@ -322,10 +330,10 @@ class _Run:
         if recipe.finetune is not None and tune.epochs:
             with self.stage("finetune"):
                 finetune(model, train, epochs=tune.epochs, lr=tune.lr, teacher=teacher, kd=kd,
-                         progress=self.progress, **saving)
+                         progress=self.progress, tracker=self.tracker, **saving)
         if recipe.recover is not None:
             with self.stage("recover"):
-                recover(model, baseline, train, recipe.recover, progress=self.progress,
+                recover(model, baseline, train, recipe.recover, progress=self.progress, tracker=self.tracker,
                         checkpoint_dir=self.saving["checkpoint_dir"], resume=self.saving["resume"])
 
     def report(self, baseline: nn.Module, final: nn.Module, evaluate: Any) -> Report:

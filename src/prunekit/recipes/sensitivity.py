@@ -16,6 +16,7 @@ from prunekit.allocation.allocate import Target, allocate
 from prunekit.allocation.sensitivity import proxy_loss, sensitivity
 from prunekit.config import save_recipe
 from prunekit.core.distributed import is_main_rank
+from prunekit.core.tracking import Tracker
 from prunekit.errors import ConfigError, PrunekitError
 from prunekit.recipes.entry import calibration_batches
 from prunekit.recipes.run import Recipe, build, example_inputs_of
@@ -34,6 +35,7 @@ def run_sensitivity_recipe(
     input_shape: tuple[int, ...] | None = None,
     target: Target | None = None,
     progress: bool = True,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Scan `recipe.model` with `recipe.prune` as the family; write the table, heat map, allocation.
 
@@ -52,7 +54,7 @@ def run_sensitivity_recipe(
         evaluate, higher = proxy_loss(held_out, n_batches=loss_batches), False
     inputs = torch.zeros(input_shape) if input_shape else example_inputs_of(recipe, held_out, train)
     table = sensitivity(model, recipe.prune, evaluate, levels, higher_is_better=higher, example_inputs=inputs,
-                        data=calibration, progress=progress, max_memory=recipe.max_memory)
+                        data=calibration, progress=progress, max_memory=recipe.max_memory, tracker=tracker)
     allocation = allocate(table, target) if target is not None else None
     if not is_main_rank():  # under torchrun every rank holds the same merged table; rank 0 writes it
         return {"table": table, "allocation": allocation, "files": {}}

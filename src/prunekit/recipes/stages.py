@@ -17,7 +17,8 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from prunekit.allocation.allocate import Target, allocate
+from prunekit.allocation.allocate import LatencyTarget, Target, allocate
+from prunekit.allocation.closed_loop import allocate_measured
 from prunekit.allocation.latency import measure_latency_table
 from prunekit.allocation.sensitivity import proxy_loss, sensitivity
 from prunekit.allocation.sensitivity.groups import GroupPruner
@@ -45,7 +46,9 @@ class AllocateStage(FrozenConfig):
 
     `metric` "loss" is the mean loss on the first `batches` eval batches (token loss for a
     language model), "accuracy" the eval loader's accuracy. A `LatencyTarget` times every unit
-    on this machine at `latency_batch` examples.
+    on this machine at `latency_batch` examples, then (`measure_rounds` > 0) prunes a copy, times
+    it end to end and re-allocates on the table calibrated to that measurement, as
+    `allocate_measured` does; 0 trusts the table's additive prediction.
     """
 
     target: Target
@@ -54,6 +57,7 @@ class AllocateStage(FrozenConfig):
     batches: int = Field(default=4, ge=1)
     max_level: float | None = Field(default=None, gt=0, lt=1)
     latency_batch: int = Field(default=1, ge=1)
+    measure_rounds: int = Field(default=3, ge=0)
 
     @field_validator("target", mode="before")
     @classmethod
@@ -134,7 +138,14 @@ def allocated_config(model: nn.Module, prune: FrozenConfig, stage: AllocateStage
                               "set recipe.data or recipe.example_inputs")
         served = _repeat_batch(example, stage.latency_batch)
         latency = measure_latency_table(model, prune, stage.levels, served, progress=progress)
-    allocation = allocate(table, stage.target, latency=latency, max_level=stage.max_level)
+    rounds: tuple[tuple[float, float], ...] = ()
+    if isinstance(stage.target, LatencyTarget) and latency is not None and stage.measure_rounds > 0:
+        measured = allocate_measured(model, table, stage.target, latency, served, rounds=stage.measure_rounds,
+                                     max_level=stage.max_level, data=calibration)
+        allocation, rounds = measured.allocation, measured.rounds
+        log.info("measured speed-up per round (predicted, measured): %s", rounds)
+    else:
+        allocation = allocate(table, stage.target, latency=latency, max_level=stage.max_level)
     log.info("allocation: %s", allocation)
     if allocation.kind == "group":
         result: FrozenConfig | ChannelPlan = GroupPruner(model, prune, example, calibration).plan_many(
@@ -151,7 +162,8 @@ def allocated_config(model: nn.Module, prune: FrozenConfig, stage: AllocateStage
     if isinstance(result, ChannelPlan):
         atomic_write_text(out / "allocation.json", json.dumps(
             {"levels": allocation.levels, "target": config_to_dict(allocation.target),
-             "predicted": allocation.achieved, "predicted_degradation": allocation.predicted_degradation}, indent=1))
+             "predicted": allocation.achieved, "predicted_degradation": allocation.predicted_degradation,
+             "measured_rounds": [{"predicted": p, "measured": m} for p, m in rounds]}, indent=1))
     else:
         save_recipe(result, out / "allocation.yaml")
     return result

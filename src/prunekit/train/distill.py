@@ -28,6 +28,7 @@ from torch.utils.data import DistributedSampler
 from prunekit.core.distributed import all_reduce_sum, in_process_group, is_main_rank, model_group, rank_and_world
 from prunekit.core.masks import place_masks
 from prunekit.core.progress import progress as progress_bar
+from prunekit.core.tracking import Tracker, track
 from prunekit.errors import CheckpointError, ConfigError
 from prunekit.storage.distributed_state import (
     DistributedCheckpointer,
@@ -98,6 +99,7 @@ def finetune(
     resume: bool = False,
     accumulation: int = 1,
     precision: Precision = "fp32",
+    tracker: Tracker | None = None,
 ) -> int:
     """Train `model` on `(x, y)` batches, distilling from `teacher` if given (mutates model).
 
@@ -140,6 +142,10 @@ def finetune(
         precision: "fp32", or "bf16": forward passes (student and teacher) under
             `torch.autocast(dtype=torch.bfloat16)` on the model's device; the weights, gradients
             and optimizer state stay float32, and the loss is computed in float32.
+        tracker: a `prunekit.core.tracking.Tracker`: after every optimizer step "finetune/loss"
+            (the mean over that step's batches; under torchrun rank 0's), "finetune/lr" (the first
+            param group's) and "finetune/sparsity" (the pruner's `current_sparsity`), and at each
+            epoch's end "finetune/epoch_loss" (as given to `callback`), at the global step.
 
     Returns:
         The global step after the last batch, to continue a schedule in another call.
@@ -158,7 +164,7 @@ def finetune(
     """
     loop = TrainLoop(model, loader, optimizer or torch.optim.Adam(model.parameters(), lr=lr),
                      kd or KDLoss(alpha=0.5 if teacher is not None else 0.0), teacher, pruner, scheduler,
-                     accumulation=accumulation, precision=precision)
+                     accumulation=accumulation, precision=precision, tracker=tracker)
     saver: Checkpointer | DistributedCheckpointer
     if in_process_group():
         saver = DistributedCheckpointer(checkpoint_dir, "finetune", checkpoint_every, resume)
@@ -202,6 +208,7 @@ class TrainLoop:
     scheduler: Any = None
     accumulation: int = 1
     precision: Precision = "fp32"
+    tracker: Tracker | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.accumulation, bool) or not isinstance(self.accumulation, int) or self.accumulation < 1:
@@ -244,6 +251,7 @@ class TrainLoop:
             mean = _mean_over_ranks(total, done)
             if is_main_rank():
                 log.info("epoch %d: loss %.4f", epoch + 1, mean)
+            track(self.tracker, {"finetune/epoch_loss": mean}, step)
             if callback is not None:
                 callback(epoch, step, mean)
             if save is not None:
@@ -267,18 +275,19 @@ class TrainLoop:
                                       f"{skip} batches into epoch {epoch + 1}: resume with the same data")
         if skip:
             set_rng_state(saved["rng"], gens)  # type: ignore[index]
-        done, pending = skip, 0
+        done, pending, step_loss = skip, 0, 0.0
         for x, y in progress_bar(batches, f"epoch {epoch + 1}/{epochs}", progress):
             pending += 1
-            total += self._micro_step(x, y, sync=pending == self.accumulation)
-            done += 1
+            loss = self._micro_step(x, y, sync=pending == self.accumulation)
+            total, step_loss, done = total + loss, step_loss + loss, done + 1
             if pending == self.accumulation:
-                step, pending = self._optimizer_step(step, pending), 0
+                step, pending = self._optimizer_step(step, pending, step_loss), 0
+                step_loss = 0.0
                 if save is not None and step % every == 0:
                     save(self.state_dict({"epoch": epoch, "batch": done, "step": step, "loss_total": total},
                                          epoch_rng, epochs, start_step))
         if pending:
-            step = self._optimizer_step(step, pending)
+            step = self._optimizer_step(step, pending, step_loss)
         return step, total, done
 
     def _batches(self, epoch: int) -> Iterator[Any]:
@@ -311,10 +320,12 @@ class TrainLoop:
             return contextlib.nullcontext()
         return torch.autocast(_device(self.model).type, dtype=torch.bfloat16)
 
-    def _optimizer_step(self, step: int, pending: int) -> int:
-        """Step the optimizer, scheduler and pruner over `pending` accumulated batches; the new step."""
+    def _optimizer_step(self, step: int, pending: int, loss_sum: float = 0.0) -> int:
+        """Step the optimizer, scheduler and pruner over `pending` accumulated batches (whose losses
+        add up to `loss_sum`, for the tracker); the new step."""
         if pending < self.accumulation:
             self._finish_short_step(pending)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses, before the scheduler moves it
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -322,6 +333,8 @@ class TrainLoop:
         step += 1
         if self.pruner is not None:
             self.pruner.step(step)
+        track(self.tracker, {"finetune/loss": loss_sum / pending, "finetune/lr": lr,
+                             "finetune/sparsity": getattr(self.pruner, "current_sparsity", None)}, step)
         return step
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ from prunekit.config import FrozenConfig, recipe_type
 from prunekit.core.distributed import all_reduce_sum, in_process_group, is_dtensor, model_group, rank_and_world
 from prunekit.core.masks import place_masks
 from prunekit.core.progress import progress as progress_bar
+from prunekit.core.tracking import Tracker, track
 from prunekit.errors import CheckpointError, ConfigError
 from prunekit.storage.runstate import Checkpointer, check_same_run, rng_state, set_rng_state
 from prunekit.train.losses import kl_sum, squarehead
@@ -287,7 +288,7 @@ class Recovery:
         return len(self.step_tokens)
 
     def run(self, *, checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-            callback: Callable[[int, int, float], None] | None = None) -> nn.Module:
+            callback: Callable[[int, int, float], None] | None = None, tracker: Tracker | None = None) -> nn.Module:
         """Train the student to the token budget (mutates it and the optimizer); returns the student.
 
         Args:
@@ -301,6 +302,9 @@ class Recovery:
             progress: a progress bar (steps, with tokens and loss) on rank 0.
             callback: `callback(step, tokens, loss)` after every optimizer step, on every rank,
                 with the loss averaged over all ranks' tokens.
+            tracker: a `prunekit.core.tracking.Tracker`: "recovery/loss" (as `callback`'s),
+                "recovery/lr", "recovery/tokens" and, with a pruner, "recovery/sparsity" (its
+                `current_sparsity`) after every optimizer step, at the 1-based step, from rank 0.
 
         Raises:
             CheckpointError: `checkpoint_dir` holds a checkpoint but `resume` is False, or it is
@@ -331,6 +335,8 @@ class Recovery:
                     self._save(saver, step + 1)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(tokens=f"{tokens:,}", loss=f"{loss:.4f}", refresh=False)
+                track(tracker, {"recovery/loss": loss, "recovery/lr": lr, "recovery/tokens": tokens,
+                                "recovery/sparsity": getattr(self.pruner, "current_sparsity", None)}, step + 1)
                 if callback is not None:
                     callback(step + 1, tokens, loss)
         finally:
@@ -461,7 +467,8 @@ class Recovery:
 
 def recover(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], config: RecoveryConfig, *,
             pruner: Any = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
-            progress: bool = True, callback: Callable[[int, int, float], None] | None = None) -> nn.Module:
+            progress: bool = True, callback: Callable[[int, int, float], None] | None = None,
+            tracker: Tracker | None = None) -> nn.Module:
     """Fine-tune a pruned `student` to match its dense `teacher` on `batches` (mutates, returns it).
 
     The masks (or pruned shapes) hold throughout; see `Recovery` for the arguments and errors
@@ -473,5 +480,6 @@ def recover(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
         ...         RecoveryConfig(tokens=50_000, lr=1e-4), progress=False)
     """
     run = Recovery(student, teacher, batches, config, pruner=pruner)
-    return run.run(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, callback=callback)
+    return run.run(checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, callback=callback,
+                   tracker=tracker)
 

@@ -20,6 +20,7 @@ from prunekit.core.distributed import attaching_masks, check_same_step, model_gr
 from prunekit.core.masks import load_mask_state_dict, mask_state_dict, set_mask
 from prunekit.core.plan import plan
 from prunekit.core.targets import resolve
+from prunekit.core.tracking import Tracker, track
 from prunekit.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,9 @@ class GradualPruner:
     same step and agree whether to update, and raises on all of them otherwise, so no rank's
     masks can drift; the updates themselves are collectives (see `MaskPlan.apply`).
 
+    `tracker` (a `prunekit.core.tracking.Tracker`) records the schedule's sparsity after every
+    `step` call as "prune/sparsity", on rank 0.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
         >>> pruner = GradualPruner(model, UnstructuredConfig(sparsity=0.75), Cubic(end_step=10))
@@ -155,8 +159,9 @@ class GradualPruner:
         data: Iterable[Any] | None = None,
         seed: int = 0,
         straight_through: bool = False,
+        tracker: Tracker | None = None,
     ) -> None:
-        self.model = model
+        self.model, self.tracker = model, tracker
         self.config = config
         self.schedule = schedule if schedule is not None else OneShot()
         self.data = data
@@ -180,12 +185,14 @@ class GradualPruner:
         if group is not None:
             check_same_step(step, update, group[1])
         if not update:
+            track(self.tracker, {"prune/sparsity": self.current_sparsity}, step)
             return False
         leaf = _leaves_at(self.config, self.schedule, step)
         if leaf is not None:
             plan(self.model, leaf, data=self.data, generator=self.generator).apply(self.model)
         log.info("step %d: sparsity %.4f -> %.4f", step, self.current_sparsity, target)
         self.current_sparsity, self.last_update_step = target, step
+        track(self.tracker, {"prune/sparsity": target}, step)
         return True
 
     def _final_sparsity(self) -> float:

@@ -21,6 +21,7 @@ the table one process would build, identical on every rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,7 @@ from prunekit.allocation.sensitivity.replaced import scan_replaced_layers
 from prunekit.allocation.sensitivity.table import SensitivityTable
 from prunekit.config import FrozenConfig, MaskConfig, PerLayer, config_to_dict
 from prunekit.core.memory import parse_memory
+from prunekit.core.tracking import Tracker, track
 from prunekit.errors import ConfigError, SensitivityError
 from prunekit.structured.lowrank import LowRankConfig
 
@@ -117,6 +119,7 @@ def sensitivity(
     checkpoint_every: int = 1,
     resume: bool = False,
     max_memory: int | str | None = None,
+    tracker: Tracker | None = None,
 ) -> SensitivityTable:
     """Prune each layer alone at each level and record `evaluate(model)`; the model ends unchanged.
 
@@ -144,6 +147,9 @@ def sensitivity(
         max_memory: memory budget in bytes or as "4GB"/"512MiB": the scan's peak (model, the
             copies it restores from, a calibration pass per probe) is estimated first, and
             `MemoryBudgetError` is raised before any probe when it would not fit.
+        tracker: a `prunekit.core.tracking.Tracker`; the finished table is logged to it (rank 0):
+            "sensitivity/<unit>" at step = the level in percent (the level's index if two levels
+            round to one percent), failed cells left out, and "sensitivity.baseline" at step 0.
 
     Under torchrun (a process group of more than one rank) the scan is a collective: every
     rank measures the baseline, then unit cell i (units in order, each at every level) only on
@@ -184,10 +190,23 @@ def sensitivity(
         scan = scan_layers if isinstance(config, (MaskConfig, PerLayer)) else scan_groups
     training = model.training  # evaluate functions switch to eval mode; give the caller's back
     try:
-        return scan(model, config, evaluate, levels, higher_is_better=higher_is_better,
-                    example_inputs=example_inputs, data=data, on_error=on_error, progress=progress,
-                    cells=scan_checkpoint(checkpoint_dir, checkpoint_every, resume,
-                                          {"config": config_to_dict(config), "levels": levels,
-                                           "higher_is_better": higher_is_better}))
+        table = scan(model, config, evaluate, levels, higher_is_better=higher_is_better,
+                     example_inputs=example_inputs, data=data, on_error=on_error, progress=progress,
+                     cells=scan_checkpoint(checkpoint_dir, checkpoint_every, resume,
+                                           {"config": config_to_dict(config), "levels": levels,
+                                            "higher_is_better": higher_is_better}))
     finally:
         model.train(training)
+    _track_table(tracker, table)
+    return table
+
+
+def _track_table(tracker: Tracker | None, table: SensitivityTable) -> None:
+    """Log each unit's metric per level (step: the level in percent) and the baseline to `tracker`."""
+    steps = [round(100 * lv) for lv in table.levels]
+    if len(set(steps)) < len(steps):  # levels closer than a percent: number them instead
+        steps = list(range(len(steps)))
+    track(tracker, {"sensitivity.baseline": table.baseline}, 0)
+    for i, step in enumerate(steps):
+        track(tracker, {f"sensitivity/{u}": table.values[u][i] for u in table.units
+                        if math.isfinite(table.values[u][i])}, step)
