@@ -1,4 +1,4 @@
-"""Core ML `.mlpackage` sizes: dense vs pruned vs pruned + fp16, with the sparse-storage check.
+"""Core ML `.mlpackage` sizes: dense vs pruned vs pruned + fp16 / INT8 / 4-bit palette, with the storage check.
 
 Nothing is trained. Models:
 - the demo's LeNet-300-100 at 90 % global magnitude sparsity (pruned weights stored as
@@ -7,7 +7,11 @@ Nothing is trained. Models:
   (35 % of every coupled group, L2, multiples of 8, classifier kept): a smaller dense model;
 - the same EfficientNet-Lite0 at 90 % unstructured sparsity per layer (for comparison).
 Each pruned package is written by `prunekit.deploy.coreml.export_coreml` and checked (every
-pruned weight found as a `constexpr_sparse_to_dense` op with the model's zeros and values).
+pruned weight found as a `constexpr_sparse_to_dense` op with the model's zeros and values;
+for INT8 / palettized weights, coremltools' joint sparse + quantized ops, values within the
+quantization tolerance). INT8 (per-channel symmetric) and lut4 (4-bit k-means palette per
+tensor) packages compute in fp16. A channel-pruned model has no zeros, so it is stored dense
+(quantized where asked) and has no sparse weights to check.
 Core ML cannot run on Linux, so there are no latencies here.
 
 Run:  python benchmarks/export_coreml.py [--skip-effnet]
@@ -40,13 +44,19 @@ def _effnet() -> nn.Module:
 def _row(name: str, dense: nn.Module, pruned: nn.Module, x: torch.Tensor, folder: Path) -> None:
     t = time.perf_counter()
     base = export_coreml(dense, folder / "dense.mlpackage", x, sparse=False, compare_dense=False)
-    fp32 = export_coreml(pruned, folder / "pruned.mlpackage", x, compare_dense=False)
-    fp16 = export_coreml(pruned, folder / "pruned16.mlpackage", x, precision="fp16", compare_dense=False)
+    sizes, checked = {}, {}
+    for label, options in {"fp32": {}, "fp16": {"precision": "fp16"},
+                           "int8": {"precision": "fp16", "quantize": "int8"},
+                           "lut4": {"precision": "fp16", "quantize": "lut4"}}.items():
+        report = export_coreml(pruned, folder / f"pruned_{label}.mlpackage", x, compare_dense=False, **options)
+        sizes[label] = report.size_bytes
+        worst = max((w.max_error for w in report.tensors), default=0.0)
+        checked[label] = f"{len(report.tensors)} sparse weights checked (max rel. error {worst:.3g})"
     mb = 1e6
-    print(f"{name}: dense {base.size_bytes / mb:.2f} MB | pruned fp32 {fp32.size_bytes / mb:.2f} MB "
-          f"({fp32.size_bytes / base.size_bytes:.3f} of dense) | pruned fp16 {fp16.size_bytes / mb:.2f} MB "
-          f"({fp16.size_bytes / base.size_bytes:.3f}); check passed: {len(fp32.tensors)} weights stored "
-          f"sparse; {time.perf_counter() - t:.0f} s")
+    cells = " | ".join(f"pruned {k} {v / mb:.2f} MB ({v / base.size_bytes:.3f})" for k, v in sizes.items())
+    print(f"{name}: dense fp32 {base.size_bytes / mb:.2f} MB | {cells}; {time.perf_counter() - t:.0f} s")
+    for label, line in checked.items():
+        print(f"    check passed, {label}: {line}")
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import prunekit as pk
 from prunekit.core.masks import masked_modules
 from prunekit.deploy import coreml
 from prunekit.deploy.coreml import check_coreml, export_coreml, folder_size
-from prunekit.errors import ConfigError, ExportCheckError, PrunekitError
+from prunekit.errors import ConfigError, ExportCheckError, PrunekitError, TraceError
 from tests.models import ResidualCNN
 
 
@@ -60,6 +60,9 @@ def test_folded_batchnorm_weights_are_found_by_zero_pattern(ct, tmp_path: Path) 
     convs = {t.name: t for t in report.tensors if t.name.startswith("conv")}
     assert set(convs) == {"conv1.weight", "conv2.weight"}
     assert all(t.values == "scaled" for t in convs.values())
+    int8 = export_coreml(model, tmp_path / "q.mlpackage", x, quantize="int8", compare_dense=False)
+    assert [(t.name, t.values, t.storage) for t in int8.tensors if t.name.startswith("conv")] == [
+        ("conv1.weight", "scaled", "sparse+int8"), ("conv2.weight", "scaled", "sparse+int8")]
 
 
 def test_dense_package_fails_the_check_naming_the_weight(ct, tmp_path: Path) -> None:
@@ -120,3 +123,42 @@ def test_missing_coremltools_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "coremltools", None)  # makes `import coremltools` fail
     with pytest.raises(PrunekitError, match=r"pip install 'prunekit\[coreml\]'"):
         coreml.require_coremltools()
+
+
+@pytest.mark.parametrize("quantize", ["int8", "lut4"])
+def test_sparse_plus_quantized_weights_are_checked_within_tolerance(ct, quantize, tmp_path: Path) -> None:
+    model, x = _mlp()
+    float16 = export_coreml(model, tmp_path / "f.mlpackage", x, precision="fp16", compare_dense=False)
+    report = export_coreml(model, tmp_path / "q.mlpackage", x, precision="fp16", quantize=quantize,
+                           compare_dense=False)
+    assert {t.storage for t in report.tensors} == {f"sparse+{quantize}"}
+    assert [t.nonzeros for t in report.tensors] == [t.nonzeros for t in float16.tensors]
+    assert all(t.values == "quantized" and 0 < t.max_error < 0.05 for t in report.tensors)
+    assert report.size_bytes < float16.size_bytes
+    model = pk.finalize(model)
+    with torch.no_grad():
+        model[5].weight[0] *= 1.5  # zeros kept, values moved beyond a quantization step
+    with pytest.raises(ExportCheckError, match=r"weight '5\.weight'.*beyond the quantization tolerance"):
+        check_coreml(model, report.path)
+
+
+def test_quantize_needs_ios18(ct, tmp_path: Path) -> None:
+    model, x = _mlp()
+    with pytest.raises(ConfigError, match=r"quantize='int8' needs target='iOS18'"):
+        export_coreml(model, tmp_path / "o.mlpackage", x, quantize="int8", target="iOS17")
+
+
+class _Special(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.digamma(self.proj(x))  # coremltools 9 has no converter for aten.digamma
+
+
+def test_unsupported_op_is_named_with_its_layer(ct, tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.ReLU(), _Special())).eval()
+    with pytest.raises(TraceError, match=r"op 'digamma' \(aten\.digamma\.default\) in layer '1\.1' \(_Special\)"):
+        export_coreml(model, tmp_path / "u.mlpackage", torch.randn(2, 8), compare_dense=False)
+    assert list(tmp_path.iterdir()) == []

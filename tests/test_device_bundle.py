@@ -235,3 +235,22 @@ def test_cli_bundle_and_device_table(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{")
     result = CliRunner().invoke(app, ["device-table", str(bundle), str(tmp_path / "bad.json")])
     assert result.exit_code != 0 and "bad.json" in result.output
+
+
+def test_random_inputs_bundle_stores_no_activations_and_runs(model: nn.Module, x: Tensor, tmp_path: Path) -> None:
+    from prunekit.allocation import bundle_runner
+
+    small = make_bundle(model, CONFIG, LEVELS[:1], x, tmp_path / "random", inputs="random", units=["c3"])
+    assert not list(small.rglob("*.npy"))  # a stored bundle holds one per distinct layer input
+    spec = read_manifest(small)["model"]["inputs"][0]
+    assert spec["shape"] == [1, 3, 32, 32] and spec["dtype"] == "float32"
+    assert spec["mean"] == pytest.approx(float(x.mean())) and spec["std"] == pytest.approx(float(x.std()), rel=1e-3)
+    drawn = bundle_runner.load_input(small, spec)
+    assert drawn.shape == (1, 3, 32, 32) and drawn.dtype == "float32" and abs(drawn.std() - spec["std"]) < 0.1
+    assert (drawn == bundle_runner.load_input(small, spec)).all()  # seeded: every run times the same values
+    assert bundle_runner.main([str(small), "--repeats", "2", "--warmup", "0", "--quiet"]) == 0
+    results = json.loads((small / "device_table.json").read_text())
+    assert results["failures"] == [] and results["units"]["c3"]["levels"][0]["min_ms"] > 0
+    assert load_device_table(small, small / "device_table.json", model=model).levels == LEVELS[:1]
+    with pytest.raises(pk.ConfigError, match="make_bundle.inputs"):
+        make_bundle(model, CONFIG, LEVELS, x, tmp_path / "bad", inputs="zeros")  # type: ignore[arg-type]

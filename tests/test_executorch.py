@@ -141,3 +141,18 @@ def test_missing_executorch_names_the_extra(monkeypatch, nets, tmp_path):
         export_executorch(dense, tmp_path / "m.pte", x)
     with pytest.raises(PrunekitError, match=r"prunekit\[executorch\]"):
         pk_et.require_executorch()
+
+
+def test_dynamic_batch_runs_every_batch_up_to_the_bound(nets, tmp_path):
+    _, pruned, x = nets
+    report = export_executorch(pruned, tmp_path / "dyn.pte", x, max_batch=4)
+    assert report.max_batch == 4 and "batch 1..4" in report.summary()
+    run = load_pte(report.path)
+    for batch in (1, 3):
+        xb = torch.randn(batch, *x.shape[1:])
+        with torch.no_grad():
+            assert torch.allclose(run(xb)[0], pruned(xb), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError):  # past the bound the runtime refuses to resize its buffers
+        run(torch.randn(5, *x.shape[1:]))
+    with pytest.raises(ConfigError, match="max_batch"):
+        export_executorch(pruned, tmp_path / "bad.pte", torch.cat([x, x]), max_batch=1)

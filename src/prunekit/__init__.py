@@ -21,6 +21,13 @@ from prunekit.allocation.closed_loop import MeasuredAllocation, allocate_measure
 from prunekit.allocation.device_table import load_device_table
 from prunekit.allocation.latency import LatencyTable, measure_latency_table
 from prunekit.allocation.owl import owl
+from prunekit.allocation.pipeline import (
+    PipelineAllocation,
+    PipelineStage,
+    allocate_pipeline,
+    even_split,
+    measure_pipeline,
+)
 from prunekit.allocation.search import SearchConfig, SearchRecipe, SearchResult, search
 from prunekit.allocation.sensitivity import proxy_loss, sensitivity
 from prunekit.allocation.sensitivity.table import SensitivityTable
@@ -187,6 +194,11 @@ __all__ = [
     "Allocation",
     "allocate_measured",
     "MeasuredAllocation",
+    "allocate_pipeline",
+    "even_split",
+    "measure_pipeline",
+    "PipelineStage",
+    "PipelineAllocation",
     "Target",
     "SparsityTarget",
     "SizeTarget",

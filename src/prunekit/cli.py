@@ -552,6 +552,10 @@ def bundle_command(
     exclude: Annotated[list[str] | None, typer.Option(help="Layers to keep whole (repeatable).")] = None,
     input_shape: Annotated[str, typer.Option(help="Example input shape, e.g. 1,3,224,224 (default: the "
                                                   "model module's example_inputs()).")] = "",
+    stored_inputs: Annotated[str, typer.Option("--inputs", help="'stored': save each variant's real input as .npy; "
+                                               "'random': store only shapes, dtypes, statistics and a seed (the "
+                                               "runner draws the same values each run; a much smaller bundle).")] = (
+        "stored"),
 ) -> None:
     """Write a bench bundle: the ONNX variants a latency table needs, and a runner (numpy + onnxruntime only).
 
@@ -565,7 +569,8 @@ def bundle_command(
             raise ConfigError(f"bundle: {model!r} must build an nn.Module, and the inputs need --input-shape or an "
                               "example_inputs() beside the model")
         config = ChannelConfig(ratio=ratio, round_to=round_to, exclude=tuple(exclude or ()))
-        path = make_bundle(net, config, _floats(levels, "--levels"), inputs, out, progress=True)
+        path = make_bundle(net, config, _floats(levels, "--levels"), inputs, out, inputs=stored_inputs,  # type: ignore[arg-type]
+                           progress=True)
     except PrunekitError as err:
         _fail(err)
         return

@@ -390,3 +390,29 @@ def test_lstm_projection_is_a_named_barrier_and_the_rest_prunes() -> None:
     assert len(barriers) == 1 and "lstm" in barriers[0] and "in 'rnn'" in barriers[0] and "proj_size" in barriers[0]
     assert not any(k.startswith(("rnn.", "inp.")) for k in plan.keep) and 0 in plan.keep["mid.weight"]
     assert_equivalent(model, plan, x)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Norms take their order before their dims (F.normalize, torch.norm).
+
+
+class Normalized(nn.Module):
+    """conv -> conv -> L2-normalise over `dim` -> conv: over channels the norm mixes them, over space not."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.c, self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(F.normalize(torch.relu(self.a(torch.relu(self.c(x)))), dim=self.dim))
+
+
+@pytest.mark.parametrize("dim", [1, 3])
+def test_normalize_reads_its_dims_not_its_order(dim: int) -> None:
+    torch.manual_seed(0)
+    model, x = Normalized(dim), torch.randn(2, 3, 8, 8)
+    plan, _ = _plan(model, x)
+    assert "c.weight" in plan.keep  # before the norm: free either way
+    assert (0 in plan.keep.get("a.weight", {})) == (dim == 3)  # a norm over a's channels needs every one
+    assert_equivalent(model, plan, x)

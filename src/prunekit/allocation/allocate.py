@@ -21,7 +21,6 @@ the continuous relaxation's optimum, which lies on a hull segment.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,6 +31,7 @@ from torch import nn
 from prunekit._moved import moved_name
 from prunekit.allocation.sensitivity.groups import GroupPruner
 from prunekit.allocation.sensitivity.table import SensitivityTable
+from prunekit.allocation.solver import usable_points, walk
 from prunekit.config import FrozenConfig, PerLayer, config_from_dict, recipe_type
 from prunekit.core.plan import prune
 from prunekit.errors import AllocationError, ConfigError
@@ -212,36 +212,6 @@ def _size_budget(table: SensitivityTable, target: SizeTarget) -> Budget:
 # The allocation.
 
 
-def _curve(table: SensitivityTable, unit: str, savings: list[float]) -> list[tuple[float, float, float]]:
-    """(saving, damage, level) points from dense, usable (finite) and monotone in damage."""
-    points = [(0.0, 0.0, 0.0)]
-    worst = 0.0
-    for i, level in enumerate(table.levels):
-        damage = table.degradation(unit, i)
-        if math.isnan(damage):
-            break  # a failed probe: never go that far
-        worst = max(worst, damage)
-        if savings[i] > points[-1][0]:
-            points.append((savings[i], worst, level))
-    return points
-
-
-def _hull(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
-    """Lower convex hull of (saving, damage) points sorted by saving (Andrew's monotone chain)."""
-    hull: list[tuple[float, float, float]] = []
-    for p in points:
-        while len(hull) >= 2:
-            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
-            # Pop hull[-1] when it lies strictly above the chord: never worth stopping there.
-            # Collinear points stay, so flat (insensitive) curves are walked level by level.
-            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) < 0:
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
-
-
 def allocate(
     table: SensitivityTable,
     target: Target,
@@ -282,96 +252,13 @@ def allocate(
         True
     """
     budget = _budget(table, target, latency)
-    points = {}
-    for unit in table.units:
-        curve = _curve(table, unit, budget.savings[unit])
-        points[unit] = [p for p in curve if max_level is None or p[2] <= max_level + 1e-12]
-        if min_level is not None:
-            points[unit] = [p for p in points[unit] if p[2] >= min_level - 1e-12]
-            if not points[unit]:
-                raise AllocationError(f"unit {unit!r} has no usable scanned level in [{min_level:g}, "
-                                      f"{max_level if max_level is not None else 1:g}]: widen the band or rescan")
-    curves = {u: _hull(p) for u, p in points.items()}
-    best = sum(c[-1][0] for c in curves.values())
+    points = usable_points(table, budget.savings, max_level=max_level, min_level=min_level)
+    best = sum(p[-1][0] for p in points.values())  # a hull ends at its curve's last point
     if best < budget.required - 1e-9:
         raise AllocationError(_unreachable(table, target, budget, best, max_level))
-    # Every hull segment, cheapest damage per unit of saving first; a unit's own segments come
-    # in order because a convex hull's slopes increase.
-    segments = []
-    for unit, hull in curves.items():
-        for k in range(1, len(hull)):
-            (x0, y0, _), (x1, y1, _) = hull[k - 1], hull[k]
-            segments.append(((y1 - y0) / (x1 - x0), k, unit))
-    segments.sort()
-    position = {u: 0 for u in table.units}
-    saved = sum(c[0][0] for c in curves.values())  # each unit's starting point (dense, or min_level)
-    for _, k, unit in segments:
-        if saved >= budget.required - 1e-9:
-            break
-        position[unit] = k
-        hull = curves[unit]
-        saved += hull[k][0] - hull[k - 1][0]
-    chosen = {u: points[u].index(curves[u][position[u]]) for u in table.units}
-    saved = _trim(points, chosen, saved, budget.required)
-    levels = {u: points[u][i][2] for u, i in chosen.items()}
-    damage = sum(points[u][i][1] for u, i in chosen.items())
-    if exact and saved > budget.required + 1e-9:
-        saved, damage = _interpolate(points, chosen, levels, saved, damage, budget.required)
+    levels, saved, damage = walk(points, budget.required, exact=exact)
     log.info("allocate: %s -> predicted %.4g, degradation %.4g", target, budget.achieved(saved), damage)
     return Allocation(levels, target, budget.achieved(saved), damage, table.family, table.kind)
-
-
-def _trim(points: dict[str, list[tuple[float, float, float]]], chosen: dict[str, int], saved: float,
-          required: float) -> float:
-    """Step units back down their curves while the budget still holds (mutates `chosen`).
-
-    The hull walk stops at hull vertices, so its last step can overshoot the budget, and a
-    flat stretch of a curve (no measured damage) lets it jump to the highest level. Stepping
-    back never raises predicted damage; the step giving back the most damage per unit of
-    saving goes first, and on ties the highest level steps back first (prune less where the
-    scan saw no difference: the prediction is least sure there).
-    """
-    while True:
-        best = None
-        for unit, i in chosen.items():
-            if i == 0:
-                continue
-            lost = points[unit][i][0] - points[unit][i - 1][0]
-            if saved - lost < required - 1e-9:
-                continue
-            key = ((points[unit][i][1] - points[unit][i - 1][1]) / lost, points[unit][i][2], lost)
-            if best is None or key > best[0]:
-                best = (key, unit, lost)
-        if best is None:
-            return saved
-        chosen[best[1]] -= 1
-        saved -= best[2]
-
-
-def _interpolate(points: dict[str, list[tuple[float, float, float]]], chosen: dict[str, int],
-                 levels: dict[str, float], saved: float, damage: float, required: float) -> tuple[float, float]:
-    """Move one unit to an unscanned level between two scanned ones so the budget is met exactly.
-
-    The continuous relaxation of the allocation: the optimum lies on a hull segment, at the
-    point where the budget binds. Savings are linear in the level for parameters, FLOPs and
-    size, and the damage is interpolated linearly between the two measured points. The unit
-    moved is the one whose last segment costs the most damage per unit of saving.
-    """
-    excess = saved - required
-    best = None
-    for unit, i in chosen.items():
-        if i == 0:
-            continue
-        (x0, y0, l0), (x1, y1, l1) = points[unit][i - 1], points[unit][i]
-        slope = (y1 - y0) / (x1 - x0)
-        if x1 - x0 > excess and (best is None or slope > best[0]):
-            best = (slope, unit, x0, y0, l0, x1, y1, l1)
-    if best is None:
-        return saved, damage
-    _, unit, x0, y0, l0, x1, y1, l1 = best
-    t = (x1 - excess - x0) / (x1 - x0)  # the share of the segment still needed
-    levels[unit] = l0 + t * (l1 - l0)
-    return required, damage - (1 - t) * (y1 - y0)
 
 
 def _unreachable(table: SensitivityTable, target: Target, budget: Budget, best: float, max_level: float | None) -> str:

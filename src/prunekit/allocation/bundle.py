@@ -3,7 +3,9 @@
 `measure_latency_table` times each unit (a layer for mask configs, a coupled channel group for
 `ChannelConfig`) on the machine running prunekit. The field's rule is to measure on the
 deployment hardware, so `make_bundle` writes the same variants as ONNX files, with the inputs
-they run on as `.npy`, plus a `manifest.json`. `bundle_runner.py` (standard library, numpy and
+they run on as `.npy` (or, with `inputs="random"`, only their shapes, dtypes, value statistics
+and a seed: the runner draws stand-ins, and the bundle shrinks to its ONNX files), plus a
+`manifest.json`. `bundle_runner.py` (standard library, numpy and
 onnxruntime only: no torch, no prunekit) times them on the device and writes
 `device_table.json`; `load_device_table` (`device_table.py`) checks that file belongs to the
 bundle and turns it into a `LatencyTable` for `allocate(..., LatencyTarget(...), latency=table)`.
@@ -57,6 +59,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from prunekit.allocation.latency import zeroed_variant
@@ -102,14 +105,19 @@ class _Calls(nn.Module):
 
 
 class _Writer:
-    """Writes a bundle's files into a folder; inputs are stored once per distinct content."""
+    """Writes a bundle's files into a folder; inputs are stored once per distinct content, or
+    (`random`) described by shape, dtype, value range and a seed for the runner to generate."""
 
-    def __init__(self, root: Path, opset: int) -> None:
-        self.root, self.opset = root, opset
+    def __init__(self, root: Path, opset: int, random: bool = False) -> None:
+        self.root, self.opset, self.random = root, opset, random
+        self.seeds = 0
         (root / "variants").mkdir()
-        (root / "inputs").mkdir()
+        if not random:
+            (root / "inputs").mkdir()
 
-    def array(self, x: Tensor) -> str:
+    def array(self, x: Tensor) -> str | dict[str, Any]:
+        if self.random:
+            return self.random_spec(x)
         buffer = io.BytesIO()
         np.save(buffer, x.detach().cpu().numpy(), allow_pickle=False)
         data = buffer.getvalue()
@@ -117,6 +125,18 @@ class _Writer:
         if not (self.root / name).exists():
             (self.root / name).write_bytes(data)
         return name
+
+    def random_spec(self, x: Tensor) -> dict[str, Any]:
+        """Shape, dtype, seed and value statistics of `x`: the runner draws a stand-in from them."""
+        self.seeds += 1
+        data = x.detach().cpu()
+        spec: dict[str, Any] = {"random": True, "shape": list(data.shape), "seed": self.seeds,
+                                "dtype": str(data.numpy().dtype) if data.dtype != torch.bfloat16 else "float32"}
+        if data.is_floating_point():
+            spec |= {"mean": float(data.float().mean()), "std": float(data.float().std(unbiased=False))}
+        elif data.dtype != torch.bool and data.numel():
+            spec |= {"low": int(data.min()), "high": int(data.max())}
+        return spec
 
     def variant(self, name: str, module: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, Any]:
         """Export `module` on `inputs` (eval mode, static shapes) and record where they lie."""
@@ -223,6 +243,7 @@ def make_bundle(
     out: str | Path,
     *,
     variants: Literal["units", "whole"] = "units",
+    inputs: Literal["stored", "random"] = "stored",
     units: Sequence[str] | None = None,
     opset: int | None = None,
     progress: bool = False,
@@ -238,6 +259,10 @@ def make_bundle(
         out: the folder (replaced if it holds an earlier bundle) or .zip file to write, atomically.
         variants: "units" (each unit's touched layers, as `measure_latency_table` times them) or
             "whole" (the whole model with one unit pruned).
+        inputs: "stored" saves every variant's real input as `.npy` (most of a bundle's size);
+            "random" stores only each input's shape, dtype, mean/std (or integer range) and a
+            seed, and the runner draws a stand-in with numpy's seeded generator. Dense kernels
+            take the same time on any values of the right shape, so the table barely changes.
         units: time only these units (default all); a table from a subset allocates only them.
         opset: ONNX opset (default that of `export_onnx`).
         progress: show a progress bar over units.
@@ -249,11 +274,14 @@ def make_bundle(
         ConfigError: an unknown unit, a bad config or `out` holds something that is not a bundle.
         TraceError: a variant cannot be exported to ONNX (the message names the model type).
     """
-    inputs, levels = _as_tuple(example_inputs), [float(lv) for lv in levels]
+    if inputs not in ("stored", "random"):
+        raise ConfigError(f"make_bundle.inputs: {inputs!r} is not supported; use 'stored' or 'random'")
+    random_inputs = inputs == "random"
+    tensors, levels = _as_tuple(example_inputs), [float(lv) for lv in levels]
     out = Path(out)
     if out.suffix != ".zip" and out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
         raise ConfigError(f"make_bundle: {str(out)!r} exists and is not a bench bundle; choose an empty folder")
-    found = _Units(model, config, inputs)
+    found = _Units(model, config, tensors)
     names = list(found.layers)
     chosen = names if units is None else list(units)
     unknown = [u for u in chosen if u not in names]
@@ -262,7 +290,8 @@ def make_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        manifest = _write_bundle(staging, model, config, levels, inputs, found, chosen, variants, opset, progress)
+        writer = _Writer(staging, DEFAULT_OPSET if opset is None else opset, random_inputs)
+        manifest = _write_bundle(writer, model, config, levels, tensors, found, chosen, variants, progress)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         shutil.copyfile(RUNNER, staging / RUNNER.name)
         _publish(staging, out)
@@ -271,17 +300,16 @@ def make_bundle(
     return out
 
 
-def _write_bundle(root: Path, model: nn.Module, config: FrozenConfig, levels: list[float],
+def _write_bundle(writer: _Writer, model: nn.Module, config: FrozenConfig, levels: list[float],
                   inputs: tuple[Tensor, ...], found: _Units, chosen: list[str],
-                  variants: str, opset: int | None, progress: bool) -> dict[str, Any]:
-    writer = _Writer(root, DEFAULT_OPSET if opset is None else opset)
+                  variants: str, progress: bool) -> dict[str, Any]:
     entries = [_unit_variants(writer, model, inputs, found, u, i, levels, variants)
                for i, u in progress_bar(list(enumerate(chosen)), "bench bundle", progress)]
     manifest: dict[str, Any] = {
         "format": FORMAT, "version": FORMAT_VERSION, "prunekit_version": prunekit_version(),
         "model_fingerprint": model_fingerprint(model), "model_type": type(model).__name__,
         "config": config_to_dict(config), "levels": levels, "kind": found.kind, "variants": variants,
-        "input_shapes": [list(x.shape) for x in inputs],
+        "input_shapes": [list(x.shape) for x in inputs], "inputs": "random" if writer.random else "stored",
         "model": writer.variant("model", copy_module(model), inputs),
         "units": entries,
     }

@@ -58,15 +58,29 @@ def device_fingerprint(threads: int, providers: list[str]) -> dict[str, Any]:
     }
 
 
+def load_input(root: Path, spec: Any) -> np.ndarray:
+    """A stored input (a `.npy` path in the bundle), or a seeded random stand-in from its recorded
+    shape, dtype and value statistics (a bundle made with `inputs="random"`)."""
+    if isinstance(spec, str):
+        return np.load(root / spec, allow_pickle=False)
+    rng = np.random.default_rng(int(spec["seed"]))
+    shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(spec.get("low", 0), spec.get("high", 0) + 1, size=shape).astype(dtype)
+    return (rng.standard_normal(shape) * spec.get("std", 1.0) + spec.get("mean", 0.0)).astype(dtype)
+
+
 class Variant:
     """One ONNX file with its inputs, loaded into an onnxruntime session (or the error it gave)."""
 
-    def __init__(self, path: Path, inputs: list[Path], options: Any, providers: list[str]) -> None:
+    def __init__(self, path: Path, inputs: list[Any], options: Any, providers: list[str], root: Path) -> None:
         self.error: str | None = None
         self.run: Callable[[], Any] | None = None
         try:
             session = ort.InferenceSession(str(path), options, providers=providers)
-            arrays = [np.load(p, allow_pickle=False) for p in inputs]
+            arrays = [load_input(root, p) for p in inputs]
             names = [i.name for i in session.get_inputs()]
             if len(names) != len(arrays):
                 raise ValueError(f"{path.name} takes {len(names)} inputs, the manifest lists {len(arrays)}")
@@ -115,7 +129,7 @@ def run_bundle(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     options, providers = _options(args.threads), list(args.providers)
 
     def load(spec: dict[str, Any]) -> Variant:
-        return Variant(root / spec["onnx"], [root / p for p in spec["inputs"]], options, providers)
+        return Variant(root / spec["onnx"], spec["inputs"], options, providers, root)
 
     model = load(manifest["model"])
     if model.run is None:
@@ -151,10 +165,9 @@ def _extras(root: Path, manifest: dict[str, Any], model: Variant, args: argparse
             failures: list[str]) -> dict[str, Any]:
     """Whole-model ONNX files timed interleaved with the bundle's dense model, on its inputs."""
     out: dict[str, Any] = {}
-    inputs = [root / p for p in manifest["model"]["inputs"]]
     for spec in args.extra:
         name, _, path = spec.partition("=")
-        extra = Variant(Path(path), inputs, options, list(args.providers))
+        extra = Variant(Path(path), manifest["model"]["inputs"], options, list(args.providers), root)
         timed = time_interleaved({"model": model, name: extra}, args.warmup, args.repeats)
         row = dict(timed[name], model=timed["model"])
         if extra.error is None and model.error is None:

@@ -4,12 +4,17 @@ The model is traced with `torch.export` and converted by coremltools to an ML pr
 float weight with enough zeros is then re-encoded as `constexpr_sparse_to_dense` (a bitmask
 plus the non-zeros) by `coremltools.optimize.coreml.prune_weights` with a threshold of 0, so
 exactly the model's zeros become mask bits and no other value changes. (The converter's own
-route, `_COREML_` buffers on the modules, zeroes every |w| <= fp16 epsilon as well.)
+route, `_COREML_` buffers on the modules, zeroes every |w| <= fp16 epsilon as well.) With
+`quantize=`, the non-zeros are then stored as INT8 or as indices into a k-means palette by
+coremltools' joint compression (`linear_quantize_weights`/`palettize_weights` with
+`joint_compression=True`): sparse + quantized, iOS18 ops.
 
-Core ML cannot run on Linux, so the check reads the written package back (its MIL program and
-weight file) and verifies, per pruned weight, the sparse op, its shape, its zero pattern and
-non-zero count, and its values (up to a per-channel scale, for a BatchNorm folded into a conv).
-The package is built in a temporary folder beside the target and renamed into place.
+Core ML cannot run on Linux, so the check (`coreml_check.check_coreml`) reads the written
+package back and verifies, per pruned weight, the sparse op, its shape, its zero pattern and
+non-zero count, and its values (up to a per-channel scale, for a BatchNorm folded into a conv;
+within the quantization tolerance for INT8/palettized storage). A layer coremltools cannot
+convert is named, with the op, from torch.export's `nn_module_stack`. The package is built in a
+temporary folder beside the target and renamed into place.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -26,42 +32,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from prunekit.core.masks import finalize, masked_modules
-from prunekit.deploy.onnx_check import is_int8, reference_weights
-from prunekit.errors import ConfigError, ExportCheckError, PrunekitError, TraceError
+from prunekit.deploy.coreml_check import (
+    SparseWeightCheck,
+    check_coreml,
+    min_sparsity,
+    quiet_coremltools,
+    require_coremltools,
+)
+from prunekit.deploy.onnx_check import is_int8
+from prunekit.errors import ConfigError, PrunekitError, TraceError
+
+__all__ = ["CoreMLReport", "SparseWeightCheck", "check_coreml", "export_coreml", "folder_size",
+           "require_coremltools"]
 
 log = logging.getLogger(__name__)
 
 _TARGETS = ("iOS16", "iOS17", "iOS18")
-_SPARSE_OP = "constexpr_sparse_to_dense"  # one name for the iOS16 and the iOS18 form
-
-
-def require_coremltools() -> Any:
-    """Import coremltools, or raise an error naming the pip extra."""
-    try:
-        with _quiet():
-            import coremltools
-    except ImportError as err:
-        raise PrunekitError(
-            f"Core ML export needs coremltools ({err}); install with: pip install 'prunekit[coreml]'"
-        ) from None
-    return coremltools
-
-
-@dataclass(frozen=True)
-class SparseWeightCheck:
-    """One pruned weight as the package stores it."""
-
-    name: str
-    op_name: str
-    shape: tuple[int, ...]
-    nonzeros: int
-    sparsity: float
-    values: Literal["exact", "scaled"]
+_QUANTIZE = ("none", "int8", "lut8", "lut4")
+# coremltools' messages for an op it has no converter for: (fx node name, op kind) or the op alone.
+_UNSUPPORTED = (re.compile(r"Unsupported fx node ([\w.]+), kind ([\w.]+)"),
+                re.compile(r"convert function for op '([\w.]+)' not implemented"))
 
 
 @dataclass(frozen=True)
@@ -75,16 +69,18 @@ class CoreMLReport:
     target: str
     sparse: bool
     tensors: tuple[SparseWeightCheck, ...] = ()
+    quantize: str = "none"
 
     def summary(self) -> str:
         """The sizes, then one line per checked weight."""
         dense = (f", dense export {self.dense_size_bytes:,} bytes (ratio "
                  f"{self.size_bytes / self.dense_size_bytes:.3f})" if self.dense_size_bytes else "")
-        lines = [f"{self.path}: {self.size_bytes:,} bytes{dense}, {self.precision}, {self.target}"]
+        weights = "" if self.quantize == "none" else f" weights {self.quantize}"
+        lines = [f"{self.path}: {self.size_bytes:,} bytes{dense}, {self.precision}{weights}, {self.target}"]
         if self.tensors:
             lines.append(f"check passed: {len(self.tensors)} pruned weights stored sparse")
         lines += [f"  {t.name} <- {t.op_name} {t.shape} {t.nonzeros:,} non-zeros ({t.sparsity:.2%} sparse, "
-                  f"{t.values})" for t in self.tensors]
+                  f"{t.storage}, {t.values}, max error {t.max_error:.2g})" for t in self.tensors]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -99,6 +95,7 @@ def export_coreml(
     precision: Literal["fp32", "fp16"] = "fp32",
     target: Literal["iOS16", "iOS17", "iOS18"] = "iOS18",
     sparse: bool = True,
+    quantize: Literal["none", "int8", "lut8", "lut4"] = "none",
     check: bool = True,
     compare_dense: bool = True,
 ) -> CoreMLReport:
@@ -110,40 +107,40 @@ def export_coreml(
         path: the `.mlpackage` folder to write; an existing one is replaced.
         example_inputs: a tensor or tuple of tensors; their shapes become the model's fixed
             input shapes.
-        precision: weights and compute in float32 or float16 (`compute_precision`).
+        precision: compute (and float weights) in float32 or float16 (`compute_precision`).
         target: minimum deployment target; iOS18 stores sparse weights in its newer op form.
         sparse: store each weight with enough zeros (above 1/32 sparsity in fp32, 1/16 in fp16:
             where the 1-bit mask pays) as a bitmask plus non-zeros. False writes a dense package.
+        quantize: also store the weights' (non-zero) values quantized: "int8" (symmetric, one
+            scale per output channel) or "lut8"/"lut4" (an 8/4-bit k-means palette per tensor).
+            With `sparse`, this is coremltools' joint compression (sparse + INT8 or sparse +
+            palette; needs target iOS18); "none" keeps them float.
         check: read the written package back and verify every pruned weight (see `check_coreml`).
-        compare_dense: also convert a dense package (not kept) to report its size.
+        compare_dense: also convert a dense float package (not kept) to report its size.
 
     Returns:
         A `CoreMLReport` with the package size, the dense package's, and per-weight checks.
 
     Raises:
         PrunekitError: coremltools is not installed (names the extra), or `path` is unwritable.
-        ConfigError: bad precision/target, or a quantized model.
-        TraceError: the model does not trace with torch.export or coremltools cannot convert it.
+        ConfigError: bad precision/target/quantize, or a quantized model.
+        TraceError: the model does not trace with torch.export, or coremltools cannot convert
+            it (an unsupported op is named with its layer).
         ExportCheckError: a pruned weight lost its sparse storage, zeros or values; nothing is
             written then.
 
     Example:
-        >>> report = export_coreml(model, "out/model.mlpackage", torch.randn(1, 784))  # doctest: +SKIP
+        >>> report = export_coreml(model, "out/model.mlpackage", torch.randn(1, 784), quantize="int8")  # doctest: +SKIP
         >>> print(report.summary())  # doctest: +SKIP
     """
     ct = require_coremltools()
-    if precision not in ("fp32", "fp16"):
-        raise ConfigError(f"export_coreml.precision: {precision!r} is not supported; use 'fp32' or 'fp16'")
-    if target not in _TARGETS:
-        raise ConfigError(f"export_coreml.target: {target!r} is not supported; use one of {', '.join(_TARGETS)}")
-    if is_int8(model):
-        raise ConfigError(f"export_coreml: {type(model).__name__} is quantized; export the float model")
+    _validate(model, precision, target, quantize)
     path = Path(path)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     program = _exported(model, inputs)
     with _staging(path) as staging:
         out = staging / path.name
-        _convert(ct, program, precision, target, sparse).save(str(out))
+        _compress(ct, _convert(ct, program, precision, target, sparse), quantize, sparse).save(str(out))
         checks = check_coreml(model, out) if check and sparse else ()
         dense_size = None
         if compare_dense:
@@ -151,9 +148,25 @@ def export_coreml(
             dense_size = folder_size(staging / "dense.mlpackage")
         size = folder_size(out)
         _move_into_place(out, path, staging)
-    report = CoreMLReport(path, size, dense_size, precision, target, sparse, checks)
+    report = CoreMLReport(path, size, dense_size, precision, target, sparse, checks, quantize)
     log.info("%s", report.summary())
     return report
+
+
+def _validate(model: nn.Module, precision: str, target: str, quantize: str) -> None:
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"export_coreml.precision: {precision!r} is not supported; use 'fp32' or 'fp16'")
+    if target not in _TARGETS:
+        raise ConfigError(f"export_coreml.target: {target!r} is not supported; use one of {', '.join(_TARGETS)}")
+    if quantize not in _QUANTIZE:
+        raise ConfigError(f"export_coreml.quantize: {quantize!r} is not supported; use one of "
+                          f"{', '.join(_QUANTIZE)}")
+    if quantize != "none" and target != "iOS18":
+        raise ConfigError(f"export_coreml.quantize={quantize!r} needs target='iOS18' (sparse + quantized "
+                          f"weights are iOS18 ops), got {target!r}")
+    if is_int8(model):
+        raise ConfigError(f"export_coreml: {type(model).__name__} is quantized; export the float model "
+                          "and pass quantize='int8'")
 
 
 def folder_size(path: str | Path) -> int:
@@ -163,19 +176,6 @@ def folder_size(path: str | Path) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Converting.
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence coremltools' import-time notices and per-pass progress bars (it logs at WARNING)."""
-    root = logging.getLogger()
-    was, root.disabled = root.disabled, True
-    try:
-        with warnings.catch_warnings(), open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.disabled = was
 
 
 def _exported(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
@@ -198,24 +198,62 @@ def _exported(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
 def _convert(ct: Any, program: Any, precision: str, target: str, sparse: bool) -> Any:
     precision_enum = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
     try:
-        with _quiet():
+        with quiet_coremltools():
             mlmodel = ct.convert(program, convert_to="mlprogram", compute_precision=precision_enum,
                                  minimum_deployment_target=getattr(ct.target, target))
     except Exception as err:  # the converter raises many types; all mean "cannot convert"
-        raise TraceError(f"coremltools cannot convert this model: {_first_line(err)}. An unsupported "
-                         "op is named in the message; exclude or rewrite that layer") from err
+        raise unsupported_op_error(program, err) from err
     if not sparse:
         return mlmodel
     # Threshold 0: only exact zeros become mask bits. Below 1/(8 * bytes) sparsity the 1-bit
     # mask costs more than the zeros it saves.
     config = ct.optimize.coreml.OptimizationConfig(global_config=ct.optimize.coreml.OpThresholdPrunerConfig(
-        threshold=0.0, minimum_sparsity_percentile=_min_sparsity(precision), weight_threshold=0))
-    with _quiet():
+        threshold=0.0, minimum_sparsity_percentile=min_sparsity(precision), weight_threshold=0))
+    with quiet_coremltools():
         return ct.optimize.coreml.prune_weights(mlmodel, config)
 
 
-def _min_sparsity(precision: str) -> float:
-    return 1 / 32 if precision == "fp32" else 1 / 16
+def _compress(ct: Any, mlmodel: Any, quantize: str, joint: bool) -> Any:
+    """`mlmodel` with its weights INT8 or palettized; on top of the sparse storage when `joint`."""
+    if quantize == "none":
+        return mlmodel
+    opt = ct.optimize.coreml
+    with quiet_coremltools():
+        if quantize == "int8":
+            op_config = opt.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
+                                                    granularity="per_channel", weight_threshold=0)
+            return opt.linear_quantize_weights(mlmodel, opt.OptimizationConfig(global_config=op_config),
+                                               joint_compression=joint)
+        op_config = opt.OpPalettizerConfig(mode="kmeans", nbits=int(quantize.removeprefix("lut")),
+                                           granularity="per_tensor", weight_threshold=0)
+        return opt.palettize_weights(mlmodel, opt.OptimizationConfig(global_config=op_config),
+                                     joint_compression=joint)
+
+
+def unsupported_op_error(program: Any, err: BaseException) -> TraceError:
+    """A `TraceError` for a failed `ct.convert`, naming the op and the torch layer that emitted it.
+
+    coremltools names the fx node (or only the op); torch.export's `nn_module_stack` on that
+    node gives the module path. Falls back to coremltools' first message line.
+    """
+    text = str(err)
+    node_name = kind = None
+    if found := _UNSUPPORTED[0].search(text):
+        node_name, kind = found.groups()
+    elif found := _UNSUPPORTED[1].search(text):
+        kind = found.group(1)
+    nodes = [n for n in program.graph.nodes if n.op == "call_function"] if kind else []
+    node = next((n for n in nodes if n.name == node_name), None) or next(
+        (n for n in nodes if str(n.target).split(".")[-2:-1] == [kind] or n.name == kind), None)
+    if node is None:
+        return TraceError(f"coremltools cannot convert this model: {_first_line(err)}. An unsupported op is "
+                          "named in the message; exclude or rewrite that layer")
+    stack = node.meta.get("nn_module_stack") or {}
+    fqn, owner = list(stack.values())[-1] if stack else ("", "")
+    owner = getattr(owner, "__name__", str(owner)).rpartition(".")[2]
+    layer = f"layer {fqn!r} ({owner})" if fqn else f"the model's own forward ({owner or 'root'})"
+    return TraceError(f"coremltools cannot convert op {kind!r} ({node.target}) in {layer}: {_first_line(err)}. "
+                      "Rewrite that layer with ops Core ML supports, or replace it before export")
 
 
 def _first_line(err: BaseException) -> str:
@@ -242,112 +280,3 @@ def _move_into_place(built: Path, path: Path, staging: Path) -> None:
     if path.exists():
         os.replace(path, staging / "previous")  # a folder cannot be renamed over a non-empty one
     os.replace(built, path)
-
-
-# --------------------------------------------------------------------------------------------
-# Checking a written package.
-
-
-def check_coreml(model: nn.Module, package: str | Path) -> tuple[SparseWeightCheck, ...]:
-    """Verify that every pruned weight of `model` is stored sparse in `package`, unchanged.
-
-    A weight counts as pruned when it has at least 1/32 zeros (1/16 for an fp16 package). For
-    each one, a `constexpr_sparse_to_dense` op must hold it: found by name (torch.export's
-    `p_<fqn>`) or else by its zero pattern (a conv whose BatchNorm the converter folded in is
-    renamed), with the same shape, exactly the model's zeros and non-zero count, and the same
-    non-zeros (up to a per-output-channel scale when a BatchNorm was folded in).
-
-    Returns:
-        One `SparseWeightCheck` per pruned weight.
-
-    Raises:
-        ExportCheckError: the package cannot be read, or a pruned weight is not stored sparse,
-            or lost or gained zeros, or changed; the message names the weight.
-    """
-    ops = _sparse_ops(package)
-    dtype = next(iter(ops.values()))[1].dtype if ops else np.dtype(np.float32)
-    checks: list[SparseWeightCheck] = []
-    claimed: set[str] = set()
-    for key, ref in reference_weights(model).items():
-        ref = ref.astype(dtype)
-        sparsity = float((ref == 0).mean())
-        if sparsity < _min_sparsity("fp16" if dtype == np.float16 else "fp32"):
-            continue
-        name, by_name = _find_op(key, ref, ops, claimed)
-        if name is None:
-            raise ExportCheckError(f"weight {key!r} ({sparsity:.2%} sparse) is not stored sparse in "
-                                   f"{str(package)!r}: no {_SPARSE_OP} op holds it, so the package "
-                                   "keeps it dense (was it exported with sparse=False?)")
-        claimed.add(name)
-        checks.append(_check_weight(key, ref, name, *ops[name], scaled_ok=not by_name))
-    return tuple(checks)
-
-
-def _sparse_ops(package: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Op name -> (mask as bool array of the weight's shape, non-zeros) of every sparse weight op."""
-    ct = require_coremltools()
-    from coremltools.converters.mil.frontend.milproto.load import load as load_mil
-
-    try:
-        with _quiet():
-            mlmodel = ct.models.MLModel(str(package), skip_model_load=True)
-            spec = mlmodel.get_spec()
-            program = load_mil(spec, spec.specificationVersion, mlmodel.weights_dir)
-    except Exception as err:  # a missing folder, a broken spec or weight file
-        raise ExportCheckError(f"Core ML package {str(package)!r} cannot be read: {_first_line(err)}") from None
-    out = {}
-    for function in program.functions.values():
-        for op in function.operations:
-            if op.op_type == _SPARSE_OP:
-                mask = np.asarray(op.mask.val)
-                shape = tuple(op.outputs[0].shape)
-                if mask.ndim == 1 and mask.size != int(np.prod(shape)):  # iOS16 form: packed bits
-                    mask = np.unpackbits(mask.astype(np.uint8), bitorder="little")[: int(np.prod(shape))]
-                out[op.name] = (mask.reshape(shape).astype(bool), np.asarray(op.nonzero_data.val).reshape(-1))
-    return out
-
-
-def _find_op(key: str, ref: np.ndarray, ops: dict[str, tuple[np.ndarray, np.ndarray]],
-             claimed: set[str]) -> tuple[str | None, bool]:
-    """(op name, found by name): by torch.export's `p_<fqn>`, else the unclaimed op with its zeros."""
-    wanted = "p_" + key.replace(".", "_")
-    for name in ops:
-        if name.removesuffix("_sparsified").removesuffix("_to_fp16") == wanted:
-            return name, True
-    zeros = ref == 0
-    return next((name for name, (mask, _) in ops.items() if name not in claimed
-                 and mask.shape == ref.shape and np.array_equal(~mask, zeros)), None), False
-
-
-def _check_weight(key: str, ref: np.ndarray, name: str, mask: np.ndarray, values: np.ndarray,
-                  scaled_ok: bool) -> SparseWeightCheck:
-    """Shape, zeros, non-zero count and values of one weight; a per-channel scale only if `scaled_ok`
-    (an op found by its zeros: the converter renames a conv whose BatchNorm it folded in)."""
-    where = f"weight {key!r} (Core ML op {name!r})"
-    if mask.shape != ref.shape:
-        raise ExportCheckError(f"{where}: shape {mask.shape} != PyTorch {ref.shape}")
-    want, got = int((ref != 0).sum()), int(mask.sum())
-    if want != got or values.size != got or not np.array_equal(mask, ref != 0):
-        raise ExportCheckError(f"{where}: {got} non-zeros in the mask ({values.size} stored values) "
-                               f"where PyTorch has {want}, or at other places: its zeros were not kept")
-    kept = ref[mask].astype(np.float64)
-    stored = values.astype(np.float64)
-    if np.array_equal(stored, kept):
-        kind: Literal["exact", "scaled"] = "exact"
-    elif scaled_ok and _scaled(ref.astype(np.float64), mask, stored):
-        kind = "scaled"
-    else:
-        scale = " beyond a per-channel scale" if scaled_ok else ""
-        raise ExportCheckError(f"{where}: its non-zero values differ from PyTorch's{scale}")
-    return SparseWeightCheck(key, name, tuple(ref.shape), got, 1 - got / ref.size, kind)
-
-
-def _scaled(ref: np.ndarray, mask: np.ndarray, stored: np.ndarray) -> bool:
-    """True if the stored non-zeros are one scale per output channel times PyTorch's (rtol 1e-3)."""
-    dense = np.zeros(ref.shape)
-    dense[mask] = stored
-    r, a = ref.reshape(ref.shape[0], -1), dense.reshape(ref.shape[0], -1)
-    denom = (r * r).sum(axis=1)
-    scale = np.where(denom > 0, (a * r).sum(axis=1) / np.maximum(denom, 1e-300), 0.0)
-    tol = 1e-3 * np.abs(a).max(axis=1, initial=0.0) + 1e-7
-    return bool((np.abs(a - scale[:, None] * r) <= tol[:, None]).all())

@@ -77,6 +77,7 @@ class ExecuTorchReport:
     max_abs_diff: float | None = None
     max_rel_diff: float | None = None
     rtol: float = DEFAULT_RTOL
+    max_batch: int | None = None
 
     @property
     def delegated_fraction(self) -> float:
@@ -88,6 +89,8 @@ class ExecuTorchReport:
         """One line: size, delegation and the check."""
         line = (f"{self.path}: {self.size_bytes:,} bytes, {self.delegated_fraction:.0%} of "
                 f"{self.delegated_nodes + self.portable_nodes} op nodes delegated to XNNPACK")
+        if self.max_batch is not None:
+            line += f", batch 1..{self.max_batch}"
         if self.checked:
             line += (f"; check passed: outputs within rtol={self.rtol:g} of PyTorch "
                      f"(max |diff| {self.max_abs_diff:.3g}, relative {self.max_rel_diff:.3g})")
@@ -105,11 +108,14 @@ def export_executorch(
     check: bool = True,
     rtol: float = DEFAULT_RTOL,
     reference: nn.Module | None = None,
+    max_batch: int | None = None,
 ) -> ExecuTorchReport:
     """Export `model` to an ExecuTorch `.pte` (XNNPACK delegate), checked, written atomically (does not mutate).
 
-    Shapes are static: the file runs on inputs shaped like `example_inputs` (batch included).
-    Masked models are exported as a finalized copy (plain weights with zeros, stored dense).
+    Shapes are static (the file runs on inputs shaped like `example_inputs`, batch included)
+    unless `max_batch` is given: then dim 0 of every input is a `torch.export.Dim` from 1 to
+    `max_batch` (ExecuTorch sizes its buffers for `max_batch`). Masked models are exported as
+    a finalized copy (plain weights with zeros, stored dense).
 
     Args:
         model: a float model; switched to eval mode for the export and restored afterwards.
@@ -119,6 +125,8 @@ def export_executorch(
             compare every output with PyTorch's before the file is moved into place.
         rtol: the check passes when, per output, max |pte - torch| <= rtol * max |torch|.
         reference: the module whose outputs the file must reproduce; default `model`.
+        max_batch: make the batch dimension dynamic up to this size; the check then also runs
+            a batch of `max_batch` (the example rows repeated). None: static shapes.
 
     Returns:
         An `ExecuTorchReport` with the file size, the XNNPACK delegation and the check.
@@ -126,7 +134,8 @@ def export_executorch(
     Raises:
         PrunekitError: executorch is not installed (the message names the extra), or `path`
             cannot be written.
-        ConfigError: `rtol` is not positive, or the model is INT8 (export the float model).
+        ConfigError: `rtol` is not positive, `max_batch` is below the example batch, or the
+            model is INT8 (export the float model).
         TraceError: torch.export or the lowering fails; an unsupported op is named, with its
             layer where the graph records it.
         ExportCheckError: the file needs a kernel the runtime lacks, cannot be run, or its
@@ -144,13 +153,14 @@ def export_executorch(
         raise ConfigError(f"export_executorch: {type(model).__name__} is INT8-quantized by prunekit; export "
                           "the float model (XNNPACK quantization is a separate ExecuTorch step)")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    _check_max_batch(max_batch, inputs)
     reference = model if reference is None else reference
     was_training, ref_training = model.training, reference.training
     model.eval()
     reference.eval()
     try:
         net = finalize(copy.deepcopy(model)) if masked_modules(model) else model
-        edge = _lower(et, net, inputs)
+        edge = _lower(et, net, inputs, max_batch)
         delegated, portable = _delegation(edge)
         blob, operators = _serialise(edge)
         abs_diff = rel_diff = None
@@ -158,13 +168,17 @@ def export_executorch(
             tmp.write_bytes(blob)
             if check:
                 _check_kernels(et, operators, edge)
-                with torch.no_grad():
-                    expected = _flat(reference(*inputs))
-                abs_diff, rel_diff = _compare(load_pte(tmp)(*inputs), expected, rtol)
+                run = load_pte(tmp)
+                for batch in [inputs] + ([] if max_batch is None else [_rows(inputs, max_batch)]):
+                    with torch.no_grad():
+                        expected = _flat(reference(*batch))
+                    diffs = _compare(run(*batch), expected, rtol)
+                    abs_diff, rel_diff = max(abs_diff or 0.0, diffs[0]), max(rel_diff or 0.0, diffs[1])
     finally:
         model.train(was_training)
         reference.train(ref_training)
-    report = ExecuTorchReport(Path(path), len(blob), delegated, portable, check, abs_diff, rel_diff, float(rtol))
+    report = ExecuTorchReport(Path(path), len(blob), delegated, portable, check, abs_diff, rel_diff, float(rtol),
+                              max_batch)
     log.info("%s", report.summary())
     return report
 
@@ -186,11 +200,34 @@ def _quiet() -> Iterator[None]:
         logging.disable(was)
 
 
-def _lower(et: dict[str, Any], net: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
-    """`net` traced by torch.export and lowered to the edge dialect with XNNPACK partitions."""
+def _check_max_batch(max_batch: int | None, inputs: tuple[Tensor, ...]) -> None:
+    if max_batch is None:
+        return
+    batches = {int(x.shape[0]) for x in inputs if isinstance(x, Tensor) and x.dim() > 0}
+    if not isinstance(max_batch, int) or max_batch < max(batches | {1}) or len(batches) != 1:
+        raise ConfigError(f"export_executorch.max_batch: {max_batch!r} must be an int >= the example batch "
+                          f"{sorted(batches)}, and every input must be a tensor with the same batch size")
+
+
+def _rows(inputs: tuple[Tensor, ...], batch: int) -> tuple[Tensor, ...]:
+    """`inputs` with their rows repeated (cycled) to `batch` rows."""
+    return tuple(x.repeat(-(-batch // x.shape[0]), *([1] * (x.dim() - 1)))[:batch] for x in inputs)
+
+
+def _lower(et: dict[str, Any], net: nn.Module, inputs: tuple[Tensor, ...], max_batch: int | None = None) -> Any:
+    """`net` traced by torch.export and lowered to the edge dialect with XNNPACK partitions.
+
+    With `max_batch`, dim 0 is dynamic; it is traced on two rows at least, since torch.export
+    specialises a dimension it sees as 1.
+    """
+    dynamic = None
+    if max_batch is not None:
+        batch = torch.export.Dim("batch", min=1, max=max(max_batch, 2))
+        dynamic = tuple({0: batch} for _ in inputs)
+        inputs = _rows(inputs, max(2, int(inputs[0].shape[0])))
     try:
         with _quiet():
-            program = torch.export.export(net, inputs)
+            program = torch.export.export(net, inputs, dynamic_shapes=dynamic)
     except Exception as err:  # torch.export raises many types; all mean "does not trace"
         raise TraceError(f"{type(net).__name__} could not be traced by torch.export for ExecuTorch: "
                          f"{_first_line(err)}. Make forward traceable: no data-dependent Python "

@@ -72,7 +72,8 @@ class AllocateStage(FrozenConfig):
 class ExportStage(FrozenConfig):
     """After pruning (and quantizing): write model.onnx and check that its outputs and zeros
     match the PyTorch model on the first eval batches; optionally with sparse initializers, and a
-    Core ML package of the float pruned model (`coreml`: "fp32" or "fp16"; needs prunekit[coreml])."""
+    Core ML package of the float pruned model (`coreml`: "fp32" or "fp16"; needs prunekit[coreml]),
+    its non-zeros optionally INT8 or palettized on top of the sparsity (`coreml_quantize`, iOS 18)."""
 
     onnx: bool = True
     opset: int | None = None
@@ -80,6 +81,7 @@ class ExportStage(FrozenConfig):
     sparse_initializers: bool = False
     check_batches: int = Field(default=3, ge=1)
     coreml: Literal["fp32", "fp16"] | None = None
+    coreml_quantize: Literal["none", "int8", "lut8", "lut4"] = "none"
 
 
 @recipe_type
@@ -195,9 +197,11 @@ def export_model(model: nn.Module, float_model: nn.Module, stage: ExportStage, e
                            "batches_checked": report.batches_checked, "max_abs_diff": report.max_abs_diff,
                            "sparse_initializers": len(report.sparse)}
     if stage.coreml:
-        package = export_coreml(float_model, out / "model.mlpackage", example, precision=stage.coreml)
+        package = export_coreml(float_model, out / "model.mlpackage", example, precision=stage.coreml,
+                                quantize=stage.coreml_quantize)
         written["coreml"] = {"file": "model.mlpackage", "size_bytes": package.size_bytes,
                              "dense_size_bytes": package.dense_size_bytes, "precision": package.precision,
+                             "quantize": package.quantize,
                              "sparse_weights_checked": len(package.tensors)}
     return written
 

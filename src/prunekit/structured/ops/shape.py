@@ -384,21 +384,22 @@ _REDUCTIONS = [
 ]
 
 
+_DIMS_AT: dict[Any, int] = {aten.norm.ScalarOpt_dim: 2, aten.linalg_vector_norm.default: 2}
+
+
 @register_op_rule(*_REDUCTIONS)
 def reduce(ctx: OpContext, node: Node) -> Any:
     """Reducing over a labeled dim mixes its channels (a mean changes if one is dropped): pin it."""
-    x = args_of(node)[0]
-    shape = ctx.shape(x) or ()
-    rank = len(shape)
-    dims_arg = args_of(node)[1] if len(args_of(node)) > 1 else None
+    args: list[Any] = list(args_of(node))
+    x = args[0]
+    rank = len(ctx.shape(x) or ())
+    at = _DIMS_AT.get(node.target, 1)  # the norms take their order first: norm(x, p, dim, keepdim)
+    dims_arg: Any = args[at] if len(args) > at else node.kwargs.get("dim")
     if isinstance(dims_arg, int):
         dims_arg = [dims_arg]
     dims = set(range(rank)) if not dims_arg else {norm_dim(d, rank) for d in dims_arg}
-    keep = (
-        bool(args_of(node)[2])
-        if len(args_of(node)) > 2 and isinstance(args_of(node)[2], bool)
-        else bool(node.kwargs.get("keepdim", False))
-    )
+    keep = bool(args[at + 1]) if len(args) > at + 1 and isinstance(args[at + 1], bool) else bool(
+        node.kwargs.get("keepdim", False))
     out = []
     for e in ctx.labels(x):
         hit = dims & set(e.dims)
