@@ -14,6 +14,16 @@ Every sparse ratio is against the best dense fp32 implementation in the same reg
 torch `F.linear`, oneDNN (`to_mkldnn`) and onnxruntime's MatMul (a one-node ONNX graph with the
 weight as an initializer). INT8 kernels (50 % unstructured, 2:4) are also compared with torch's
 dense dynamic INT8 (`torch.ao` quantize_dynamic's Linear, fbgemm). Threads: 2 everywhere.
+
+Many rows (issue 20): `--ffn-stack` times a stack of 16 FFN pairs 768->3072->768 (302 MB of
+dense weights: the DRAM regime by itself) at 90 % and 95 % unstructured, batches 1-128, whole
+stack per call: best dense (torch F.linear, oneDNN, onnxruntime), torch CSR, and prunekit's
+candidates (small-batch CSR, the many-row `numba_spmm_csr`, its weight-only INT8 twin). Each
+implementation runs in blocks of `--stack-block` stack passes, implementations alternating block by
+block (torch's OpenMP workers spin ~8 ms after a call and would slow whatever ran next), medians
+over `--repeats` rounds; ratios against the best dense fp32 engine of the same batch.
+
+    python benchmarks/cpu_sparse_layers.py --ffn-stack --skip-layers --repeats 7
 """
 
 from __future__ import annotations
@@ -165,6 +175,95 @@ def _print_row(row: dict) -> None:
     )
 
 
+FFN_PAIRS = 16
+STACK_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_spmm_csr", "numba_spmm_csr_int8")
+DENSE_NAMES = ("dense", "onednn", "onnxruntime")
+
+
+def _ort_stack(weights: list[Tensor], threads: int) -> Callable[[np.ndarray], object]:
+    """One onnxruntime session running the whole chain of MatMuls (weights as initializers)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(w.t().contiguous().numpy(), f"w{i}") for i, w in enumerate(weights)]
+    names = ["x"] + [f"h{i}" for i in range(len(weights) - 1)] + ["y"]
+    nodes = [helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]]) for i in range(len(weights))]
+    graph = helper.make_graph(
+        nodes, "stack",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", weights[0].shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", weights[-1].shape[0]])],
+        inits,
+    )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"x": x})
+
+
+def _stack(sparsity: float, threads: int) -> dict[str, Callable[[Tensor], object]]:
+    """name -> fn(x) running the 16 FFN pairs (32 Linears) with that implementation."""
+    g = torch.Generator().manual_seed(int(sparsity * 100))
+    weights = []
+    for _ in range(FFN_PAIRS):
+        for out_f, in_f in ((3072, 768), (768, 3072)):
+            mask = _mask_unstructured(out_f, in_f, sparsity, g)
+            weights.append(torch.randn(out_f, in_f, generator=g) * mask / (in_f * (1 - sparsity)) ** 0.5)
+    fns: dict[str, Callable[[Tensor], object]] = {}
+    for name in STACK_NAMES:
+        layers = []
+        for i, w in enumerate(weights):
+            info = cand.LayerInfo(f"ffn.{i}", w, None, None, False, True)
+            layers.append(cand.get_candidate(name)(info))
+
+        def chain(x: Tensor, layers: list = layers) -> Tensor:
+            for layer in layers:
+                x = layer(x)
+            return x
+
+        fns[name] = chain
+    ort_fn = _ort_stack(weights, threads)
+    fns["onnxruntime"] = lambda x: ort_fn(x.numpy())
+    return fns
+
+
+def _timed_blocks(fns: dict[str, Callable], x: Tensor, repeats: int, block: int) -> dict[str, float]:
+    """Median ms per call of each implementation: `block` calls in a row, implementations alternating by block."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.no_grad():
+        for n in names:  # warm-up: compile, fault in, fill caches
+            fns[n](x)
+        for rep in range(repeats):
+            shift = rep % len(names)
+            for n in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                for _ in range(block):
+                    fns[n](x)
+                times[n].append((time.perf_counter() - start) * 1e3 / block)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def run_ffn_stack(args: argparse.Namespace) -> list[dict]:
+    """The FFN stack at each sparsity and batch: ms per stack pass and ratios against the best dense fp32."""
+    rows = []
+    for sparsity in (float(s) for s in args.sparsities.split(",")):
+        fns = _stack(sparsity, args.threads)
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, 768)
+            ms = _timed_blocks(fns, x, args.repeats, args.stack_block)
+            best = min(DENSE_NAMES, key=lambda n: ms[n])
+            ours = min((n for n in ms if n.startswith("numba") and "int8" not in n), key=lambda n: ms[n])
+            sp = {n: ms[best] / v for n, v in ms.items()}
+            rows.append({"case": f"ffn stack {sparsity:.0%}", "batch": batch, "ms": ms, "best_dense_fp32": best,
+                         "prunekit_best_fp32": ours, "speedup_vs_best_dense_fp32": sp})
+            parts = "  ".join(f"{n} {ms[n]:.2f}ms ({sp[n]:.2f}x)" for n in ms)
+            print(f"ffn stack {sparsity:.0%} b{batch} best dense={best} ({ms[best]:.2f} ms), prunekit fp32 best="
+                  f"{ours} ({sp[ours]:.2f}x): {parts}", flush=True)
+    return rows
+
+
 def run_accelerate(args: argparse.Namespace) -> dict:
     """End to end: a 90 %-pruned stack of BERT-base-sized FFN layers (113 MB fp32, > L3), accelerate()d."""
     import copy
@@ -214,6 +313,10 @@ def main() -> None:
     parser.add_argument("--skip-layers", action="store_true", help="only the --accelerate part")
     parser.add_argument("--ort-spin", action="store_true",
                         help="let onnxruntime's idle workers spin (its default; starves the other candidates)")
+    parser.add_argument("--ffn-stack", action="store_true", help="the 16-FFN-pair stack at many batch sizes")
+    parser.add_argument("--sparsities", default="0.9,0.95", help="of the FFN stack, comma separated")
+    parser.add_argument("--batches", default="1,8,16,64,128", help="of the FFN stack, comma separated")
+    parser.add_argument("--stack-block", type=int, default=3, help="FFN stack passes per timed block")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
@@ -237,6 +340,8 @@ def main() -> None:
             "50% unstructured int8", in_f, out_f, _mask_unstructured(out_f, in_f, 0.5, g), None, True, args
         )
         rows += run_case("2:4 int8", in_f, out_f, _mask_2_4(out_f, in_f, g), None, True, args)
+    if args.ffn_stack:
+        rows += run_ffn_stack(args)
     end_to_end = run_accelerate(args) if args.accelerate else None
     load_after = _load()
     print("load after:", load_after)

@@ -1,6 +1,7 @@
 """Real CPU speed from sparsity: prunekit's own sparse kernels and `accelerate` (in `autotune`), which picks per layer.
 
-Kernels: `kernels` (numba, imported on first use; `kernels.bind` runs any packed format), packed
+Kernels: `kernels` (numba, imported on first use; `kernels.bind` runs any packed format, `kernels.spmm`
+is the many-row CSR kernel for batch 16-128 and encoders), packed
 by `formats`; the candidates `accelerate` measures are registered in `candidates`, and what it
 decided is a `decisions.AccelerationReport`.
 """

@@ -90,19 +90,26 @@ class _Flat(nn.Module):
 
 
 class NumbaSparseLinear(_Flat):
-    """prunekit's own kernel (`kernels.bind`: numba, or AVX-512 for ``nm24r``) on a `formats.PackedWeight`."""
+    """prunekit's own kernel (`kernels.bind`: numba, or AVX-512 for ``nm24r``) on a `formats.PackedWeight`.
+
+    With `many_rows` (``csr`` only), batches above 8 rows run the rows-as-lanes kernel (`kernels.spmm`).
+    """
 
     bias: Tensor
 
-    def __init__(self, fqn: str, packed: formats.PackedWeight, bias: Tensor | None, parallel: bool = True) -> None:
+    def __init__(
+        self, fqn: str, packed: formats.PackedWeight, bias: Tensor | None, parallel: bool = True,
+        many_rows: bool = False,
+    ) -> None:
         super().__init__(fqn, packed.shape[1], packed.shape[0])
-        self.packed, self.parallel = packed, parallel
+        self.packed, self.parallel, self.many_rows = packed, parallel, many_rows
         b = torch.zeros(packed.shape[0]) if bias is None else bias.detach().float().clone()
         self.register_buffer("bias", b.contiguous())
         self._bind()
 
     def _bind(self) -> None:
-        self._run = bind(self.packed, self.bias.numpy(), parallel=self.parallel)
+        many_rows = getattr(self, "many_rows", False)  # absent from modules pickled before it existed
+        self._run = bind(self.packed, self.bias.numpy(), parallel=self.parallel, many_rows=many_rows)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_run"}  # a closure: rebuilt on load
@@ -122,7 +129,8 @@ class NumbaSparseLinear(_Flat):
 
     def extra_repr(self) -> str:
         threads = "parallel" if self.parallel else "1 thread"
-        return f"{super().extra_repr()}, format={self.packed.describe()}, {threads}"
+        rows = ", many-row kernel" if getattr(self, "many_rows", False) else ""
+        return f"{super().extra_repr()}, format={self.packed.describe()}, {threads}{rows}"
 
 
 class TorchSparseLinear(_Flat):
@@ -241,3 +249,16 @@ for _kind in ("csr", "bsr", "nm24"):
             _register_numba(_kind, _int8, _parallel)
 for _parallel in (True, False):  # numba_nm24r_int8[_1t]: 2:4 INT8 in row lanes, AVX-512 CPUs only
     _register_numba("nm24r", True, _parallel)
+
+
+def _register_spmm(int8: bool) -> None:
+    @register_candidate(f"numba_spmm_csr{'_int8' if int8 else ''}")
+    def build(info: LayerInfo) -> nn.Module | None:
+        packed = _pack(info, "csr", int8)
+        return None if packed is None else NumbaSparseLinear(info.fqn, packed, info.bias, True, many_rows=True)
+
+
+# numba_spmm_csr[_int8]: CSR with the rows of x as vector lanes past batch 8 (`kernels.spmm`),
+# the small-batch CSR kernels up to batch 8
+for _int8 in (False, True):
+    _register_spmm(_int8)

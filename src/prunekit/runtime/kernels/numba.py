@@ -58,19 +58,53 @@ def kernels(parallel: bool = True) -> dict[str, Any]:
     return _KERNELS[parallel]
 
 
+# The batched kernels keep one tile's 8 accumulators as a tuple; LLVM's SLP vectorizer (enabled
+# for these kernels by `call_with_lane_vectorizer`) turns each 8-lane step into one AVX FMA. These
+# helpers are plain Python until `_build` compiles them into the globals the kernels see: as
+# closure variables they would defeat numba's disk cache, which hashes a closure's pickled
+# contents, and a numba function pickles with a per-process id (a recompile in every process).
+_ZERO = np.float32(0.0)
+
+
+def _axpy8(a, v, xs, c):  # pragma: no cover - compiled
+    """a + v * xs[c : c + 8], lane by lane."""
+    return (a[0] + v * xs[c], a[1] + v * xs[c + np.uint64(1)], a[2] + v * xs[c + np.uint64(2)],
+            a[3] + v * xs[c + np.uint64(3)], a[4] + v * xs[c + np.uint64(4)], a[5] + v * xs[c + np.uint64(5)],
+            a[6] + v * xs[c + np.uint64(6)], a[7] + v * xs[c + np.uint64(7)])
+
+
+def _pair8(a, v, c, w, d, xs):  # pragma: no cover - compiled
+    """a + (v * xs[c : c + 8] + w * xs[d : d + 8]): two non-zeros, one dependent add per lane."""
+    z = _ZERO
+    p = _axpy8(_axpy8((z, z, z, z, z, z, z, z), v, xs, c), w, xs, d)
+    return (a[0] + p[0], a[1] + p[1], a[2] + p[2], a[3] + p[3], a[4] + p[4], a[5] + p[5], a[6] + p[6], a[7] + p[7])
+
+
+def _store8(yr, a, s, bi):  # pragma: no cover - compiled
+    for j in range(8):
+        yr[j] = a[j] * s + bi
+
+
 def _build(numba: Any, parallel: bool) -> dict[str, Any]:
     prange = numba.prange
+    env: dict[str, Any] = dict(globals())
 
-    def njit(fastmath: bool = False, **opts: Any) -> Any:
+    def njit(fastmath: Any = False, **opts: Any) -> Any:
         def wrap(fn: Any) -> Any:
+            # Compiled with `env` as globals, where the helpers' names are numba functions.
+            copy = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
+            copy.__qualname__ = fn.__qualname__
             if not parallel:
                 # numba's on-disk cache is keyed by qualified name and signature, not by flags:
                 # the serial twin needs a name of its own.
-                fn = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-                fn.__qualname__ += "_serial"
-            return numba.njit(fastmath=fastmath, **opts)(fn)
+                copy.__qualname__ += "_serial"
+            return numba.njit(fastmath=fastmath, **opts)(copy)
 
         return wrap
+
+    lanes = njit(inline="always", fastmath={"contract"})
+    for helper in (_axpy8, _pair8, _store8):
+        env[helper.__name__] = lanes(helper)
 
     # No reassociating fastmath where x is indexed by a stored column: it lets LLVM vectorize the
     # non-zero loop with AVX-512 gathers, which we measured 2-3x slower on Zen 4 than scalar loads
@@ -79,29 +113,8 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
     # Indices are uint64: numba wraps negative signed indices around (a compare and a cmov per
     # load), which doubled the instructions per non-zero.
     opts: dict[str, Any] = {"parallel": parallel, "cache": True, "nogil": True, "fastmath": {"contract"}}
-    lanes = numba.njit(inline="always", fastmath={"contract"})
     u1, u2, u4, width = np.uint64(1), np.uint64(2), np.uint64(4), np.uint64(TILE)
-    zero = np.float32(0.0)
-
-    # The batched kernels keep one tile's 8 accumulators as a tuple; LLVM's SLP vectorizer
-    # (enabled for these kernels by `_with_lane_vectorizer`) turns each 8-lane step into one AVX FMA.
-    @lanes
-    def axpy8(a, v, xs, c):  # pragma: no cover - compiled
-        """a + v * xs[c : c + 8], lane by lane."""
-        return (a[0] + v * xs[c], a[1] + v * xs[c + u1], a[2] + v * xs[c + np.uint64(2)],
-                a[3] + v * xs[c + np.uint64(3)], a[4] + v * xs[c + np.uint64(4)], a[5] + v * xs[c + np.uint64(5)],
-                a[6] + v * xs[c + np.uint64(6)], a[7] + v * xs[c + np.uint64(7)])
-
-    @lanes
-    def pair8(a, v, c, w, d, xs):  # pragma: no cover - compiled
-        """a + (v * xs[c : c + 8] + w * xs[d : d + 8]): two non-zeros, one dependent add per lane."""
-        p = axpy8(axpy8((zero, zero, zero, zero, zero, zero, zero, zero), v, xs, c), w, xs, d)
-        return (a[0] + p[0], a[1] + p[1], a[2] + p[2], a[3] + p[3], a[4] + p[4], a[5] + p[5], a[6] + p[6], a[7] + p[7])
-
-    @lanes
-    def store8(yr, a, s, bi):  # pragma: no cover - compiled
-        for j in range(8):
-            yr[j] = a[j] * s + bi
+    zero = _ZERO
 
     @njit(**opts)
     def csr_b1(rowptr, cols, vals, scales, bias, x, y):  # pragma: no cover - compiled
@@ -126,12 +139,12 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
             for t in range(xt.shape[0]):
                 xs, a, k = xt[t], (zero, zero, zero, zero, zero, zero, zero, zero), start
                 while k + u2 <= end:
-                    a = pair8(a, np.float32(vals[k]), np.uint64(cols[k]) * width,
-                              np.float32(vals[k + u1]), np.uint64(cols[k + u1]) * width, xs)
+                    a = _pair8(a, np.float32(vals[k]), np.uint64(cols[k]) * width,
+                               np.float32(vals[k + u1]), np.uint64(cols[k + u1]) * width, xs)
                     k += u2
                 if k < end:
-                    a = axpy8(a, np.float32(vals[k]), xs, np.uint64(cols[k]) * width)
-                store8(yt[t, r], a, scales[r], bias[r])
+                    a = _axpy8(a, np.float32(vals[k]), xs, np.uint64(cols[k]) * width)
+                _store8(yt[t, r], a, scales[r], bias[r])
 
     @njit(**{**opts, "fastmath": True})
     def bsr_b1(browptr, bcols, vals, scales, bias, x, y):  # pragma: no cover - compiled
@@ -157,12 +170,12 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
                         c0, v = np.uint64(bcols[k]) * bc, vals[k, r]
                         j = np.uint64(0)
                         while j + u1 < bc:
-                            a = pair8(a, np.float32(v[j]), (c0 + j) * width, np.float32(v[j + u1]),
-                                      (c0 + j + u1) * width, xs)
+                            a = _pair8(a, np.float32(v[j]), (c0 + j) * width, np.float32(v[j + u1]),
+                                       (c0 + j + u1) * width, xs)
                             j += u2
                         if j < bc:
-                            a = axpy8(a, np.float32(v[j]), xs, (c0 + j) * width)
-                    store8(yt[t, i * br + r], a, scales[i * br + r], bias[i * br + r])
+                            a = _axpy8(a, np.float32(v[j]), xs, (c0 + j) * width)
+                    _store8(yt[t, i * br + r], a, scales[i * br + r], bias[i * br + r])
 
     @njit(**opts)
     def nm24_b1(vals, idx, scales, bias, x, y):  # pragma: no cover - compiled
@@ -185,9 +198,9 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
                 xs, a = xt[t], (zero, zero, zero, zero, zero, zero, zero, zero)
                 for g in range(np.uint64(m.shape[0])):
                     bits, base = np.uint64(m[g]), g * u4
-                    a = pair8(a, np.float32(v[g * u2]), (base + (bits & np.uint64(3))) * width,
-                              np.float32(v[g * u2 + u1]), (base + ((bits >> u2) & np.uint64(3))) * width, xs)
-                store8(yt[t, r], a, scales[r], bias[r])
+                    a = _pair8(a, np.float32(v[g * u2]), (base + (bits & np.uint64(3))) * width,
+                               np.float32(v[g * u2 + u1]), (base + ((bits >> u2) & np.uint64(3))) * width, xs)
+                _store8(yt[t, r], a, scales[r], bias[r])
 
     return {
         "csr_b1": csr_b1,
@@ -199,7 +212,7 @@ def _build(numba: Any, parallel: bool) -> dict[str, Any]:
     }
 
 
-def _with_lane_vectorizer(config: Any, kernel: Any, *args: Any) -> None:
+def call_with_lane_vectorizer(config: Any, kernel: Any, *args: Any) -> None:
     """Call `kernel` with LLVM's SLP vectorizer allowed, in case this call compiles it.
 
     numba keeps SLP off by default; it is what turns the 8 per-lane accumulators of the batched
@@ -244,10 +257,10 @@ def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[n
         n = x.shape[0]
         if n == 1:
             y = np.empty((1, out_f), np.float32)
-            _with_lane_vectorizer(config, b1, *args, x[0], y[0])
+            call_with_lane_vectorizer(config, b1, *args, x[0], y[0])
             return y
         yt = np.empty((-(-n // TILE), out_f, TILE), np.float32)
-        _with_lane_vectorizer(config, tiles, *args, _to_tiles(x), yt)
+        call_with_lane_vectorizer(config, tiles, *args, _to_tiles(x), yt)
         return yt.transpose(0, 2, 1).reshape(-1, out_f)[:n]
 
     return run

