@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
 from efficientnet_report import build_model  # noqa: E402
 from export_efficientnet import photo_batches  # noqa: E402
+from export_minilm import Embedder  # noqa: E402
 
 LEVELS = [0.125, 0.25, 0.375, 0.5]
 SEQ = 64
@@ -51,21 +52,6 @@ SEQ = 64
 
 def _load() -> str:
     return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
-
-
-class Embedder(nn.Module):
-    """BertModel -> mean-pooled, normalised sentence embedding."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        # F.normalize, written out: the structured tracer's reduce rule misreads vector_norm's `ord`
-        return pooled / pooled.pow(2).sum(-1, keepdim=True).sqrt().clamp(min=1e-12)
 
 
 class DigitsCNN(nn.Module):

@@ -113,15 +113,6 @@ class _Repeat(nn.Module):
         return self.head(x)
 
 
-@pytest.fixture
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine wait on each other's time slices, which
-    # quantises call times to the scheduler's; one thread times the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _repeat_pair(slow_times: int):
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 # mlflow 3.17's SQLAlchemy store uses a loader strategy SQLAlchemy 2.1 deprecates
-pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +43,6 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One SQLite store for the module (creating its tables is most of an MLflow test's time)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Recorder:
