@@ -176,7 +176,7 @@ def _print_row(row: dict) -> None:
 
 
 FFN_PAIRS = 16
-STACK_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_spmm_csr", "numba_spmm_csr_int8")
+STACK_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_csr_1t", "numba_spmm_csr", "numba_spmm_csr_int8")
 DENSE_NAMES = ("dense", "onednn", "onnxruntime")
 
 
