@@ -65,9 +65,17 @@ def pruned_copy(model: nn.Module, sparsity: float) -> nn.Module:
 def ort_engine(model: nn.Module, x: dict[str, torch.Tensor], threads: int) -> Callable[[], object]:
     import onnxruntime as ort
 
+    class Positional(nn.Module):  # the legacy exporter takes positional inputs
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
     path = Path(tempfile.mkdtemp()) / "dense.onnx"
-    torch.onnx.export(model, (), str(path), kwargs=x, input_names=list(x), dynamo=False,
-                      dynamic_axes={k: {0: "batch", 1: "seq"} for k in x})
+    torch.onnx.export(Positional(model), (x["input_ids"], x["attention_mask"]), str(path), input_names=list(x),
+                      dynamo=False, dynamic_axes={k: {0: "batch", 1: "seq"} for k in x})
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
