@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
-from prunekit.allocation.closed_loop import allocate_measured
+from prunekit.allocation.closed_loop import allocate_measured, paired_speedup
 from prunekit.allocation.latency import LatencyTable
 from prunekit.config import config_from_dict
 from prunekit.measure.bench import Latency
@@ -117,16 +117,6 @@ def _load() -> str:
     return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def measure(dense: nn.Module, pruned: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Dense / pruned median latency, interleaved (a ratio, so load that hits both cancels).
-
-    Only the final figures (`confirm`) wait for the machine's timing lock: the loop's many
-    short measurements would each queue behind other benchmarks' long timing runs.
-    """
-    timed = pk.measure_latency({"dense": dense, "pruned": pruned}, x, repeats=repeats, warmup=3)
-    return _paired(timed["dense"], timed["pruned"])
-
-
 def _paired(dense: Latency, pruned: Latency) -> float:
     """Median over repeats of dense time / pruned time, each pair timed back to back.
 
@@ -178,8 +168,11 @@ def closed_loop(dense: nn.Module, table: pk.SensitivityTable, lut: LatencyTable,
                 args: argparse.Namespace) -> tuple[pk.Allocation, nn.Module, float]:
     """Allocate, measure end to end, calibrate the table on that point, allocate again
     (`prunekit.allocation.closed_loop.allocate_measured`), printing each round."""
+    def meter(pruned: nn.Module) -> float:  # no timing lock: the loop's short runs would queue behind others'
+        return paired_speedup(dense, pruned, x, repeats=args.measure_repeats)
+
     result = allocate_measured(dense, table, pk.LatencyTarget(speedup=args.speedup), lut, x, rounds=args.rounds,
-                               tolerance=args.tolerance, measure=lambda p: measure(dense, p, x, args.measure_repeats))
+                               tolerance=args.tolerance, measure=meter)
     for i, (predicted, measured) in enumerate(result.rounds, 1):
         print(f"round {i}: predicted {predicted:.3f}x, measured {measured:.3f}x "
               f"({measured / args.speedup - 1:+.1%} vs target)", flush=True)
@@ -199,7 +192,7 @@ def uniform_at(dense: nn.Module, table: pk.SensitivityTable, x: torch.Tensor, sp
     ratio = 0.3
     for step in range(args.rounds + 1):
         pruned = pruner.pruned_many(dict.fromkeys(table.units, ratio)).eval()
-        measured = measure(dense, pruned, x, args.measure_repeats)
+        measured = paired_speedup(dense, pruned, x, repeats=args.measure_repeats)
         points.append((ratio, measured, pruned))
         print(f"uniform step {step + 1}: ratio {ratio:.3f}, measured {measured:.3f}x [{_load()}]", flush=True)
         if abs(measured / speedup - 1) <= args.tolerance / 2:
