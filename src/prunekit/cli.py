@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -47,9 +49,16 @@ TrackOption = Annotated[str, typer.Option(
          "prunekit[mlflow]); under torchrun only rank 0 writes.")]
 
 
-def _tracker(spec: str) -> Tracker | None:
-    """`--track SPEC` as a tracker (None without one); a bad spec fails before any work."""
-    return tracker_from_spec(spec) if spec else None
+@contextmanager
+def _tracking(spec: str) -> Iterator[Tracker | None]:
+    """`--track SPEC` as a tracker (None without one), closed however the command ends; a bad
+    spec fails before any work."""
+    tracker = tracker_from_spec(spec) if spec else None
+    try:
+        yield tracker
+    finally:
+        if tracker is not None:
+            tracker.close()
 
 
 def _fail(err: PrunekitError) -> None:
@@ -318,12 +327,9 @@ def prune_command(
         loaded = load_recipe(recipe)
         if not isinstance(loaded, Recipe):
             raise PrunekitError(f"{recipe}: top-level _type must be Recipe, got {type(loaded).__name__}")
-        tracker = _tracker(track)
-        with torchrun_process_group():
+        with _tracking(track) as tracker, torchrun_process_group():
             result = run_recipe(loaded, out, progress=progress, checkpoint_dir=checkpoint_dir,
                                 checkpoint_every=checkpoint_every, resume=resume, tracker=tracker)
-        if tracker is not None:
-            tracker.close()
     except PrunekitError as err:
         _fail(err)
         return
@@ -376,22 +382,21 @@ def report(
             raise PrunekitError(f"--batch-sizes must be positive integers, --repeats >= 1, --warmup and "
                                 f"--threads >= 0; got {batch_sizes!r}, {repeats}, {warmup}, {threads}")
         cost = _cost_query(qps, serving_batch, price_per_host_hour)
-        tracker = _tracker(track)
-        if cost is not None and cost.serving_batch not in sizes:
-            raise ConfigError(f"--serving-batch {cost.serving_batch} is not among --batch-sizes {batch_sizes!r}: "
-                              "the cost is projected from measured latency only; add it to --batch-sizes")
-        if threads:
-            torch.set_num_threads(threads)  # the report records the thread count it ran with
-        build = partial(load_entry_point, model, "model")
-        dense, small = load(baseline, build()), load(pruned, build)
-        _, evaluate = load_entry_point(data, "data")
-        result = compare(dense, small, evaluate, batch_sizes=sizes, repeats=repeats, warmup=warmup,
-                         retain_memory=retain_memory, title=f"prunekit report: {pruned.name} vs {baseline.name}",
-                         segments=_report_segments(segments) if segments else None, cost=cost)
-        write_report(result, out)
-        if tracker is not None:
-            log_report_headline(tracker, result)
-            tracker.close()
+        with _tracking(track) as tracker:  # a bad spec fails here, before anything is measured
+            if cost is not None and cost.serving_batch not in sizes:
+                raise ConfigError(f"--serving-batch {cost.serving_batch} is not among --batch-sizes {batch_sizes!r}: "
+                                  "the cost is projected from measured latency only; add it to --batch-sizes")
+            if threads:
+                torch.set_num_threads(threads)  # the report records the thread count it ran with
+            build = partial(load_entry_point, model, "model")
+            dense, small = load(baseline, build()), load(pruned, build)
+            _, evaluate = load_entry_point(data, "data")
+            result = compare(dense, small, evaluate, batch_sizes=sizes, repeats=repeats, warmup=warmup,
+                             retain_memory=retain_memory, title=f"prunekit report: {pruned.name} vs {baseline.name}",
+                             segments=_report_segments(segments) if segments else None, cost=cost)
+            write_report(result, out)
+            if tracker is not None:
+                log_report_headline(tracker, result)
     except PrunekitError as err:
         _fail(err)
         return
@@ -496,12 +501,9 @@ def sensitivity_command(
             raise PrunekitError(f"{recipe}: top-level _type must be Recipe, got {type(loaded).__name__}")
         shape = tuple(int(v) for v in _floats(input_shape, "--input-shape")) or None
         target = SparsityTarget(sparsity=target_sparsity) if target_sparsity > 0 else None
-        tracker = _tracker(track)
-        with torchrun_process_group():
+        with _tracking(track) as tracker, torchrun_process_group():
             result = run_sensitivity_recipe(loaded, out, levels=_floats(levels, "--levels"), metric=metric,  # type: ignore[arg-type]
                                             input_shape=shape, target=target, progress=progress, tracker=tracker)
-        if tracker is not None:
-            tracker.close()
     except PrunekitError as err:
         _fail(err)
         return
@@ -529,10 +531,8 @@ def search_command(
         loaded = load_recipe(recipe)
         if not isinstance(loaded, SearchRecipe):
             raise PrunekitError(f"{recipe}: top-level _type must be SearchRecipe, got {type(loaded).__name__}")
-        tracker = _tracker(track)
-        result = run_search_recipe(loaded, out, storage=storage or None, trials=trials or None, tracker=tracker)
-        if tracker is not None:
-            tracker.close()
+        with _tracking(track) as tracker:
+            result = run_search_recipe(loaded, out, storage=storage or None, trials=trials or None, tracker=tracker)
     except PrunekitError as err:
         _fail(err)
         return
