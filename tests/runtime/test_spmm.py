@@ -46,12 +46,15 @@ def test_matches_dense(rows: int, int8: bool, small_batch: int, monkeypatch: pyt
 
 
 @pytest.mark.parametrize("rows", [17, 40, 64, 100])
-def test_wide_layer_with_many_row_blocks(rows: int) -> None:
-    """More output rows than one `prange` block, and tiles of every width (16, 32, 64)."""
-    w = _weight(spmm.ROW_BLOCK * 3 + 5, 70, seed=rows)
-    x = torch.randn(rows, 70)
-    y = kernels.sparse_linear(formats.pack_csr(w), x.numpy(), np.zeros(w.shape[0], np.float32), many_rows=True)
-    torch.testing.assert_close(torch.from_numpy(y), F.linear(x, w), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("int8", [False, True])
+def test_many_blocks_panels_and_tiles(rows: int, int8: bool) -> None:
+    """Several blocks of output rows (the last partial), panels of inputs (the last partial), tiles of x."""
+    w, bias = _weight(spmm.BLOCK * 3 + 5, spmm.PANEL * 2 + 45, seed=rows), torch.randn(spmm.BLOCK * 3 + 5)
+    x = torch.randn(rows, w.shape[1])
+    packed = formats.pack_csr(w, int8=int8)
+    y = kernels.sparse_linear(packed, x.numpy(), bias.numpy(), many_rows=True)
+    ref_w = _dequantized(packed, w) if int8 else w
+    torch.testing.assert_close(torch.from_numpy(y), F.linear(x, ref_w, bias), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -63,14 +66,31 @@ def test_all_zero_weight_gives_bias(int8: bool) -> None:
     torch.testing.assert_close(torch.from_numpy(y), bias.expand(33, 19))
 
 
-def test_tile_plan_covers_rows_with_little_padding() -> None:
-    for n in range(1, 200):
-        plan = spmm.tile_plan(n)
-        starts, widths = plan[:, 0], plan[:, 1]
-        assert starts[0] == 0 and (starts[1:] == (starts + widths)[:-1]).all()
-        assert set(widths[:-2].tolist()) <= {spmm.TILE}
-        padded = int(starts[-1] + widths[-1])
-        assert n <= padded < n + spmm.LANES  # padding: less than one vector of rows
+def _unpack(matmul: spmm.SparseMatmul) -> np.ndarray:
+    """The dense weight back from the grouped layout: every stored entry put where it belongs."""
+    out_f, in_f = matmul.shape
+    w = np.zeros((out_f + 1, in_f + spmm.PANEL))  # row out_f: padding; wide enough for padded columns
+    blocks, panels, groups = matmul.meta.shape[:3]
+    for b in range(blocks):
+        for p in range(panels):
+            for g in range(groups):
+                start, steps = matmul.meta[b, p, g]
+                for i, member in enumerate(matmul.members[b, p, g]):
+                    row = out_f if member == spmm.BLOCK else b * spmm.BLOCK + member
+                    for s in range(steps):
+                        at = start + s * spmm.GROUP + i
+                        w[row, p * spmm.PANEL + matmul.cols[at]] += matmul.vals[at]
+    assert not w[out_f].any(), "padding entries must hold zero weights"
+    return w[:out_f, :in_f]
+
+
+def test_layout_holds_every_nonzero_once_and_pads_little() -> None:
+    w = _weight(spmm.BLOCK * 2 + 7, spmm.PANEL + 50, seed=3)
+    matmul = spmm.SparseMatmul(formats.pack_csr(w), np.zeros(w.shape[0], np.float32))
+    np.testing.assert_array_equal(_unpack(matmul), w.numpy())
+    assert matmul.nonzeros == int((w != 0).sum())
+    # rows sorted by length before grouping: ~20 non-zeros a row and panel, padded by far less than a row
+    assert 0 <= matmul.padding < 0.15
 
 
 def test_module_takes_3d_inputs_and_copies() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from prunekit.errors import PrunekitError
-from prunekit.runtime.kernels.numba_setup import import_numba, prefer_workqueue
+from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
 
 LANES = 16
 ROWS = 4  # rows of x per pass over the weights
@@ -46,7 +46,7 @@ def available() -> bool:
 @cache
 def _kernel() -> dict[bool, Any]:
     numba = import_numba()
-    prefer_workqueue(numba)  # the same threading layer as prunekit's other parallel kernels
+    prefer_openmp(numba)  # the same threading layer as prunekit's other parallel kernels
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic

@@ -12,10 +12,9 @@ on the user's machine and emits code for the CPU it runs on (AVX-512 here). It i
 when a kernel is first used, so `import prunekit` stays light; `cache=True` keeps the compiled
 code across processes.
 
-Threads: the parallel kernels use numba's workqueue pool unless `NUMBA_THREADING_LAYER` says
-otherwise (see `numba_setup.prefer_workqueue`); it does not take launches from several Python
-threads at once: call one model from one thread, or use the single-threaded kernels
-(`parallel=False`, the `*_1t` candidates).
+Threads: the parallel kernels use numba's OpenMP pool with a bounded spin (else workqueue) unless
+`NUMBA_THREADING_LAYER` says otherwise (see `numba_setup.prefer_openmp`); the single-threaded
+kernels (`parallel=False`, the `*_1t` candidates) need no pool at all.
 
 These kernels take the ``csr``, ``bsr`` and ``nm24`` formats; ``nm24r`` has its own (`avx512`),
 and `prunekit.runtime.kernels.bind` picks between them by format.
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from prunekit.runtime.kernels.numba_setup import import_numba, prefer_workqueue
+from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
 
 TILE = 8  # batch rows per tile in the batched kernels (one AVX2 vector of fp32)
 
@@ -53,7 +52,7 @@ def kernels(parallel: bool = True) -> dict[str, Any]:
     global _KERNELS
     if _KERNELS is None:
         numba = import_numba()
-        prefer_workqueue(numba)
+        prefer_openmp(numba)
         _KERNELS = {True: _build(numba, True), False: _build(numba, False)}
     return _KERNELS[parallel]
 

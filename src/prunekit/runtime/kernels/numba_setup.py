@@ -1,8 +1,8 @@
 """What every numba kernel module needs before it compiles: numba itself, and one threading layer.
 
 numba is an optional dependency (extra `speed`), imported here on a kernel's first use only, so
-`import prunekit` never loads it. Both kernel modules (`numba`, `avx512`) call `import_numba` and
-`prefer_workqueue` from here, so the two share one threading layer and one error message.
+`import prunekit` never loads it. Every kernel module (`numba`, `avx512`, `spmm`) calls `import_numba` and
+`prefer_openmp` from here, so they share one threading layer and one error message.
 """
 
 from __future__ import annotations
@@ -25,16 +25,31 @@ def import_numba() -> Any:
     return numba
 
 
-def prefer_workqueue(numba: Any) -> None:
-    """Use numba's workqueue thread pool unless the user chose a threading layer (mutates numba's config).
+SPIN_COUNT = "10000"  # GOMP_SPINCOUNT for numba's OpenMP workers: ~10-50 us of spinning, then sleep
 
-    numba's default here is OpenMP, whose idle workers spin; so do torch's own OpenMP workers
-    (a separate libgomp). Alternating torch ops and numba kernels then leaves four spinning
-    threads fighting over two cores: we measured a 0.7 ms kernel taking 24 ms and torch's dense
-    `F.linear` 30x slower. workqueue's workers sleep on a semaphore instead, but waking them
-    costs ~80 us a launch here against ~2 us for OpenMP's spinning ones: where the torch ops
-    between kernels are small (batch-1 LLM decoding), `NUMBA_THREADING_LAYER=omp` made SmolLM2's
-    2:4 kernels worth running on both cores (RESULTS.md); `accelerate` measures either way.
+
+def prefer_openmp(numba: Any) -> None:
+    """Pick numba's threading layer (OpenMP, else workqueue) unless the user chose one, and start its threads.
+
+    Measured here (2-core EPYC, `benchmarks/cpu_sparse_layers.py` and `llm_decode_speed.py`):
+    waking workqueue's sleeping workers costs ~65 us a launch against ~2 us for OpenMP's spinning
+    ones, which made SmolLM2's 2:4 decoding 1.19x dense INT8 on workqueue against 1.24-1.30x on
+    OpenMP, and a chain of many-row kernels with GELU / LayerNorm / dense `F.linear` between them
+    1.3-1.8x faster. OpenMP's idle workers spin, though, and so do torch's (another libgomp):
+    the spin is bounded with ``GOMP_SPINCOUNT`` (`SPIN_COUNT`), set only while numba loads its
+    libgomp (torch's, loaded with torch, has already read its environment), so kernels launched
+    back to back find the workers awake and torch's ops later find the cores free.
+    `NUMBA_THREADING_LAYER` or ``GOMP_SPINCOUNT`` set by the user win. GNU OpenMP is not fork-safe:
+    a forked child must not run the parallel kernels (start workers with "spawn", as torchrun does).
     """
     if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
+        numba.config.THREADING_LAYER = "default"
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+    if "GOMP_SPINCOUNT" in os.environ:
+        numba.get_num_threads()  # launches the threads
+        return
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    try:
+        numba.get_num_threads()
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]

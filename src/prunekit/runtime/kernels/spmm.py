@@ -1,228 +1,377 @@
 """Sparse weights times many dense rows (batch 16-128, or the tokens of a sequence): rows as vector lanes.
 
-The small-batch kernels (`kernels.numba`) walk each output row's non-zeros once per tile of 8
-rows of x, with x packed (tile, in * 8): past batch 8 they reload every non-zero many times and
-torch's CSR wins. Here x is transposed once per call to xt (in, n_pad), so the rows of x are the
-lanes: for an output row o and a tile of 64 rows of x, four 16-lane accumulators (four AVX-512
-registers) take ``acc += w[o, j] * xt[col[j], b0 : b0 + 64]`` for each non-zero j: one
-broadcast of the value and four FMAs reading x straight from cache, so each non-zero is loaded
-once per 64 rows and x's tile (in x 64 floats, 196 KB for in = 768) stays in L2. Results are
-stored (via a buffer in L1) into y (n, out) directly, so there is no transpose back.
+The small-batch kernels (`kernels.numba`) walk each output row's non-zeros once per 8 rows of x;
+past batch 8 they reload every non-zero many times. Here x is transposed into tiles of `TILE`
+(32) rows, xt (tiles, in, 32), so its rows are lanes: one non-zero w[o, k] costs a broadcast and
+two FMAs per tile, ``acc[o, lanes] += w[o, k] * xt[tile, k, lanes]``.
 
-Work split: `prange` over blocks of `ROW_BLOCK` output rows (numba's workqueue pool, see
-`numba_setup.prefer_workqueue`); within a block the tiles of x are the outer loop, so the block's
-non-zeros (<= 60 KB for in = 3072 at 90 %) are read from DRAM once and then from L2. Tiles are
-64 rows wide, the last ones 32 or 16 (x padded with zero rows to a multiple of 16).
+What keeps the FMAs fed (2-core Zen 4 here; `benchmarks/cpu_sparse_layers.py --ffn-stack`):
 
-Formats: ``csr`` with fp32 values, or int8 values with one fp32 scale per output row
-(weight-only INT8: x and the accumulators stay fp32, the scale is applied once per output row);
-`formats.pack_csr` makes both. Batches of at most `SMALL_BATCH` rows go to the small-batch
-kernels, which waste no lanes there. The loops are plain numba (LLVM's SLP vectorizer makes the
-16-lane tuples vectors), so any CPU runs them: AVX-512 gives 16-lane FMAs, AVX2 two 8-lane ones.
+- **Panels of inputs in L1.** The inputs are cut into panels of `PANEL` (128) columns, 16 KB of a
+  tile of xt; a block of `BLOCK` (64) output rows keeps its sums (8 KB) in L1 while it walks one
+  panel's non-zeros, so every x load hits L1. Column indices within a panel fit a byte.
+- **Groups of `GROUP` (4) output rows in lock-step (sliced ELLPACK).** Within a block and a panel,
+  rows are sorted by their count of non-zeros and taken four at a time, the shorter ones padded
+  with zero weights to the group's longest (~3 % more FMAs at 90 % sparsity). One loop carries
+  eight independent accumulators and ends once per group instead of once per row. The loop is
+  LLVM IR (`_group_codegen`): per non-zero one index byte, one broadcast and two FMAs.
+- **Transposes in registers.** x goes into tiles and the sums come back into y (n, out) 16 x 16 at a
+  time through vector shuffles (`_transpose_codegen`); strided scalar copies cost ~1 ns an element
+  here and took half the time of a 3072 x 768 layer at batch 64.
+
+Values are fp32, or int8 with one fp32 scale per output row (weight-only INT8: x and the
+accumulators stay fp32, the scale is applied once per output row). The weight is re-packed once,
+when the kernel is bound (at install time). The IR uses generic 16-lane vectors, so any x86 CPU
+runs it (AVX-512: one register per vector; AVX2: two).
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import numpy as np
 
 from prunekit.runtime.kernels import numba as small
-from prunekit.runtime.kernels.numba_setup import import_numba, prefer_workqueue
+from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
 
-LANES = 16  # rows of x per accumulator (one AVX-512 register of fp32)
-TILE = 64  # rows of x per pass over a block of output rows: four accumulators
-ROW_BLOCK = 32  # output rows per work item of `prange`
-PACK_INPUTS = 128  # inputs per slab when transposing x (128 x 64 floats: 32 KB, in L1)
+LANES = 16  # rows of x per vector (one AVX-512 register of fp32)
+TILE = 32  # rows of x per pass: two vectors per output row
+PANEL = 128  # input columns per panel: 128 x 32 floats = 16 KB of xt in L1; columns fit a byte
+GROUP = 4  # output rows walked in lock-step
+BLOCK = 64  # output rows per unit of work (rows are sorted into groups within a block)
 SMALL_BATCH = 8  # batches up to this size run the small-batch kernels of `kernels.numba`
 
-_KERNELS: dict[str, Any] | None = None
 
-# The loops below are plain Python until `kernels` compiles them: each is copied with a globals
-# table in which the helpers' names are numba functions (and `prange` is numba's). No closures:
-# numba keys its disk cache on a closure's pickled contents, which hold a per-process id for every
-# numba function, so closures over helpers recompile in every process (~10 s here).
-_U = tuple(np.uint64(i) for i in range(TILE))  # uint64 index arithmetic: numba makes uint64 + int64 a float
-_Z = np.float32(0.0)
-_ZEROS = (_Z,) * LANES
-prange = range  # numba.prange once compiled
+def _group_codegen(vectors: int, int8: bool) -> Callable[..., Any]:
+    """One group (LLVM IR): ``acc[row_g][: 16 v] += sum_j vals[s + G j + g] * x[cols[s + G j + g] * width :][: 16 v]``.
+
+    Arguments (vals, cols, x, acc, members, start, steps, width, m0, first, scratch, xo): the
+    group's values and column bytes are interleaved (step j holds the G rows' j-th non-zero); the
+    panel starts at x[xo] (columns `width` floats apart); member g is ``members[m0 + g]``, a row
+    of the block (its sums at ``acc[(first + row) * width]``) or `BLOCK`, padding (summed into
+    row `scratch`).
+    The G x `vectors` accumulators are loaded from acc, carried in registers, stored back.
+    """
+    from llvmlite import ir
+
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    v16f = ir.VectorType(f32, LANES)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        start, steps, width, m0, first, scratch, xo = args[5:12]
+        pv, pc, px, pa, pm = (
+            context.make_array(t)(context, builder, a).data for t, a in zip(signature.args[:5], args[:5], strict=True)
+        )
+        name = "llvm.fma.v16f32"
+        fma = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(v16f, [v16f] * 3), name)
+        intp = start.type
+
+        def const(value: int) -> Any:
+            return ir.Constant(intp, value)
+
+        def vector_at(base: Any, offset: Any) -> Any:
+            return builder.bitcast(builder.gep(base, [offset]), v16f.as_pointer())
+
+        acc = []
+        for g in range(GROUP):
+            member = builder.sext(builder.load(builder.gep(pm, [builder.add(m0, const(g))])), intp)
+            row = builder.select(builder.icmp_signed("==", member, const(BLOCK)), scratch, builder.add(first, member))
+            acc += [vector_at(pa, builder.add(builder.mul(row, width), const(LANES * i))) for i in range(vectors)]
+        initial = [builder.load(p, align=4) for p in acc]
+        entry = builder.block
+        loop, done = builder.append_basic_block("group.loop"), builder.append_basic_block("group.done")
+        end = builder.add(start, builder.mul(steps, const(GROUP)))
+        builder.cbranch(builder.icmp_signed("<", start, end), loop, done)
+
+        builder.position_at_end(loop)
+        k = builder.phi(intp)
+        carried = [builder.phi(v16f) for _ in initial]
+        step_type = ir.VectorType(ir.IntType(8) if int8 else f32, GROUP)
+        values = builder.load(builder.bitcast(builder.gep(pv, [k]), step_type.as_pointer()), align=1 if int8 else 4)
+        if int8:
+            values = builder.sitofp(values, ir.VectorType(f32, GROUP))
+        updated = []
+        for g in range(GROUP):
+            col = builder.zext(builder.load(builder.gep(pc, [builder.add(k, const(g))])), intp)
+            lanes = ir.Constant(ir.VectorType(i32, LANES), [g] * LANES)
+            splat = builder.shuffle_vector(values, ir.Constant(values.type, ir.Undefined), lanes)
+            base = builder.add(xo, builder.mul(col, width))
+            for i in range(vectors):
+                x = builder.load(vector_at(px, builder.add(base, const(LANES * i))), align=4)
+                updated.append(builder.call(fma, [splat, x, carried[g * vectors + i]]))
+        following = builder.add(k, const(GROUP))
+        k.add_incoming(start, entry)
+        k.add_incoming(following, loop)
+        for phi, a, b in zip(carried, initial, updated, strict=True):
+            phi.add_incoming(a, entry)
+            phi.add_incoming(b, loop)
+        builder.cbranch(builder.icmp_signed("<", following, end), loop, done)
+
+        builder.position_at_end(done)
+        totals = [builder.phi(v16f) for _ in initial]  # phis first, as LLVM requires
+        for total, a, b, p in zip(totals, initial, updated, acc, strict=True):
+            total.add_incoming(a, entry)
+            total.add_incoming(b, loop)
+            builder.store(total, p, align=4)
+        return context.get_dummy_value()
+
+    return codegen
 
 
+def _transpose_codegen(affine: bool) -> Callable[..., Any]:
+    """LLVM IR for a 16 x 16 transpose: ``dst[do + j * ds :][: 16] = src[so + i * ss + j]`` over i (x scale + bias).
+
+    Arguments (src, dst, scales, bias, so, ss, do, ds, co, lanes): 16 rows of src are loaded as
+    vectors and transposed in registers (four rounds of two-vector shuffles, each swapping one bit
+    of the row and lane numbers), then the first `lanes` rows of the result are stored. With
+    `affine`, result row j is ``* scales[co :][: 16] + bias[co :][: 16]``. Strided scalar copies
+    cost ~1 ns an element here (each store to another cache line); this is ~0.1.
+    """
+    from llvmlite import ir
+
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    v16f = ir.VectorType(f32, LANES)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        src, dst, scales, bias = (
+            context.make_array(t)(context, builder, a).data for t, a in zip(signature.args[:4], args[:4], strict=True)
+        )
+        so, ss, do, ds, co, lanes = args[4:10]
+        intp = so.type
+
+        def at(base: Any, offset: Any) -> Any:
+            return builder.bitcast(builder.gep(base, [offset]), v16f.as_pointer())
+
+        rows = [builder.load(at(src, builder.add(so, builder.mul(ir.Constant(intp, i), ss))), align=4)
+                for i in range(LANES)]
+        for bit in (8, 4, 2, 1):
+            low = [j if j & bit == 0 else LANES + j - bit for j in range(LANES)]
+            high = [j + bit if j & bit == 0 else LANES + j for j in range(LANES)]
+            for i in range(LANES):
+                if i & bit == 0:
+                    a, b = rows[i], rows[i + bit]
+                    rows[i] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, LANES), low))
+                    rows[i + bit] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, LANES), high))
+        if affine:
+            scale, shift = builder.load(at(scales, co), align=4), builder.load(at(bias, co), align=4)
+            rows = [builder.fadd(builder.fmul(r, scale), shift) for r in rows]
+        done = builder.append_basic_block("transpose.done")
+        for j in range(LANES):
+            store, following = builder.append_basic_block(f"transpose.row{j}"), builder.block
+            builder.cbranch(builder.icmp_signed(">", lanes, ir.Constant(intp, j)), store, done)
+            builder.position_at_end(store)
+            builder.store(rows[j], at(dst, builder.add(do, builder.mul(ir.Constant(intp, j), ds))), align=4)
+            del following
+        builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@cache
 def kernels() -> dict[str, Any]:
-    """The compiled many-row kernels by name (``spmm``, ``pack``), built or loaded from numba's cache on first use."""
-    global _KERNELS
-    if _KERNELS is None:
-        numba = import_numba()
-        prefer_workqueue(numba)
-        env = {**globals(), "prange": numba.prange}
+    """The compiled kernels by name: ``spmm`` / ``spmm_int8`` (run), ``pack_x`` and ``pack_weight`` (layouts)."""
+    numba = import_numba()
+    prefer_openmp(numba)
+    from numba import types
+    from numba.extending import intrinsic
 
-        def jit(fn: Any, **opts: Any) -> Any:
-            copy = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__)
-            copy.__qualname__ = fn.__qualname__
-            env[fn.__name__] = numba.njit(fastmath={"contract"}, **opts)(copy)
-            return env[fn.__name__]
+    def group_intrinsic(vectors: int, int8: bool) -> Any:
+        @intrinsic
+        def group(typingctx, vals, cols, x, acc, members, start, steps, width, m0, first, scratch, xo):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+            return types.void(vals, cols, x, acc, members, *[types.intp] * 7), _group_codegen(vectors, int8)
 
-        for helper in (_axpy, _add, _store):
-            jit(helper, inline="always")
-        for row in (_row64, _row32, _row16):  # inlined by LLVM: numba's parfor pass rejects tuples of tuples
-            jit(row, cache=True)
-        spmm = jit(_spmm, parallel=True, cache=True, nogil=True)
-        _KERNELS = {"spmm": spmm, "pack": jit(_pack, cache=True, nogil=True)}
-    return _KERNELS
+        return group
 
+    def transpose_intrinsic(affine: bool) -> Any:
+        @intrinsic
+        def transpose(typingctx, src, dst, scales, bias, so, ss, do, ds, co, lanes):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+            return types.void(src, dst, scales, bias, *[types.intp] * 6), _transpose_codegen(affine)
 
-def _axpy(a, v, xs, c):  # pragma: no cover - compiled
-    """a + v * xs[c : c + 16], lane by lane (one vector FMA after SLP vectorization)."""
-    u = _U
-    return (a[0] + v * xs[c], a[1] + v * xs[c + u[1]], a[2] + v * xs[c + u[2]], a[3] + v * xs[c + u[3]],
-            a[4] + v * xs[c + u[4]], a[5] + v * xs[c + u[5]], a[6] + v * xs[c + u[6]], a[7] + v * xs[c + u[7]],
-            a[8] + v * xs[c + u[8]], a[9] + v * xs[c + u[9]], a[10] + v * xs[c + u[10]],
-            a[11] + v * xs[c + u[11]], a[12] + v * xs[c + u[12]], a[13] + v * xs[c + u[13]],
-            a[14] + v * xs[c + u[14]], a[15] + v * xs[c + u[15]])
+        return transpose
 
+    store_tile, copy_tile = transpose_intrinsic(True), transpose_intrinsic(False)
 
-def _add(a, b):  # pragma: no cover - compiled
-    return (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4], a[5] + b[5], a[6] + b[6],
-            a[7] + b[7], a[8] + b[8], a[9] + b[9], a[10] + b[10], a[11] + b[11], a[12] + b[12],
-            a[13] + b[13], a[14] + b[14], a[15] + b[15])
+    def driver(int8: bool) -> Any:
+        wide, narrow = group_intrinsic(TILE // LANES, int8), group_intrinsic(1, int8)
 
+        @numba.njit(nogil=True, cache=True)
+        def rows_of(meta, members, cols, vals, scales, bias, xt, y, b0, b1, acc):  # pragma: no cover - compiled
+            """y[:, o0 : o1] for blocks b0 .. b1 - 1 of output rows, tile by tile of x's rows (xt: tiles, in, TILE).
 
-def _store(buf, lane, o, a, s, bi):  # pragma: no cover - compiled
-    """buf[lane + j, o] = a[j] * s + bi for the 16 lanes (buf: one tile's rows x one block's outputs, in L1)."""
-    for j in range(LANES):
-        buf[lane + j, o] = a[j] * s + bi
+            A block's sums (64 rows x 32 lanes, 8 KB) and a panel of x (16 KB) stay in L1 while
+            the block's groups for that panel run; x's tile (in x 32 floats) stays in L2 across blocks.
+            """
+            n, out_f, in_f = y.shape[0], y.shape[1], xt.shape[1]
+            panels, groups, flat, xs = meta.shape[1], meta.shape[2], members.reshape(-1), xt.reshape(-1)
+            for t in range(xt.shape[0]):
+                t0 = t * TILE
+                for blk in range(b0, b1):
+                    o0 = blk * BLOCK
+                    rows = min(out_f, o0 + BLOCK) - o0
+                    acc[:] = 0.0
+                    for p in range(panels):
+                        xo = (t * in_f + p * PANEL) * TILE
+                        for g in range(groups):
+                            start, steps = meta[blk, p, g, 0], meta[blk, p, g, 1]
+                            if steps > 0:
+                                m0 = ((blk * panels + p) * groups + g) * GROUP
+                                if n - t0 > LANES:
+                                    wide(vals, cols, xs, acc, flat, start, steps, TILE, m0, 0, BLOCK, xo)
+                                else:  # the last rows fit one vector: skip the padding lanes
+                                    narrow(vals, cols, xs, acc, flat, start, steps, TILE, m0, 0, BLOCK, xo)
+                    lanes, ys, whole = min(TILE, n - t0), y.reshape(-1), rows - rows % LANES
+                    for r in range(0, whole, LANES):  # 16 x 16 blocks transposed in registers
+                        for l0 in range(0, lanes, LANES):
+                            store_tile(acc, ys, scales, bias, r * TILE + l0, TILE, (t0 + l0) * out_f + o0 + r, out_f,
+                                       o0 + r, lanes - l0)
+                    for lane in range(lanes):
+                        for r in range(whole, rows):
+                            y[t0 + lane, o0 + r] = acc[r * TILE + lane] * scales[o0 + r] + bias[o0 + r]
 
+        @numba.njit(nogil=True, cache=True, parallel=True)
+        def spmm(meta, members, cols, vals, scales, bias, xt, y, chunks):  # pragma: no cover - compiled
+            """y (n, out) = x @ W.T * scales + bias, the blocks of output rows split in `chunks` runs."""
+            blocks = meta.shape[0]
+            for c in numba.prange(chunks):
+                b0, b1 = c * blocks // chunks, (c + 1) * blocks // chunks
+                if b0 < b1:
+                    acc = np.empty((BLOCK + 1) * TILE, np.float32)  # + the scratch row
+                    rows_of(meta, members, cols, vals, scales, bias, xt, y, b0, b1, acc)
 
-def _row64(start, end, cols, vals, xs, stride, b0):  # pragma: no cover - compiled
-    """One output row times 64 rows of x: four 16-lane accumulators, each non-zero loaded once."""
-    u, a0, a1, a2, a3 = _U, _ZEROS, _ZEROS, _ZEROS, _ZEROS
-    for k in range(start, end):
-        v, c = np.float32(vals[k]), np.uint64(cols[k]) * stride + b0
-        a0, a1 = _axpy(a0, v, xs, c), _axpy(a1, v, xs, c + u[16])
-        a2, a3 = _axpy(a2, v, xs, c + u[32]), _axpy(a3, v, xs, c + u[48])
-    return a0, a1, a2, a3
+        return spmm
 
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def pack_x(x, xt, scratch):  # pragma: no cover - compiled
+        """xt[t, k, lane] = x[t * TILE + lane, k], zero past x's last row: 16 x 16 blocks transposed in registers."""
+        n, in_f = x.shape
+        whole, xs, out = in_f - in_f % LANES, x.reshape(-1), xt.reshape(-1)
+        for job in numba.prange(xt.shape[0] * (TILE // LANES)):
+            b0 = job * LANES
+            rows = min(LANES, n - b0)
+            t, l0 = b0 // TILE, b0 % TILE
+            if rows == LANES:
+                for k0 in range(0, whole, LANES):
+                    at = (t * in_f + k0) * TILE + l0
+                    copy_tile(xs, out, scratch, scratch, b0 * in_f + k0, in_f, at, TILE, 0, LANES)
+                for k in range(whole, in_f):
+                    for lane in range(LANES):
+                        xt[t, k, l0 + lane] = x[b0 + lane, k]
+            else:
+                for k in range(in_f):
+                    for lane in range(LANES):
+                        xt[t, k, l0 + lane] = x[b0 + lane, k] if lane < rows else 0.0
 
-def _row32(start, end, cols, vals, xs, stride, b0):  # pragma: no cover - compiled
-    """One output row times 32 rows of x: two chains per 16 lanes (even and odd non-zeros)."""
-    u, a0, a1, a2, a3 = _U, _ZEROS, _ZEROS, _ZEROS, _ZEROS
-    k = start
-    while k + u[1] < end:
-        v, c = np.float32(vals[k]), np.uint64(cols[k]) * stride + b0
-        w, d = np.float32(vals[k + u[1]]), np.uint64(cols[k + u[1]]) * stride + b0
-        a0, a1 = _axpy(a0, v, xs, c), _axpy(a1, v, xs, c + u[16])
-        a2, a3 = _axpy(a2, w, xs, d), _axpy(a3, w, xs, d + u[16])
-        k += u[2]
-    if k < end:
-        v, c = np.float32(vals[k]), np.uint64(cols[k]) * stride + b0
-        a0, a1 = _axpy(a0, v, xs, c), _axpy(a1, v, xs, c + u[16])
-    return _add(a0, a2), _add(a1, a3)
-
-
-def _row16(start, end, cols, vals, xs, stride, b0):  # pragma: no cover - compiled
-    """One output row times 16 rows of x: four chains, as FMA latency, not throughput, bounds one."""
-    u, a0, a1, a2, a3 = _U, _ZEROS, _ZEROS, _ZEROS, _ZEROS
-    k = start
-    while k + u[3] < end:
-        a0 = _axpy(a0, np.float32(vals[k]), xs, np.uint64(cols[k]) * stride + b0)
-        a1 = _axpy(a1, np.float32(vals[k + u[1]]), xs, np.uint64(cols[k + u[1]]) * stride + b0)
-        a2 = _axpy(a2, np.float32(vals[k + u[2]]), xs, np.uint64(cols[k + u[2]]) * stride + b0)
-        a3 = _axpy(a3, np.float32(vals[k + u[3]]), xs, np.uint64(cols[k + u[3]]) * stride + b0)
-        k += u[4]
-    while k < end:
-        a0 = _axpy(a0, np.float32(vals[k]), xs, np.uint64(cols[k]) * stride + b0)
-        k += u[1]
-    return _add(_add(a0, a1), _add(a2, a3))
-
-
-def _spmm(rowptr, cols, vals, scales, bias, xt, tiles, y):  # pragma: no cover - compiled
-    """y (n, out) = x @ W.T * scales + bias, x given as xt (in, n_pad); tiles: (start, width) rows of x.
-
-    Results go to a small buffer first: storing a lane straight into y would touch one cache line
-    per row of y, and with rows 12 KB apart (3072 outputs) all of them map to one L1 set.
-    """
-    out_f, n, xs, stride = y.shape[1], y.shape[0], xt.reshape(-1), np.uint64(xt.shape[1])
-    for blk in prange((out_f + ROW_BLOCK - 1) // ROW_BLOCK):
-        o0 = blk * ROW_BLOCK
-        rows = min(out_f, o0 + ROW_BLOCK) - o0
-        buf = np.empty((TILE, ROW_BLOCK), np.float32)
-        for t in range(tiles.shape[0]):
-            b0, width = tiles[t, 0], tiles[t, 1]
-            ub0 = np.uint64(b0)
+    @numba.njit(nogil=True, cache=True)
+    def pack_weight(rowptr, cols, vals, in_f, meta, members, out_cols, out_vals):  # pragma: no cover - compiled
+        """CSR -> blocks x panels x groups of `GROUP` rows (sorted by length, zero-padded); returns the length used."""
+        out_f = rowptr.shape[0] - 1
+        pos = 0
+        cursor = np.empty(BLOCK, np.int64)  # each row's next non-zero (CSR columns ascend, so panels come in order)
+        counts = np.empty(BLOCK, np.int64)
+        for blk in range(meta.shape[0]):
+            o0 = blk * BLOCK
+            rows = min(out_f, o0 + BLOCK) - o0
             for r in range(rows):
-                o = o0 + r
-                start, end, s, bi = np.uint64(rowptr[o]), np.uint64(rowptr[o + 1]), scales[o], bias[o]
-                if width == TILE:
-                    a0, a1, a2, a3 = _row64(start, end, cols, vals, xs, stride, ub0)
-                    _store(buf, 0, r, a0, s, bi)
-                    _store(buf, 16, r, a1, s, bi)
-                    _store(buf, 32, r, a2, s, bi)
-                    _store(buf, 48, r, a3, s, bi)
-                elif width == 2 * LANES:
-                    a0, a1 = _row32(start, end, cols, vals, xs, stride, ub0)
-                    _store(buf, 0, r, a0, s, bi)
-                    _store(buf, 16, r, a1, s, bi)
-                else:
-                    _store(buf, 0, r, _row16(start, end, cols, vals, xs, stride, ub0), s, bi)
-            for lane in range(min(width, n - b0)):
-                y[b0 + lane, o0 : o0 + rows] = buf[lane, :rows]
+                cursor[r] = rowptr[o0 + r]
+            for p in range(meta.shape[1]):
+                k1 = min(in_f, (p + 1) * PANEL)
+                counts[:] = 0
+                for r in range(rows):
+                    j = cursor[r]
+                    while j + counts[r] < rowptr[o0 + r + 1] and cols[j + counts[r]] < k1:
+                        counts[r] += 1
+                order = np.argsort(-counts[:rows], kind="mergesort")
+                for g in range(meta.shape[2]):
+                    steps = 0
+                    for i in range(GROUP):
+                        j = g * GROUP + i
+                        members[blk, p, g, i] = order[j] if j < rows else BLOCK  # BLOCK: padding, the scratch row
+                        if j < rows:
+                            steps = max(steps, counts[order[j]])
+                    meta[blk, p, g, 0], meta[blk, p, g, 1] = pos, steps
+                    for i in range(GROUP):
+                        r = members[blk, p, g, i]
+                        have = counts[r] if r < BLOCK else 0
+                        for s in range(steps):
+                            at = pos + s * GROUP + i
+                            if s < have:
+                                out_cols[at] = cols[cursor[r] + s] - p * PANEL
+                                out_vals[at] = vals[cursor[r] + s]
+                            else:
+                                out_cols[at] = 0
+                                out_vals[at] = 0
+                    pos += steps * GROUP
+                for r in range(rows):
+                    cursor[r] += counts[r]
+        return pos
+
+    return {"spmm": driver(False), "spmm_int8": driver(True), "pack_x": pack_x, "pack_weight": pack_weight}
 
 
-def _pack(x, xt):  # pragma: no cover - compiled
-    """xt[:, :n] = x.T, xt[:, n:] = 0, `PACK_INPUTS` inputs at a time: each row of x is read in runs
-    of 512 bytes (a handful of streams for the prefetcher), and the slab of xt written stays in L1."""
-    n, in_f = x.shape
-    for k0 in range(0, in_f, PACK_INPUTS):
-        k1 = min(in_f, k0 + PACK_INPUTS)
-        for b in range(n):
-            for k in range(k0, k1):
-                xt[k, b] = x[b, k]
-        for b in range(n, xt.shape[1]):
-            for k in range(k0, k1):
-                xt[k, b] = _Z
+def padded_rows(n: int) -> int:
+    """Rows of x rounded up to whole vectors (the lanes past n are zeros)."""
+    return -(-n // LANES) * LANES
 
 
-def tile_plan(n: int) -> np.ndarray:
-    """Tiles (start row, width) covering n rows of x, int64 (tiles, 2): widths of 64, then 32 and/or 16 at the end.
+class SparseMatmul:
+    """``W @ xt`` for one ``csr`` weight (fp32 or int8) in the panelled, grouped layout above, packed once.
 
-    The padding stays under 16 rows: 40 rows are 32 + 16, not 64.
+    `transposed(xt)` takes xt (in, n_pad) and returns (out, n_pad), both C-contiguous float32 with
+    n_pad a multiple of 16: the layout a chain of sparse layers passes along. `__call__` takes and
+    returns the usual (n, in) -> (n, out), transposing on the way in and out.
     """
-    plan, start = [], 0
-    while start < n:
-        left = n - start
-        width = TILE if left > 3 * LANES else (2 * LANES if left > LANES else LANES)
-        plan.append((start, width))
-        start += width
-    return np.array(plan, np.int64).reshape(-1, 2)
+
+    def __init__(self, packed: Any, bias: np.ndarray) -> None:
+        if packed.kind != "csr":
+            raise ValueError(f"the many-row kernel takes the 'csr' format, got {packed.kind!r}")
+        out_f, in_f = packed.shape
+        k, numba = kernels(), import_numba()
+        blocks, panels, groups = -(-out_f // BLOCK), max(1, -(-in_f // PANEL)), BLOCK // GROUP
+        self.meta = np.zeros((blocks, panels, groups, 2), np.int64)
+        self.members = np.zeros((blocks, panels, groups, GROUP), np.int16)
+        capacity = packed.values.size + blocks * panels * groups * GROUP * (PANEL // 2)  # ample: trimmed below
+        cols, vals = np.zeros(capacity, np.uint8), np.zeros(capacity, packed.values.dtype)
+        used = k["pack_weight"](
+            packed.rowptr.astype(np.int64), packed.cols.astype(np.int64), packed.values, in_f,
+            self.meta, self.members, cols, vals,
+        )
+        self.cols, self.vals = cols[: used + GROUP].copy(), vals[: used + GROUP].copy()
+        self.scales, self.bias = packed.scales.astype(np.float32), np.ascontiguousarray(bias, np.float32)
+        self.shape, self.nonzeros = (out_f, in_f), int(np.count_nonzero(packed.values))
+        self._spmm = k["spmm_int8"] if packed.values.dtype == np.int8 else k["spmm"]
+        self._pack_x, self._config, self._threads = k["pack_x"], numba.core.config, numba.get_num_threads
+
+    @property
+    def padding(self) -> float:
+        """Stored entries per non-zero, minus one: the zeros that pad each group to its longest row."""
+        return int(self.meta[..., 1].sum()) * GROUP / max(self.nonzeros, 1) - 1.0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """y (n, out) = x @ W.T * scales + bias for a C-contiguous float32 x (n, in)."""
+        n = x.shape[0]
+        xt = np.empty((-(-n // TILE), x.shape[1], TILE), np.float32)
+        self._pack_x(x, xt, self.scales)
+        y = np.empty((n, self.shape[0]), np.float32)
+        small.call_with_lane_vectorizer(
+            self._config, self._spmm, self.meta, self.members, self.cols, self.vals, self.scales, self.bias, xt, y,
+            self._threads(),
+        )
+        return y
 
 
 def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[np.ndarray], np.ndarray]:
-    """``run(x) -> x @ W.T + bias`` for a ``csr`` weight (fp32 or int8), rows as lanes above `SMALL_BATCH` rows.
+    """``run(x) -> x @ W.T + bias`` (C-contiguous) for a ``csr`` weight, rows as lanes above `SMALL_BATCH` rows.
 
-    x is a C-contiguous float32 (n, in) array. Up to `SMALL_BATCH` rows run `kernels.numba`'s
-    kernels (with `parallel`); the many-row kernel always uses numba's thread pool.
+    Up to `SMALL_BATCH` rows run `kernels.numba`'s kernels (with `parallel`); the many-row kernel
+    always uses numba's thread pool.
     """
-    if packed.kind != "csr":
-        raise ValueError(f"the many-row kernel takes the 'csr' format, got {packed.kind!r}")
-    few = small.bind(packed, bias, parallel=parallel)
-    k = kernels()
-    spmm, pack, config = k["spmm"], k["pack"], import_numba().core.config
-    args = (packed.rowptr, packed.cols, packed.values, packed.scales, bias)
-    plans: dict[int, np.ndarray] = {}
+    few, many = small.bind(packed, bias, parallel=parallel), SparseMatmul(packed, bias)
 
     def run(x: np.ndarray) -> np.ndarray:
-        n = x.shape[0]
-        if n <= SMALL_BATCH:
-            return few(x)
-        plan = plans.get(n)
-        if plan is None:
-            plan = plans.setdefault(n, tile_plan(n))
-        xt = np.empty((x.shape[1], int(plan[-1].sum())), np.float32)
-        y = np.empty((n, packed.shape[0]), np.float32)
-        pack(x, xt)
-        small.call_with_lane_vectorizer(config, spmm, *args, xt, plan, y)
-        return y
+        return few(x) if x.shape[0] <= SMALL_BATCH else many(x)
 
     return run
