@@ -20,10 +20,19 @@ dense weights: the DRAM regime by itself) at 90 % and 95 % unstructured, batches
 stack per call: best dense (torch F.linear, oneDNN, onnxruntime), torch CSR, and prunekit's
 candidates (small-batch CSR, the many-row `numba_spmm_csr`, its weight-only INT8 twin). Each
 implementation runs in blocks of `--stack-block` stack passes, implementations alternating block by
-block (torch's OpenMP workers spin ~8 ms after a call and would slow whatever ran next), medians
-over `--repeats` rounds; ratios against the best dense fp32 engine of the same batch.
+block with 50 ms of idling before each (torch's OpenMP workers spin ~8 ms after a call and would
+slow whatever ran next), medians over `--repeats` rounds; ratios against the best dense fp32
+engine of the same batch.
 
     python benchmarks/cpu_sparse_layers.py --ffn-stack --skip-layers --repeats 7
+
+The peer: with `--deepsparse-python PYTHON` (a venv with deepsparse==1.8.0, made as
+`deepsparse_runner.py` says; never a prunekit dependency) the stack is also saved as ONNX and run
+by Neural Magic DeepSparse in that venv's process, alternating with this one `--peer-runs` times;
+each run is printed and the ratios use the medians over runs.
+
+    python benchmarks/cpu_sparse_layers.py --ffn-stack --skip-layers --repeats 7 \
+        --deepsparse-python ~/.venvs/deepsparse/bin/python
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -177,12 +187,36 @@ def _print_row(row: dict) -> None:
 
 FFN_PAIRS = 16
 STACK_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_csr_1t", "numba_spmm_csr", "numba_spmm_csr_int8")
+PEER_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_spmm_csr", "numba_spmm_csr_int8")
 DENSE_NAMES = ("dense", "onednn", "onnxruntime")
+IDLE_BEFORE_BLOCK_S = 0.05
 
 
 def _ort_stack(weights: list[Tensor], threads: int) -> Callable[[np.ndarray], object]:
     """One onnxruntime session running the whole chain of MatMuls (weights as initializers)."""
     import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = _stack_onnx(weights)
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"x": x})
+
+
+def _stack_weights(sparsity: float) -> list[Tensor]:
+    """The 32 (out, in) weights of the FFN stack at this unstructured sparsity (seeded by it)."""
+    g = torch.Generator().manual_seed(int(sparsity * 100))
+    weights = []
+    for _ in range(FFN_PAIRS):
+        for out_f, in_f in ((3072, 768), (768, 3072)):
+            mask = _mask_unstructured(out_f, in_f, sparsity, g)
+            weights.append(torch.randn(out_f, in_f, generator=g) * mask / (in_f * (1 - sparsity)) ** 0.5)
+    return weights
+
+
+def _stack_onnx(weights: list[Tensor]) -> Any:
+    """The stack as one ONNX graph of MatMuls, the weights (zeros included) as initializers; batch dim 'n'."""
     from onnx import TensorProto, helper, numpy_helper
 
     inits = [numpy_helper.from_array(w.t().contiguous().numpy(), f"w{i}") for i, w in enumerate(weights)]
@@ -194,24 +228,15 @@ def _ort_stack(weights: list[Tensor], threads: int) -> Callable[[np.ndarray], ob
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", weights[-1].shape[0]])],
         inits,
     )
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"x": x})
+    model.ir_version = 8  # readable by the older onnx that DeepSparse 1.8 pins
+    return model
 
 
-def _stack(sparsity: float, threads: int) -> dict[str, Callable[[Tensor], object]]:
+def _stack(weights: list[Tensor], threads: int, names: tuple[str, ...] = ()) -> dict[str, Callable[[Tensor], object]]:
     """name -> fn(x) running the 16 FFN pairs (32 Linears) with that implementation."""
-    g = torch.Generator().manual_seed(int(sparsity * 100))
-    weights = []
-    for _ in range(FFN_PAIRS):
-        for out_f, in_f in ((3072, 768), (768, 3072)):
-            mask = _mask_unstructured(out_f, in_f, sparsity, g)
-            weights.append(torch.randn(out_f, in_f, generator=g) * mask / (in_f * (1 - sparsity)) ** 0.5)
     fns: dict[str, Callable[[Tensor], object]] = {}
-    for name in STACK_NAMES:
+    for name in names or STACK_NAMES:
         layers = []
         for i, w in enumerate(weights):
             info = cand.LayerInfo(f"ffn.{i}", w, None, None, False, True)
@@ -238,6 +263,7 @@ def _timed_blocks(fns: dict[str, Callable], x: Tensor, repeats: int, block: int)
         for rep in range(repeats):
             shift = rep % len(names)
             for n in names[shift:] + names[:shift]:
+                time.sleep(IDLE_BEFORE_BLOCK_S)  # whatever ran before goes quiet (spinning workers sleep)
                 start = time.perf_counter()
                 for _ in range(block):
                     fns[n](x)
@@ -245,19 +271,62 @@ def _timed_blocks(fns: dict[str, Callable], x: Tensor, repeats: int, block: int)
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def deepsparse_times(python: str, onnx_path: Path, cases: dict[Any, list[np.ndarray]], threads: int, repeats: int,
+                     block: int) -> dict[Any, list[float]]:
+    """case -> DeepSparse's ms per call of each timed block, from `deepsparse_runner.py` run by a venv's `python`."""
+    folder = onnx_path.parent
+    files = {}
+    for i, (case, arrays) in enumerate(cases.items()):
+        files[case] = folder / f"{onnx_path.stem}_inputs{i}.npz"
+        np.savez(files[case], *arrays)
+    runner = Path(__file__).with_name("deepsparse_runner.py")
+    cmd = [python, str(runner), str(onnx_path), "--inputs", *map(str, files.values()), "--threads", str(threads),
+           "--repeats", str(repeats), "--block", str(block)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"DeepSparse runner failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    ms = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
+    return {case: ms[str(path)] for case, path in files.items()}
+
+
 def run_ffn_stack(args: argparse.Namespace) -> list[dict]:
-    """The FFN stack at each sparsity and batch: ms per stack pass and ratios against the best dense fp32."""
+    """The FFN stack at each sparsity and batch: ms per stack pass and ratios against the best dense fp32.
+
+    With `--deepsparse-python`, this process and DeepSparse's alternate `--peer-runs` times (all
+    batches each), every run is printed, and the ratios use the medians over runs.
+    """
     rows = []
+    peer = args.deepsparse_python
+    names = PEER_NAMES if peer else STACK_NAMES
     for sparsity in (float(s) for s in args.sparsities.split(",")):
-        fns = _stack(sparsity, args.threads)
-        for batch in (int(b) for b in args.batches.split(",")):
-            x = torch.randn(batch, 768)
-            ms = _timed_blocks(fns, x, args.repeats, args.stack_block)
+        weights = _stack_weights(sparsity)
+        fns = _stack(weights, args.threads, names)
+        batches = [int(b) for b in args.batches.split(",")]
+        runs: dict[int, list[dict[str, float]]] = {b: [] for b in batches}
+        onnx_path = Path(args.out).with_name(f"ffn_stack_{sparsity:.2f}.onnx")
+        if peer:
+            import onnx
+
+            onnx.save(_stack_onnx(weights), str(onnx_path))
+        for run in range(args.peer_runs if peer else 1):
+            for batch in batches:
+                runs[batch].append(_timed_blocks(fns, torch.randn(batch, 768), args.repeats, args.stack_block))
+            if peer:
+                cases = {b: [np.random.default_rng(b).standard_normal((b, 768)).astype(np.float32)] for b in batches}
+                for batch, times in deepsparse_times(peer, onnx_path, cases, args.threads, args.repeats,
+                                                     args.stack_block).items():
+                    runs[batch][-1]["deepsparse"] = statistics.median(times)
+            for batch in batches:
+                got = runs[batch][-1]
+                print(f"  run {run + 1}, ffn stack {sparsity:.0%} b{batch}: "
+                      + "  ".join(f"{n} {v:.2f}ms" for n, v in got.items()), flush=True)
+        for batch in batches:
+            ms = {n: statistics.median(r[n] for r in runs[batch]) for n in runs[batch][0]}
             best = min(DENSE_NAMES, key=lambda n: ms[n])
             ours = min((n for n in ms if n.startswith("numba") and "int8" not in n), key=lambda n: ms[n])
             sp = {n: ms[best] / v for n, v in ms.items()}
             rows.append({"case": f"ffn stack {sparsity:.0%}", "batch": batch, "ms": ms, "best_dense_fp32": best,
-                         "prunekit_best_fp32": ours, "speedup_vs_best_dense_fp32": sp})
+                         "prunekit_best_fp32": ours, "speedup_vs_best_dense_fp32": sp, "runs": runs[batch]})
             parts = "  ".join(f"{n} {ms[n]:.2f}ms ({sp[n]:.2f}x)" for n in ms)
             print(f"ffn stack {sparsity:.0%} b{batch} best dense={best} ({ms[best]:.2f} ms), prunekit fp32 best="
                   f"{ours} ({sp[ours]:.2f}x): {parts}", flush=True)
@@ -317,6 +386,9 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.9,0.95", help="of the FFN stack, comma separated")
     parser.add_argument("--batches", default="1,8,16,64,128", help="of the FFN stack, comma separated")
     parser.add_argument("--stack-block", type=int, default=3, help="FFN stack passes per timed block")
+    parser.add_argument("--deepsparse-python", default=None,
+                        help="python of a venv with deepsparse==1.8.0 (see deepsparse_runner.py): time it side by side")
+    parser.add_argument("--peer-runs", type=int, default=3, help="alternations of this process and DeepSparse's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))

@@ -44,7 +44,7 @@ BLOCK = 64  # output rows per unit of work (rows are sorted into groups within a
 SMALL_BATCH = 8  # batches up to this size run the small-batch kernels of `kernels.numba`
 
 
-def _group_codegen(vectors: int, int8: bool) -> Callable[..., Any]:
+def _group_codegen(vectors: int, int8: bool, lanes: int = LANES) -> Callable[..., Any]:
     """One group (LLVM IR): ``acc[row_g][: 16 v] += sum_j vals[s + G j + g] * x[cols[s + G j + g] * width :][: 16 v]``.
 
     Arguments (vals, cols, x, acc, members, start, steps, width, m0, first, scratch, xo): the
@@ -52,19 +52,20 @@ def _group_codegen(vectors: int, int8: bool) -> Callable[..., Any]:
     panel starts at x[xo] (columns `width` floats apart); member g is ``members[m0 + g]``, a row
     of the block (its sums at ``acc[(first + row) * width]``) or `BLOCK`, padding (summed into
     row `scratch`).
-    The G x `vectors` accumulators are loaded from acc, carried in registers, stored back.
+    The G x `vectors` accumulators of `lanes` floats (16, or 8 where x has only 8 rows left) are
+    loaded from acc, carried in registers, stored back.
     """
     from llvmlite import ir
 
     f32, i32 = ir.FloatType(), ir.IntType(32)
-    v16f = ir.VectorType(f32, LANES)
+    v16f = ir.VectorType(f32, lanes)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         start, steps, width, m0, first, scratch, xo = args[5:12]
         pv, pc, px, pa, pm = (
             context.make_array(t)(context, builder, a).data for t, a in zip(signature.args[:5], args[:5], strict=True)
         )
-        name = "llvm.fma.v16f32"
+        name = f"llvm.fma.v{lanes}f32"
         fma = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(v16f, [v16f] * 3), name)
         intp = start.type
 
@@ -78,7 +79,7 @@ def _group_codegen(vectors: int, int8: bool) -> Callable[..., Any]:
         for g in range(GROUP):
             member = builder.sext(builder.load(builder.gep(pm, [builder.add(m0, const(g))])), intp)
             row = builder.select(builder.icmp_signed("==", member, const(BLOCK)), scratch, builder.add(first, member))
-            acc += [vector_at(pa, builder.add(builder.mul(row, width), const(LANES * i))) for i in range(vectors)]
+            acc += [vector_at(pa, builder.add(builder.mul(row, width), const(lanes * i))) for i in range(vectors)]
         initial = [builder.load(p, align=4) for p in acc]
         entry = builder.block
         loop, done = builder.append_basic_block("group.loop"), builder.append_basic_block("group.done")
@@ -95,11 +96,11 @@ def _group_codegen(vectors: int, int8: bool) -> Callable[..., Any]:
         updated = []
         for g in range(GROUP):
             col = builder.zext(builder.load(builder.gep(pc, [builder.add(k, const(g))])), intp)
-            lanes = ir.Constant(ir.VectorType(i32, LANES), [g] * LANES)
-            splat = builder.shuffle_vector(values, ir.Constant(values.type, ir.Undefined), lanes)
+            pick = ir.Constant(ir.VectorType(i32, lanes), [g] * lanes)
+            splat = builder.shuffle_vector(values, ir.Constant(values.type, ir.Undefined), pick)
             base = builder.add(xo, builder.mul(col, width))
             for i in range(vectors):
-                x = builder.load(vector_at(px, builder.add(base, const(LANES * i))), align=4)
+                x = builder.load(vector_at(px, builder.add(base, const(lanes * i))), align=4)
                 updated.append(builder.call(fma, [splat, x, carried[g * vectors + i]]))
         following = builder.add(k, const(GROUP))
         k.add_incoming(start, entry)
@@ -179,10 +180,10 @@ def kernels() -> dict[str, Any]:
     from numba import types
     from numba.extending import intrinsic
 
-    def group_intrinsic(vectors: int, int8: bool) -> Any:
+    def group_intrinsic(vectors: int, int8: bool, lanes: int = LANES) -> Any:
         @intrinsic
         def group(typingctx, vals, cols, x, acc, members, start, steps, width, m0, first, scratch, xo):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-            return types.void(vals, cols, x, acc, members, *[types.intp] * 7), _group_codegen(vectors, int8)
+            return types.void(vals, cols, x, acc, members, *[types.intp] * 7), _group_codegen(vectors, int8, lanes)
 
         return group
 
@@ -196,7 +197,7 @@ def kernels() -> dict[str, Any]:
     store_tile, copy_tile = transpose_intrinsic(True), transpose_intrinsic(False)
 
     def driver(int8: bool) -> Any:
-        wide, narrow = group_intrinsic(TILE // LANES, int8), group_intrinsic(1, int8)
+        wide, narrow, half = group_intrinsic(TILE // LANES, int8), group_intrinsic(1, int8), group_intrinsic(1, int8, 8)
 
         @numba.njit(nogil=True, cache=True)
         def rows_of(meta, members, cols, vals, scales, bias, xt, y, b0, b1, acc):  # pragma: no cover - compiled
@@ -221,8 +222,10 @@ def kernels() -> dict[str, Any]:
                                 m0 = ((blk * panels + p) * groups + g) * GROUP
                                 if n - t0 > LANES:
                                     wide(vals, cols, xs, acc, flat, start, steps, TILE, m0, 0, BLOCK, xo)
-                                else:  # the last rows fit one vector: skip the padding lanes
+                                elif n - t0 > 8:  # the last rows fit one vector: skip the padding lanes
                                     narrow(vals, cols, xs, acc, flat, start, steps, TILE, m0, 0, BLOCK, xo)
+                                else:  # or half of one
+                                    half(vals, cols, xs, acc, flat, start, steps, TILE, m0, 0, BLOCK, xo)
                     lanes, ys, whole = min(TILE, n - t0), y.reshape(-1), rows - rows % LANES
                     for r in range(0, whole, LANES):  # 16 x 16 blocks transposed in registers
                         for l0 in range(0, lanes, LANES):
