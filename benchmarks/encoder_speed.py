@@ -16,6 +16,9 @@ minus its q/k/v Linears: scores, softmax, context) and the rest (embeddings, Lay
 residual adds): what is left outside the Linears caps the gain (Amdahl).
 
     python benchmarks/encoder_speed.py --models minilm bert-base --seq 128 384 --batch 1 8
+
+`--deepsparse-python PYTHON` also runs the pruned model's ONNX on DeepSparse 1.8.0 in its own
+venv (see `deepsparse_runner.py`), alternating with this process `--peer-runs` times.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cpu_sparse_layers import deepsparse_times  # benchmarks/ is on the path of a script run from it
 from torch import nn
 
 import prunekit as pk
@@ -62,8 +66,8 @@ def pruned_copy(model: nn.Module, sparsity: float) -> nn.Module:
     return pk.finalize(pk.prune(copy.deepcopy(model), rules))
 
 
-def ort_engine(model: nn.Module, x: dict[str, torch.Tensor], threads: int) -> Callable[[], object]:
-    import onnxruntime as ort
+def export_onnx(model: nn.Module, x: dict[str, torch.Tensor], path: Path) -> Path:
+    """The encoder as ONNX (inputs input_ids, attention_mask; dynamic batch and sequence)."""
 
     class Positional(nn.Module):  # the legacy exporter takes positional inputs
         def __init__(self, inner: nn.Module) -> None:
@@ -73,9 +77,16 @@ def ort_engine(model: nn.Module, x: dict[str, torch.Tensor], threads: int) -> Ca
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    path = Path(tempfile.mkdtemp()) / "dense.onnx"
     torch.onnx.export(Positional(model), (x["input_ids"], x["attention_mask"]), str(path), input_names=list(x),
-                      dynamo=False, dynamic_axes={k: {0: "batch", 1: "seq"} for k in x})
+                      dynamo=False, dynamic_axes={k: {0: "batch", 1: "seq"} for k in x},
+                      opset_version=17)  # DeepSparse 1.8 reads opsets up to 17-19
+    return path
+
+
+def ort_engine(model: nn.Module, x: dict[str, torch.Tensor], threads: int) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    path = export_onnx(model, x, Path(tempfile.mkdtemp()) / "dense.onnx")
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -154,17 +165,30 @@ def run_case(name: str, dense: nn.Module, sparse: nn.Module, batch: int, seq: in
     def torch_call(m: nn.Module) -> Callable[[], object]:
         return lambda: m(**x)
 
-    with torch.inference_mode():
-        ms = timed_blocks({"torch dense": torch_call(dense), "onnxruntime dense": ort_engine(dense, x, args.threads),
-                           "prunekit": torch_call(accelerated)}, args.rounds, args.block)
+    engines = {"torch dense": torch_call(dense), "onnxruntime dense": ort_engine(dense, x, args.threads),
+               "prunekit": torch_call(accelerated)}
+    runs = []
+    sparse_onnx = export_onnx(sparse, x, Path(tempfile.mkdtemp()) / "sparse.onnx") if args.deepsparse_python else None
+    for _ in range(args.peer_runs if sparse_onnx else 1):  # this process and DeepSparse's, alternated
+        with torch.inference_mode():
+            runs.append(timed_blocks(engines, args.rounds, args.block))
+        if sparse_onnx:
+            feed = [x["input_ids"].numpy().astype(np.int64), x["attention_mask"].numpy().astype(np.int64)]
+            times = deepsparse_times(args.deepsparse_python, sparse_onnx, {0: feed}, args.threads, args.rounds,
+                                     args.block)
+            runs[-1]["deepsparse"] = statistics.median(times[0])
+        print(f"  run {len(runs)}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in runs[-1].items()), flush=True)
+    ms = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     best_dense = min(ms["torch dense"], ms["onnxruntime dense"])
     shares = {"dense": breakdown(dense, x), "prunekit": breakdown(accelerated, x)}
-    row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "best_dense_ms": best_dense,
+    row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "runs": runs, "best_dense_ms": best_dense,
            "speedup_vs_best_dense": best_dense / ms["prunekit"], "shares": shares, "kernels": chosen}
     linear_share = shares["dense"]["linear"]
     row["amdahl_cap"] = 1 / (1 - linear_share) if linear_share < 1 else float("inf")
+    ds = ms.get("deepsparse")
+    peer = f", DeepSparse {ds:.2f} ms ({best_dense / ds:.2f}x)" if ds else ""
     print(f"{name} b{batch} s{seq}: torch {ms['torch dense']:.2f} ms, ort {ms['onnxruntime dense']:.2f} ms, "
-          f"prunekit {ms['prunekit']:.2f} ms -> {row['speedup_vs_best_dense']:.2f}x best dense; dense time in "
+          f"prunekit {ms['prunekit']:.2f} ms -> {row['speedup_vs_best_dense']:.2f}x best dense{peer}; dense time in "
           f"Linear {100 * linear_share:.0f} % (cap {row['amdahl_cap']:.1f}x if Linears were free), attention core "
           f"{100 * shares['dense']['attention_core']:.0f} %, rest {100 * shares['dense']['rest']:.0f} %; "
           f"pruned: Linear {100 * shares['prunekit']['linear']:.0f} %, attention core "
@@ -184,6 +208,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9, help="blocks per engine")
     parser.add_argument("--block", type=int, default=5, help="calls per block")
     parser.add_argument("--out", default="out/encoder_speed.json")
+    parser.add_argument("--deepsparse-python", default=None,
+                        help="python of a venv with deepsparse==1.8.0 (see deepsparse_runner.py): time it side by side")
+    parser.add_argument("--peer-runs", type=int, default=3, help="alternations of this process and DeepSparse's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []

@@ -151,3 +151,31 @@ def test_accelerate_measures_and_installs_it(monkeypatch: pytest.MonkeyPatch) ->
     assert model[0].many_rows and {d.choice for d in model.prunekit_acceleration.layers} == {"numba_spmm_csr"}
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decision_table_says_which_decision_an_untuned_batch_runs() -> None:
+    from prunekit.runtime.decisions import AccelerationReport, LayerDecision
+
+    row = LayerDecision("fc", (8, 8), 0.9, None, {"dense": {1: 1.0, 8: 2.0}, "numba_spmm_csr": {1: 0.5, 8: 0.6}},
+                        choice="numba_spmm_csr")
+    report = AccelerationReport((1, 8), 2, 1e-4, 0.0, [row])
+    assert report.untuned(8) is None and report.untuned(1) is None
+    assert "batch 64 was not tuned: it runs the choices tuned at batch 8" in str(report.untuned(64))
+    assert "tuned at batch 1 (the nearest)" in str(report.untuned(2))
+    assert "a larger batch runs the choices tuned at batch 8, untimed" in report.summary()
+
+
+def test_openmp_is_the_default_layer_and_the_spin_bound_does_not_leak() -> None:
+    """Fresh processes: prunekit picks numba's OpenMP layer with GOMP_SPINCOUNT set only while it loads."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, numba; from prunekit.runtime.kernels import spmm; spmm.kernels(); "
+            "print(numba.threading_layer(), 'GOMP_SPINCOUNT' in os.environ)")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["omp", "False"]
+    chosen = {**env, "NUMBA_THREADING_LAYER": "workqueue"}  # the user's choice wins
+    out = subprocess.run([sys.executable, "-c", code], env=chosen, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["workqueue", "False"]

@@ -76,11 +76,24 @@ class AccelerationReport:
                 )
         return table
 
+    def untuned(self, batch: int) -> str | None:
+        """None for a tuned batch size; otherwise which tuned decision a call at `batch` runs, and that it is untimed.
+
+        Each layer has one choice for every batch size (the kernels pick their own path by row
+        count), so a batch size nobody timed runs the choices of the nearest tuned one.
+        """
+        if batch in self.batch_sizes:
+            return None
+        nearest = min(self.batch_sizes, key=lambda b: (abs(b - batch), -b))
+        return (f"batch {batch} was not tuned: it runs the choices tuned at batch {nearest} (the nearest), "
+                "whose speed at this batch was not measured")
+
     def summary(self) -> str:
         """The table as plain text: one line per layer with its choice and speed-up per batch size."""
         lines = [
             f"accelerate: batch sizes {self.batch_sizes}, {self.threads} threads, "
-            f"max relative output error {self.max_rel_error:.2e} (tolerance {self.tolerance:.0e})"
+            f"max relative output error {self.max_rel_error:.2e} (tolerance {self.tolerance:.0e}); "
+            f"a larger batch runs the choices tuned at batch {max(self.batch_sizes)}, untimed"
         ]
         for d in self.layers:
             gains = ", ".join(f"b{b} {d.speedup(d.choice, b):.2f}x" for b in self.batch_sizes if d.choice in d.ms)
