@@ -251,8 +251,8 @@ def main() -> None:
     parser.add_argument("--prepare", action="store_true", help="only prune and cache the weights, then exit")
     parser.add_argument("--ppl-only", action="store_true", help="only measure (and cache) float variants' perplexity")
     parser.add_argument("--numba-layer", choices=["workqueue", "omp"], default=None,
-                        help="numba's threading layer for the parallel kernels (prunekit's default: workqueue); "
-                             "omp's workers spin, so a launch costs ~2 us instead of ~80 us")
+                        help="numba's threading layer for the parallel kernels (prunekit's default: omp with a "
+                             "bounded spin, a launch ~2 us; workqueue's sleeping workers ~80 us)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also print each variant's share of decode time in Linear layers (Amdahl's bound)")
     args = parser.parse_args()

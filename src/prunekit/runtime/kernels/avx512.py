@@ -199,8 +199,8 @@ def bind_nm24r(packed: Any, bias: np.ndarray, *, parallel: bool = False) -> Call
     """``run(x) -> x @ W.T + bias`` for an ``nm24r`` weight and a C-contiguous float32 (n, in) x.
 
     `parallel` splits the output rows over numba's threads: worth it only where launching them is
-    cheap (numba's OpenMP layer, whose idle workers spin: ~2 us here, against ~80 us for the
-    default workqueue layer); `accelerate` measures both.
+    cheap (numba's OpenMP layer, prunekit's default, whose idle workers spin a while: ~2 us here,
+    against ~80 us for the workqueue layer); `accelerate` measures both.
     """
     if not available():
         raise PrunekitError("the nm24r kernel needs a CPU with AVX-512F; this one has none: use the 'nm24' format")
