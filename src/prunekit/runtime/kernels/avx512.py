@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from prunekit.errors import PrunekitError
+from prunekit.runtime.kernels.ir_loops import close_accumulator_loop
 from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
 
 LANES = 16
@@ -113,19 +114,9 @@ def _kernel() -> dict[bool, Any]:
                     picked = builder.call(perm, [tables[k // 2], indices[k]])
                     updated.append(builder.call(fma, [weights[k], picked, carried[i * slots + k]]))
             following = builder.add(step, const(1))
-            step.add_incoming(const(0), entry)
-            step.add_incoming(following, loop)
-            for phi, first, last in zip(carried, start, updated, strict=True):
-                phi.add_incoming(first, entry)
-                phi.add_incoming(last, loop)
-            builder.cbranch(builder.icmp_signed("<", following, n), loop, done)
-
-            builder.position_at_end(done)
-            totals = [builder.phi(v16f) for _ in acc]  # phis first, as LLVM requires
-            for a, total, first, last in zip(acc, totals, start, updated, strict=True):
-                total.add_incoming(first, entry)
-                total.add_incoming(last, loop)
-                builder.store(total, a, align=4)
+            close_accumulator_loop(builder, blocks=(entry, loop, done), counter=(step, const(0), following),
+                                   again=builder.icmp_signed("<", following, n),
+                                   accumulators=(carried, start, updated), destinations=acc)
             return context.get_dummy_value()
 
         return codegen

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from prunekit.runtime.kernels import numba as small
+from prunekit.runtime.kernels.ir_loops import close_accumulator_loop
 from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
 
 LANES = 16  # rows of x per vector (one AVX-512 register of fp32)
@@ -103,19 +104,9 @@ def _group_codegen(vectors: int, int8: bool, lanes: int = LANES) -> Callable[...
                 x = builder.load(vector_at(px, builder.add(base, const(lanes * i))), align=4)
                 updated.append(builder.call(fma, [splat, x, carried[g * vectors + i]]))
         following = builder.add(k, const(GROUP))
-        k.add_incoming(start, entry)
-        k.add_incoming(following, loop)
-        for phi, a, b in zip(carried, initial, updated, strict=True):
-            phi.add_incoming(a, entry)
-            phi.add_incoming(b, loop)
-        builder.cbranch(builder.icmp_signed("<", following, end), loop, done)
-
-        builder.position_at_end(done)
-        totals = [builder.phi(v16f) for _ in initial]  # phis first, as LLVM requires
-        for total, a, b, p in zip(totals, initial, updated, acc, strict=True):
-            total.add_incoming(a, entry)
-            total.add_incoming(b, loop)
-            builder.store(total, p, align=4)
+        close_accumulator_loop(builder, blocks=(entry, loop, done), counter=(k, start, following),
+                               again=builder.icmp_signed("<", following, end),
+                               accumulators=(carried, initial, updated), destinations=acc)
         return context.get_dummy_value()
 
     return codegen
