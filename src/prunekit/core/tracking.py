@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from prunekit.core.distributed import is_main_rank
-from prunekit.errors import ConfigError, PrunekitError
+from prunekit.core.extras import require
+from prunekit.errors import ConfigError
 
 __all__ = [
     "MLflowTracker",
@@ -92,7 +93,7 @@ class TensorBoardTracker:
     """
 
     def __init__(self, log_dir: str | Path, *, flush_secs: int = 10) -> None:
-        _require("tensorboard", "tensorboard", "TensorBoard tracking")
+        require("tensorboard", extra="tensorboard", what="TensorBoard tracking")
         self.log_dir, self.flush_secs = Path(log_dir), flush_secs
         self._writer: Any = None
 
@@ -156,7 +157,7 @@ class MLflowTracker:
                               "'sqlite:///mlflow.db' or 'http://host:5000'")
         if not experiment:
             raise ConfigError("MLflowTracker: experiment must be a non-empty name")
-        _require("mlflow", "mlflow", "MLflow tracking")
+        require("mlflow", extra="mlflow", what="MLflow tracking")
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
         self.run_id: str | None = None
         self._client: Any = None
@@ -209,14 +210,6 @@ class MLflowTracker:
 def _mlflow_key(name: str) -> str:
     """`name` with characters MLflow refuses in keys (all but letters, digits, `_-. /:`) as `_`."""
     return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", name)
-
-
-def _require(module: str, extra: str, what: str) -> None:
-    """Import `module` or raise a `PrunekitError` naming `pip install 'prunekit[extra]'`."""
-    try:
-        __import__(module)
-    except ImportError as err:
-        raise PrunekitError(f"{what} needs {module} ({err}); install with: pip install 'prunekit[{extra}]'") from None
 
 
 def tracker_from_spec(spec: str) -> Tracker:

@@ -29,8 +29,9 @@ from typing import Any, Literal
 import numpy as np
 from torch import nn
 
+from prunekit.core.extras import require
 from prunekit.deploy.onnx_check import reference_weights
-from prunekit.errors import ExportCheckError, PrunekitError
+from prunekit.errors import ExportCheckError
 
 SPARSE_OP = "constexpr_sparse_to_dense"  # one name for the iOS16 and the iOS18 form
 _INT8_OP = "constexpr_sparse_blockwise_shift_scale"
@@ -39,14 +40,8 @@ _LUT_OP = "constexpr_lut_to_sparse"
 
 def require_coremltools() -> Any:
     """Import coremltools, or raise an error naming the pip extra."""
-    try:
-        with quiet_coremltools():
-            import coremltools
-    except ImportError as err:
-        raise PrunekitError(
-            f"Core ML export needs coremltools ({err}); install with: pip install 'prunekit[coreml]'"
-        ) from None
-    return coremltools
+    with quiet_coremltools():
+        return require("coremltools", extra="coreml", what="Core ML export")
 
 
 @contextlib.contextmanager

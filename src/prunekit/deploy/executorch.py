@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from prunekit.core.extras import require
 from prunekit.core.masks import finalize, masked_modules
 from prunekit.deploy.onnx_check import is_int8
 from prunekit.errors import ConfigError, ExportCheckError, PrunekitError, TraceError
@@ -48,16 +49,14 @@ def require_executorch() -> Any:
     Returns:
         A namespace-like dict with `to_edge_transform_and_lower`, `XnnpackPartitioner` and `Runtime`.
     """
-    try:
-        with _quiet():
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-            from executorch.exir import to_edge_transform_and_lower
-            from executorch.runtime import Runtime
-    except ImportError as err:
-        raise PrunekitError(
-            f"ExecuTorch export needs executorch ({err}); install with: pip install 'prunekit[executorch]'"
-        ) from None
-    return {"lower": to_edge_transform_and_lower, "partitioner": XnnpackPartitioner, "Runtime": Runtime}
+    with _quiet():
+        xnnpack, exir, runtime = (
+            require(m, extra="executorch", what="ExecuTorch export")
+            for m in ("executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch.exir",
+                      "executorch.runtime")
+        )
+    return {"lower": exir.to_edge_transform_and_lower, "partitioner": xnnpack.XnnpackPartitioner,
+            "Runtime": runtime.Runtime}
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.extras import require
 from prunekit.core.masks import PRUNABLE_TYPES, get_mask, nm_groups
 from prunekit.deploy.int8 import is_quantized_linear
-from prunekit.errors import ConfigError, ExportCheckError, PrunekitError
+from prunekit.errors import ConfigError, ExportCheckError
 from prunekit.storage.files import sniff_format
 
 _NM_CANDIDATES = ((2, 4), (4, 8), (1, 4))
@@ -34,14 +35,8 @@ _SUFFIXES = ("_quantized", "_Transposed")
 
 def require_onnx() -> Any:
     """Import onnx and onnxruntime, or raise an error naming the pip extra."""
-    try:
-        import onnx
-        import onnxruntime  # noqa: F401
-    except ImportError as err:
-        raise PrunekitError(
-            f"ONNX export needs onnx and onnxruntime ({err}); install with: pip install 'prunekit[onnx]'"
-        ) from None
-    return onnx
+    require("onnxruntime", extra="onnx", what="ONNX export")
+    return require("onnx", extra="onnx", what="ONNX export")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunekit.core.extras import require
 from prunekit.core.masks import sparsity
 from prunekit.deploy.checkpoint import save
 from prunekit.errors import PrunekitError
@@ -447,13 +448,8 @@ def _interval_text(interval: Sequence[float] | None, fmt: str) -> str:
 
 
 def figure_png(draw: Any, size: tuple[float, float] = (6.0, 3.4)) -> bytes:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise PrunekitError("report plots need matplotlib: pip install 'prunekit[plot]'") from err
+    require("matplotlib", extra="plot", what="report plots").use("Agg")
+    plt = require("matplotlib.pyplot", extra="plot", what="report plots")
     fig, ax = plt.subplots(figsize=size, dpi=110)
     draw(ax)
     ax.grid(alpha=0.3)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prunekit.core.extras import require
 from prunekit.core.masks import finalize
-from prunekit.errors import PrunekitError
 from prunekit.train.schedule import GradualPruner
 
 
@@ -24,12 +24,9 @@ def pruning_callback(pruner: GradualPruner, *, finalize_at_end: bool = True) -> 
         >>> pruner = GradualPruner(model, UnstructuredConfig(sparsity=0.5), Cubic(end_step=1000))  # doctest: +SKIP
         >>> Trainer(model, args, callbacks=[pruning_callback(pruner)], ...).train()  # doctest: +SKIP
     """
-    try:
-        from transformers import TrainerCallback
-    except ImportError as err:
-        raise PrunekitError("the Trainer callback needs transformers: pip install 'prunekit[hf]'") from err
+    trainer_callback = require("transformers", extra="hf", what="the Trainer callback").TrainerCallback
 
-    class PruningCallback(TrainerCallback):  # type: ignore[misc]
+    class PruningCallback(trainer_callback):  # type: ignore[misc, valid-type]
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             pruner.step(state.global_step)
 
