@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 import prunekit as pk
 from prunekit.cli import app
 from prunekit.measure.cost import CostQuery, cost_block, cost_markdown
-from prunekit.measure.report import compare, render_html, render_markdown, with_cost
+from prunekit.measure.report import compare, with_cost
+from prunekit.measure.report_render import render_html, render_markdown
 from tests.recipe_entry_points import build_model, loaders
 
 

@@ -9,7 +9,7 @@ import pytest
 from prunekit.core.extras import require
 from prunekit.deploy.onnx_check import require_onnx
 from prunekit.errors import PrunekitError
-from prunekit.measure.report import figure_png
+from prunekit.measure.report_render import figure_png
 
 
 def test_require_returns_the_module_or_names_the_extra() -> None:

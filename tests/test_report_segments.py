@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import prunekit as pk
-from prunekit.measure.report import compare, render_html, render_markdown
+from prunekit.measure.report import compare
+from prunekit.measure.report_render import render_html, render_markdown
 from prunekit.zoo.data import load_mnist
 
 INK = 0.5  # a pixel brighter than this is ink

@@ -29,10 +29,10 @@ from prunekit.measure.report import (
     Report,
     disk_sizes,
     environment,
-    figure_png,
     peak_activation_bytes,
     weights_bytes,
 )
+from prunekit.measure.report_render import figure_png
 from prunekit.zoo.llm import token_losses
 
 HARD_QUANTILE = 0.1  # the baseline's highest-loss decile of tokens
