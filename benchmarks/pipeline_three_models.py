@@ -37,7 +37,8 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.allocation.latency import measure_latency_table
-from prunekit.allocation.pipeline import PipelineStage, allocate_pipeline, even_split, measure_pipeline
+from prunekit.allocation.pipeline import PipelineStage, allocate_pipeline, even_split
+from prunekit.measure.pipelines import measure_pipeline
 from prunekit.zoo.data import load_mnist
 
 ROOT = Path(__file__).resolve().parents[1]

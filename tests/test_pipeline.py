@@ -16,10 +16,10 @@ from prunekit.allocation.pipeline import (
     PipelineStage,
     allocate_pipeline,
     even_split,
-    measure_pipeline,
 )
 from prunekit.allocation.sensitivity import SensitivityTable, sensitivity
 from prunekit.config import config_to_dict
+from prunekit.measure.pipelines import measure_pipeline
 from tests.models import ResidualCNN, mlp
 
 LEVELS = [0.25, 0.5, 0.75]

@@ -26,7 +26,6 @@ from prunekit.allocation.pipeline import (
     PipelineStage,
     allocate_pipeline,
     even_split,
-    measure_pipeline,
 )
 from prunekit.allocation.search import SearchConfig, SearchRecipe, SearchResult, search
 from prunekit.allocation.sensitivity import proxy_loss, sensitivity
@@ -58,6 +57,7 @@ from prunekit.measure.bench import compare_speed, count_flops, count_params, mea
 from prunekit.measure.cost import CostQuery
 from prunekit.measure.gate import Budget, GateResult, check_report, load_budget
 from prunekit.measure.lm_report import compare_lm
+from prunekit.measure.pipelines import measure_pipeline
 from prunekit.measure.report import Report, compare, with_cost, write_report
 from prunekit.methods.block import BlockConfig, BlockReport, check_blocks
 from prunekit.methods.nm import NMConfig, NMReport, check_nm

@@ -17,7 +17,8 @@ all models' units. Each model is then allocated under its cap. A per-model size 
 walk only prunes further from there (feasible, not jointly optimal in both resources).
 
 `even_split` is the baseline: the same end-to-end budget met by giving every model the same
-speed-up factor (the pipeline's), each allocated on its own.
+speed-up factor (the pipeline's), each allocated on its own. `measure.pipelines.measure_pipeline`
+times the pruned pipelines end to end.
 """
 
 from __future__ import annotations
@@ -34,9 +35,7 @@ from prunekit.allocation.allocate import Allocation, LatencyTarget, SizeTarget, 
 from prunekit.allocation.latency import LatencyTable
 from prunekit.allocation.sensitivity.table import SensitivityTable
 from prunekit.allocation.solver import Point, fractional, frontier, usable_points, walk
-from prunekit.core.inputs import call_model
 from prunekit.errors import AllocationError, ConfigError
-from prunekit.measure.bench import measure_latency
 
 Topology = Literal["sequential", "parallel"] | Sequence[Sequence[str]]
 
@@ -374,56 +373,3 @@ def even_split(
         binding = max(short, key=lambda s: models[s].min_ms / models[s].dense_ms)
         raise _unreachable(models, groups, budget, f"even split: every model {factor:.3g}x faster", binding)
     return _result(models, groups, caps, budget, "even split")
-
-
-# --------------------------------------------------------------------------------------------
-# Measurement.
-
-
-class _Chain(nn.Module):
-    """Models run one after another, each on its own inputs (one request through the pipeline)."""
-
-    def __init__(self, calls: list[tuple[nn.Module, Any]]) -> None:
-        super().__init__()
-        self.calls = calls
-        self.held = nn.ModuleList(m for m, _ in calls)  # so eval()/parameters() reach them
-        self.training = any(m.training for m, _ in calls)
-
-    def forward(self, _ignored: Any = None) -> list[Any]:
-        return [call_model(m, x) for m, x in self.calls]
-
-
-def measure_pipeline(
-    pipelines: Mapping[str, Mapping[str, tuple[nn.Module, Any]]],
-    *,
-    reference: str = "dense",
-    repeats: int = 30,
-    warmup: int = 3,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Time whole pipelines end to end, interleaved request by request; does not mutate.
-
-    Each pipeline (name -> {stage name -> (model, inputs)}) runs its models one after another
-    in one timed call; the pipelines alternate call by call, so load on a shared machine hits
-    all alike. Parallel groups run sequentially too (on one device their branches would
-    contend), so for them this is an upper bound on the critical path.
-
-    Returns:
-        {"reference", "repeats", "pipelines": name -> {"median_ms", "p99_ms", "speedup"}}, the
-        speed-up being the reference's median over this pipeline's.
-
-    Raises:
-        ConfigError: no `reference` pipeline, or pipelines with different stages.
-    """
-    if reference not in pipelines:
-        raise ConfigError(f"measure_pipeline: reference {reference!r} is not among {list(pipelines)}")
-    stages = list(pipelines[reference])
-    odd = [n for n, p in pipelines.items() if list(p) != stages]
-    if odd:
-        raise ConfigError(f"measure_pipeline: pipeline(s) {odd} do not have the reference's stages {stages}")
-    chains = {n: _Chain(list(p.values())) for n, p in pipelines.items()}
-    timed = measure_latency(chains, None, repeats=repeats, warmup=warmup, threads=threads)
-    ref = timed[reference].latency_ms_p50
-    return {"reference": reference, "repeats": repeats, "pipelines": {
-        n: {"median_ms": t.latency_ms_p50, "p99_ms": t.latency_ms_p99, "speedup": ref / t.latency_ms_p50}
-        for n, t in timed.items()}}
