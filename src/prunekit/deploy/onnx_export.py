@@ -40,11 +40,11 @@ from prunekit.deploy.onnx_check import (
     check_onnx,
     float_twin,
     is_int8,
-    match_initializers,
     reference_weights,
     require_onnx,
     validate_nm,
 )
+from prunekit.deploy.onnx_match import match_initializers
 from prunekit.errors import ConfigError, TraceError
 from prunekit.storage.files import atomic_writer
 
