@@ -48,11 +48,10 @@ SMALL_BATCH = 8  # batches up to this size run the small-batch kernels of `kerne
 def _group_codegen(vectors: int, int8: bool, lanes: int = LANES) -> Callable[..., Any]:
     """One group (LLVM IR): ``acc[row_g][: 16 v] += sum_j vals[s + G j + g] * x[cols[s + G j + g] * width :][: 16 v]``.
 
-    Arguments (vals, cols, x, acc, members, start, steps, width, m0, first, scratch, xo): the
-    group's values and column bytes are interleaved (step j holds the G rows' j-th non-zero); the
-    panel starts at x[xo] (columns `width` floats apart); member g is ``members[m0 + g]``, a row
-    of the block (its sums at ``acc[(first + row) * width]``) or `BLOCK`, padding (summed into
-    row `scratch`).
+    Arguments (vals, cols, x, acc, members, start, steps, width, m0, xo): the group's values and
+    column bytes are interleaved (step j holds the G rows' j-th non-zero); the panel starts at
+    x[xo] (columns `width` floats apart); member g is ``members[m0 + g]``, a row of the block (its
+    sums at ``acc[row * width]``) or `BLOCK` for padding, which lands in acc's extra row `BLOCK`.
     The G x `vectors` accumulators of `lanes` floats (16, or 8 where x has only 8 rows left) are
     loaded from acc, carried in registers, stored back.
     """
@@ -62,7 +61,7 @@ def _group_codegen(vectors: int, int8: bool, lanes: int = LANES) -> Callable[...
     v16f = ir.VectorType(f32, lanes)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        start, steps, width, m0, first, scratch, xo = args[5:12]
+        start, steps, width, m0, xo = args[5:10]
         pv, pc, px, pa, pm = (
             context.make_array(t)(context, builder, a).data for t, a in zip(signature.args[:5], args[:5], strict=True)
         )
@@ -78,8 +77,7 @@ def _group_codegen(vectors: int, int8: bool, lanes: int = LANES) -> Callable[...
 
         acc = []
         for g in range(GROUP):
-            member = builder.sext(builder.load(builder.gep(pm, [builder.add(m0, const(g))])), intp)
-            row = builder.select(builder.icmp_signed("==", member, const(BLOCK)), scratch, builder.add(first, member))
+            row = builder.sext(builder.load(builder.gep(pm, [builder.add(m0, const(g))])), intp)
             acc += [vector_at(pa, builder.add(builder.mul(row, width), const(lanes * i))) for i in range(vectors)]
         initial = [builder.load(p, align=4) for p in acc]
         entry = builder.block
@@ -151,11 +149,10 @@ def _transpose_codegen(affine: bool) -> Callable[..., Any]:
             rows = [builder.fadd(builder.fmul(r, scale), shift) for r in rows]
         done = builder.append_basic_block("transpose.done")
         for j in range(LANES):
-            store, following = builder.append_basic_block(f"transpose.row{j}"), builder.block
+            store = builder.append_basic_block(f"transpose.row{j}")
             builder.cbranch(builder.icmp_signed(">", lanes, ir.Constant(intp, j)), store, done)
             builder.position_at_end(store)
             builder.store(rows[j], at(dst, builder.add(do, builder.mul(ir.Constant(intp, j), ds))), align=4)
-            del following
         builder.branch(done)
         builder.position_at_end(done)
         return context.get_dummy_value()
@@ -173,8 +170,8 @@ def kernels() -> dict[str, Any]:
 
     def group_intrinsic(vectors: int, int8: bool, lanes: int = LANES) -> Any:
         @intrinsic
-        def group(typingctx, vals, cols, x, acc, members, start, steps, width, m0, first, scratch, xo):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-            return types.void(vals, cols, x, acc, members, *[types.intp] * 7), _group_codegen(vectors, int8, lanes)
+        def group(typingctx, vals, cols, x, acc, members, start, steps, width, m0, xo):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+            return types.void(vals, cols, x, acc, members, *[types.intp] * 5), _group_codegen(vectors, int8, lanes)
 
         return group
 
@@ -212,11 +209,11 @@ def kernels() -> dict[str, Any]:
                             if steps > 0:
                                 m0 = ((blk * panels + p) * groups + g) * GROUP
                                 if n - t0 > LANES:
-                                    wide(vals, cols, xs, acc, flat, start, steps, TILE, m0, 0, BLOCK, xo)
+                                    wide(vals, cols, xs, acc, flat, start, steps, TILE, m0, xo)
                                 elif n - t0 > 8:  # the last rows fit one vector: skip the padding lanes
-                                    narrow(vals, cols, xs, acc, flat, start, steps, TILE, m0, 0, BLOCK, xo)
+                                    narrow(vals, cols, xs, acc, flat, start, steps, TILE, m0, xo)
                                 else:  # or half of one
-                                    half(vals, cols, xs, acc, flat, start, steps, TILE, m0, 0, BLOCK, xo)
+                                    half(vals, cols, xs, acc, flat, start, steps, TILE, m0, xo)
                     lanes, ys, whole = min(TILE, n - t0), y.reshape(-1), rows - rows % LANES
                     for r in range(0, whole, LANES):  # 16 x 16 blocks transposed in registers
                         for l0 in range(0, lanes, LANES):
@@ -239,7 +236,7 @@ def kernels() -> dict[str, Any]:
         return spmm
 
     @numba.njit(nogil=True, cache=True, parallel=True)
-    def pack_x(x, xt, scratch):  # pragma: no cover - compiled
+    def pack_x(x, xt):  # pragma: no cover - compiled
         """xt[t, k, lane] = x[t * TILE + lane, k], zero past x's last row: 16 x 16 blocks transposed in registers."""
         n, in_f = x.shape
         whole, xs, out = in_f - in_f % LANES, x.reshape(-1), xt.reshape(-1)
@@ -250,7 +247,7 @@ def kernels() -> dict[str, Any]:
             if rows == LANES:
                 for k0 in range(0, whole, LANES):
                     at = (t * in_f + k0) * TILE + l0
-                    copy_tile(xs, out, scratch, scratch, b0 * in_f + k0, in_f, at, TILE, 0, LANES)
+                    copy_tile(xs, out, xs, xs, b0 * in_f + k0, in_f, at, TILE, 0, LANES)  # no scale, bias
                 for k in range(whole, in_f):
                     for lane in range(LANES):
                         xt[t, k, l0 + lane] = x[b0 + lane, k]
@@ -306,17 +303,11 @@ def kernels() -> dict[str, Any]:
     return {"spmm": driver(False), "spmm_int8": driver(True), "pack_x": pack_x, "pack_weight": pack_weight}
 
 
-def padded_rows(n: int) -> int:
-    """Rows of x rounded up to whole vectors (the lanes past n are zeros)."""
-    return -(-n // LANES) * LANES
-
-
 class SparseMatmul:
-    """``W @ xt`` for one ``csr`` weight (fp32 or int8) in the panelled, grouped layout above, packed once.
+    """``x @ W.T`` for one ``csr`` weight (fp32 or int8) in the panelled, grouped layout above, packed once.
 
-    `transposed(xt)` takes xt (in, n_pad) and returns (out, n_pad), both C-contiguous float32 with
-    n_pad a multiple of 16: the layout a chain of sparse layers passes along. `__call__` takes and
-    returns the usual (n, in) -> (n, out), transposing on the way in and out.
+    Calls take a C-contiguous float32 x (n, in) and return y (n, out); x is transposed into tiles
+    on the way in and y out of them, both in registers.
     """
 
     def __init__(self, packed: Any, bias: np.ndarray) -> None:
@@ -327,7 +318,8 @@ class SparseMatmul:
         blocks, panels, groups = -(-out_f // BLOCK), max(1, -(-in_f // PANEL)), BLOCK // GROUP
         self.meta = np.zeros((blocks, panels, groups, 2), np.int64)
         self.members = np.zeros((blocks, panels, groups, GROUP), np.int16)
-        capacity = packed.values.size + blocks * panels * groups * GROUP * (PANEL // 2)  # ample: trimmed below
+        # rows sorted by length pad a block's panel by < GROUP * PANEL entries; this allows 8x that (trimmed below)
+        capacity = packed.values.size + blocks * panels * groups * GROUP * (PANEL // 2)
         cols, vals = np.zeros(capacity, np.uint8), np.zeros(capacity, packed.values.dtype)
         used = k["pack_weight"](
             packed.rowptr.astype(np.int64), packed.cols.astype(np.int64), packed.values, in_f,
@@ -348,7 +340,7 @@ class SparseMatmul:
         """y (n, out) = x @ W.T * scales + bias for a C-contiguous float32 x (n, in)."""
         n = x.shape[0]
         xt = np.empty((-(-n // TILE), x.shape[1], TILE), np.float32)
-        self._pack_x(x, xt, self.scales)
+        self._pack_x(x, xt)
         y = np.empty((n, self.shape[0]), np.float32)
         small.call_with_lane_vectorizer(
             self._config, self._spmm, self.meta, self.members, self.cols, self.vals, self.scales, self.bias, xt, y,
