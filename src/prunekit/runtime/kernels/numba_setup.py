@@ -35,7 +35,7 @@ def prefer_openmp(numba: Any) -> None:
     waking workqueue's sleeping workers costs ~65 us a launch against ~2 us for OpenMP's spinning
     ones, which made SmolLM2's 2:4 decoding 1.19x dense INT8 on workqueue against 1.24-1.30x on
     OpenMP, and a chain of many-row kernels with GELU / LayerNorm / dense `F.linear` between them
-    1.3-1.8x faster. OpenMP's idle workers spin, though, and so do torch's (another libgomp):
+    1.25-1.8x faster. OpenMP's idle workers spin, though, and so do torch's (another libgomp):
     the spin is bounded with ``GOMP_SPINCOUNT`` (`SPIN_COUNT`), set only while numba loads its
     libgomp (torch's, loaded with torch, has already read its environment), so kernels launched
     back to back find the workers awake and torch's ops later find the cores free.
@@ -45,11 +45,11 @@ def prefer_openmp(numba: Any) -> None:
     if "NUMBA_THREADING_LAYER" not in os.environ:
         numba.config.THREADING_LAYER = "default"
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
-    if "GOMP_SPINCOUNT" in os.environ:
-        numba.get_num_threads()  # launches the threads
-        return
-    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    ours = "GOMP_SPINCOUNT" not in os.environ
+    if ours:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     try:
-        numba.get_num_threads()
+        numba.get_num_threads()  # launches the threads (and loads libgomp, which reads the variable)
     finally:
-        del os.environ["GOMP_SPINCOUNT"]
+        if ours:
+            del os.environ["GOMP_SPINCOUNT"]
