@@ -34,10 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
-from prunekit.allocation.closed_loop import allocate_measured, paired_speedup
+from prunekit.allocation.closed_loop import allocate_measured, paired_ratio, paired_speedup
 from prunekit.allocation.latency import LatencyTable
 from prunekit.config import config_from_dict
-from prunekit.measure.bench import Latency
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_efficientnet import photo_batches  # noqa: E402
@@ -117,17 +116,6 @@ def _load() -> str:
     return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
-def _paired(dense: Latency, pruned: Latency) -> float:
-    """Median over repeats of dense time / pruned time, each pair timed back to back.
-
-    On a machine shared with a dozen processes the load drifts within a run; a pair of calls
-    made one after the other sees the same load, so the median of the pairs' ratios moves
-    less than the ratio of the two medians (which this run printed 1.51x and 1.62x apart
-    for the same two models).
-    """
-    return statistics.median(d / p for d, p in zip(dense.times_ms, pruned.times_ms, strict=True))
-
-
 def _acquire(lock, wait_s: float) -> bool:
     """Take the exclusive lock, waiting at most `wait_s` seconds; False if it stayed busy."""
     deadline = time.monotonic() + wait_s
@@ -155,7 +143,7 @@ def confirm(dense: nn.Module, allocated: nn.Module, uniform: nn.Module, x: torch
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     ms = {k: v.latency_ms_p50 for k, v in timed.items()}
-    paired = {k: _paired(timed["dense"], timed[k]) for k in ("allocated", "uniform")}
+    paired = {k: paired_ratio(timed["dense"], timed[k]) for k in ("allocated", "uniform")}
     print(f"final ({repeats} interleaved forwards each, batch 1, 1 thread; {before} before, {_load()} after): "
           f"median dense {ms['dense']:.1f} ms, allocated {ms['allocated']:.1f} ms, uniform {ms['uniform']:.1f} ms; "
           f"speed-up (median of paired ratios / ratio of medians): allocated {paired['allocated']:.3f}x / "

@@ -24,7 +24,7 @@ from prunekit.allocation.allocate import Allocation, LatencyTarget, allocate
 from prunekit.allocation.latency import LatencyTable
 from prunekit.allocation.sensitivity import SensitivityTable
 from prunekit.errors import ConfigError
-from prunekit.measure.bench import measure_latency
+from prunekit.measure.bench import Latency, measure_latency
 
 SpeedupMeter = Callable[[nn.Module], float]
 
@@ -46,10 +46,19 @@ class MeasuredAllocation:
     rounds: tuple[tuple[float, float], ...]
 
 
+def paired_ratio(dense: Latency, pruned: Latency) -> float:
+    """Median over repeats of dense time / pruned time, from one interleaved `measure_latency` run.
+
+    A pair of calls made one after the other sees the same load, so on a shared machine the
+    median of the pairs' ratios moves less than the ratio of the two medians.
+    """
+    return statistics.median(d / p for d, p in zip(dense.times_ms, pruned.times_ms, strict=True))
+
+
 def paired_speedup(dense: nn.Module, pruned: nn.Module, inputs: Any, *, repeats: int = 30) -> float:
-    """Median over interleaved pairs of dense time / pruned time (a pair sees the same load)."""
+    """Median over interleaved pairs of dense time / pruned time (`paired_ratio`)."""
     timed = measure_latency({"dense": dense, "pruned": pruned}, inputs, repeats=repeats, warmup=3)
-    return statistics.median(d / p for d, p in zip(timed["dense"].times_ms, timed["pruned"].times_ms, strict=True))
+    return paired_ratio(timed["dense"], timed["pruned"])
 
 
 def reachable_speedup(table: SensitivityTable, latency: LatencyTable) -> float:
