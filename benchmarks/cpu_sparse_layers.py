@@ -308,11 +308,11 @@ def run_ffn_stack(args: argparse.Namespace) -> list[dict]:
             import onnx
 
             onnx.save(_stack_onnx(weights), str(onnx_path))
+        cases = {b: [np.random.default_rng(b).standard_normal((b, 768)).astype(np.float32)] for b in batches}
         for run in range(args.peer_runs if peer else 1):
             for batch in batches:
                 runs[batch].append(_timed_blocks(fns, torch.randn(batch, 768), args.repeats, args.stack_block))
             if peer:
-                cases = {b: [np.random.default_rng(b).standard_normal((b, 768)).astype(np.float32)] for b in batches}
                 for batch, times in deepsparse_times(peer, onnx_path, cases, args.threads, args.repeats,
                                                      args.stack_block).items():
                     runs[batch][-1]["deepsparse"] = statistics.median(times)
