@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from prunekit._registry import Registry
 from prunekit.errors import UnsupportedLayerError
 from prunekit.runtime import formats
-from prunekit.runtime.kernels import avx512, bind
+from prunekit.runtime.kernels import avx512, bind, spmm_vnni
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ class _Flat(nn.Module):
 class NumbaSparseLinear(_Flat):
     """prunekit's own kernel (`kernels.bind`: numba, or AVX-512 for ``nm24r``) on a `formats.PackedWeight`.
 
-    With `many_rows` (``csr`` only), batches above 8 rows run the rows-as-lanes kernel (`kernels.spmm`).
+    With `many_rows`, batches above 8 rows run the rows-as-lanes kernel (`kernels.spmm`; for an int8
+    1 x 4 ``bsr`` weight `kernels.spmm_vnni`, which quantizes x as well).
     """
 
     bias: Tensor
@@ -130,6 +131,7 @@ class NumbaSparseLinear(_Flat):
     def extra_repr(self) -> str:
         threads = "parallel" if self.parallel else "1 thread"
         rows = ", many-row kernel" if getattr(self, "many_rows", False) else ""
+        rows += " (x quantized, VNNI)" if rows and self.packed.kind == "bsr" else ""
         return f"{super().extra_repr()}, format={self.packed.describe()}, {threads}{rows}"
 
 
@@ -262,3 +264,12 @@ def _register_spmm(int8: bool) -> None:
 # the small-batch CSR kernels up to batch 8
 for _int8 in (False, True):
     _register_spmm(_int8)
+
+
+@register_candidate("numba_spmm_vnni_int8")
+def _spmm_vnni(info: LayerInfo) -> nn.Module | None:
+    """INT8 weights in 1 x 4 blocks times x quantized per row (VNNI) past batch 8 (`kernels.spmm_vnni`)."""
+    if not (info.allow_int8 and info.weight.shape[1] % 4 == 0 and spmm_vnni.available()):
+        return None
+    packed = formats.pack_bsr(info.weight, spmm_vnni.QUAD, int8=True)
+    return NumbaSparseLinear(info.fqn, packed, info.bias, True, many_rows=True)

@@ -1,7 +1,8 @@
 """prunekit's own sparse CPU kernels, one entry point for every packed format: `bind` and `sparse_linear`.
 
 `numba` holds the kernels for ``csr``, ``bsr`` and ``nm24`` (numba-compiled loops), `spmm` the
-many-row ``csr`` kernel (batch 16-128: rows of x as vector lanes), `avx512` the
+many-row ``csr`` kernel (batch 16-128: rows of x as vector lanes), `spmm_vnni` its INT8 x INT8
+twin for 1 x 4 ``bsr`` blocks (AVX-512 VNNI), `avx512` the
 row-lane 2:4 INT8 kernel for ``nm24r`` (LLVM IR with AVX-512 permutes), and `numba_setup` what
 both need first (numba itself, imported on a kernel's first use, and the threading layer).
 `bind` dispatches on `PackedWeight.kind`, so callers need not know which module runs a format.
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from prunekit.runtime.formats import PackedWeight
-from prunekit.runtime.kernels import avx512, numba, spmm
+from prunekit.runtime.kernels import avx512, numba, spmm, spmm_vnni
 
 __all__ = ["bind", "sparse_linear"]
 
@@ -26,10 +27,11 @@ def bind(
 
     x is a C-contiguous float32 (n, in) array. This is the per-call path of the runtime's modules:
     decoding calls ~200 layers a token, and every lookup skipped here is a microsecond saved.
-    With `many_rows` (``csr`` only), batches above `spmm.SMALL_BATCH` rows run `spmm`'s kernel.
+    With `many_rows` (``csr``, or int8 ``bsr`` 1 x 4 for VNNI), batches above `spmm.SMALL_BATCH` rows
+    run `spmm`'s (or `spmm_vnni`'s) kernel.
     """
-    if many_rows:
-        return spmm.bind(packed, bias, parallel=parallel)
+    if many_rows:  # int8 1 x 4 blocks: x quantized too (VNNI)
+        return (spmm_vnni if packed.kind == "bsr" else spmm).bind(packed, bias, parallel=parallel)
     if packed.kind == "nm24r":  # row-lane 2:4 INT8, AVX-512 only
         return avx512.bind_nm24r(packed, bias, parallel=parallel)
     return numba.bind(packed, bias, parallel=parallel)

@@ -45,35 +45,39 @@ BLOCK = 64  # output rows per unit of work (rows are sorted into groups within a
 SMALL_BATCH = 8  # batches up to this size run the small-batch kernels of `kernels.numba`
 
 
-def _group_codegen(vectors: int, int8: bool, lanes: int = LANES) -> Callable[..., Any]:
+def _group_codegen(vectors: int, op: str, lanes: int = LANES) -> Callable[..., Any]:
     """One group (LLVM IR): ``acc[row_g][: 16 v] += sum_j vals[s + G j + g] * x[cols[s + G j + g] * width :][: 16 v]``.
 
     Arguments (vals, cols, x, acc, members, start, steps, width, m0, xo): the group's values and
     column bytes are interleaved (step j holds the G rows' j-th non-zero); the panel starts at
-    x[xo] (columns `width` floats apart); member g is ``members[m0 + g]``, a row of the block (its
+    x[xo] (columns `width` lanes apart); member g is ``members[m0 + g]``, a row of the block (its
     sums at ``acc[row * width]``) or `BLOCK` for padding, which lands in acc's extra row `BLOCK`.
-    The G x `vectors` accumulators of `lanes` floats (16, or 8 where x has only 8 rows left) are
-    loaded from acc, carried in registers, stored back.
+    The G x `vectors` accumulators of `lanes` elements (16, or 8 where x has only 8 rows left) are
+    loaded from acc, carried in registers, stored back. `op` is what one step multiplies: "f32"
+    (fp32 values, FMA), "int8" (int8 values widened to fp32, FMA) or "vnni" (an int32 value holds
+    4 int8 weights of 4 adjacent inputs, a lane of x holds those inputs as 4 uint8, acc is int32:
+    VNNI's ``vpdpbusd`` adds the 4 products per lane).
     """
     from llvmlite import ir
 
     f32, i32 = ir.FloatType(), ir.IntType(32)
-    v16f = ir.VectorType(f32, lanes)
+    vnni = op == "vnni"
+    vec = ir.VectorType(i32 if vnni else f32, lanes)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         start, steps, width, m0, xo = args[5:10]
         pv, pc, px, pa, pm = (
             context.make_array(t)(context, builder, a).data for t, a in zip(signature.args[:5], args[:5], strict=True)
         )
-        name = f"llvm.fma.v{lanes}f32"
-        fma = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(v16f, [v16f] * 3), name)
+        name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}" if vnni else f"llvm.fma.v{lanes}f32"
+        mac = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vec, [vec] * 3), name)
         intp = start.type
 
         def const(value: int) -> Any:
             return ir.Constant(intp, value)
 
         def vector_at(base: Any, offset: Any) -> Any:
-            return builder.bitcast(builder.gep(base, [offset]), v16f.as_pointer())
+            return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
 
         acc = []
         for g in range(GROUP):
@@ -87,10 +91,11 @@ def _group_codegen(vectors: int, int8: bool, lanes: int = LANES) -> Callable[...
 
         builder.position_at_end(loop)
         k = builder.phi(intp)
-        carried = [builder.phi(v16f) for _ in initial]
-        step_type = ir.VectorType(ir.IntType(8) if int8 else f32, GROUP)
-        values = builder.load(builder.bitcast(builder.gep(pv, [k]), step_type.as_pointer()), align=1 if int8 else 4)
-        if int8:
+        carried = [builder.phi(vec) for _ in initial]
+        step_type = ir.VectorType(ir.IntType(8) if op == "int8" else vec.element, GROUP)
+        values = builder.load(builder.bitcast(builder.gep(pv, [k]), step_type.as_pointer()),
+                              align=1 if op == "int8" else 4)
+        if op == "int8":
             values = builder.sitofp(values, ir.VectorType(f32, GROUP))
         updated = []
         for g in range(GROUP):
@@ -100,7 +105,8 @@ def _group_codegen(vectors: int, int8: bool, lanes: int = LANES) -> Callable[...
             base = builder.add(xo, builder.mul(col, width))
             for i in range(vectors):
                 x = builder.load(vector_at(px, builder.add(base, const(lanes * i))), align=4)
-                updated.append(builder.call(fma, [splat, x, carried[g * vectors + i]]))
+                total = carried[g * vectors + i]
+                updated.append(builder.call(mac, [total, x, splat] if vnni else [splat, x, total]))
         following = builder.add(k, const(GROUP))
         close_accumulator_loop(builder, blocks=(entry, loop, done), counter=(k, start, following),
                                again=builder.icmp_signed("<", following, end),
@@ -168,10 +174,10 @@ def kernels() -> dict[str, Any]:
     from numba import types
     from numba.extending import intrinsic
 
-    def group_intrinsic(vectors: int, int8: bool, lanes: int = LANES) -> Any:
+    def group_intrinsic(vectors: int, op: str, lanes: int = LANES) -> Any:
         @intrinsic
         def group(typingctx, vals, cols, x, acc, members, start, steps, width, m0, xo):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-            return types.void(vals, cols, x, acc, members, *[types.intp] * 5), _group_codegen(vectors, int8, lanes)
+            return types.void(vals, cols, x, acc, members, *[types.intp] * 5), _group_codegen(vectors, op, lanes)
 
         return group
 
@@ -184,15 +190,31 @@ def kernels() -> dict[str, Any]:
 
     store_tile, copy_tile = transpose_intrinsic(True), transpose_intrinsic(False)
 
-    def driver(int8: bool) -> Any:
-        wide, narrow, half = group_intrinsic(TILE // LANES, int8), group_intrinsic(1, int8), group_intrinsic(1, int8, 8)
+    def driver(op: str) -> Any:
+        wide, narrow, half = group_intrinsic(TILE // LANES, op), group_intrinsic(1, op), group_intrinsic(1, op, 8)
+        vnni, size = op == "vnni", (BLOCK + 1) * TILE  # sums of a block's rows, + the scratch row
+
+        if vnni:
+            @numba.njit(nogil=True, cache=True)
+            def buffers():  # pragma: no cover - compiled
+                """int32 sums, and their fp32 values once the zero point and x's row scales are applied."""
+                return np.empty(size, np.int32), np.empty(size, np.float32)
+        else:
+            @numba.njit(nogil=True, cache=True)
+            def buffers():  # pragma: no cover - compiled
+                acc = np.empty(size, np.float32)
+                return acc, acc
 
         @numba.njit(nogil=True, cache=True)
-        def rows_of(meta, members, cols, vals, scales, bias, xt, y, b0, b1, acc):  # pragma: no cover - compiled
+        def rows_of(  # pragma: no cover - compiled
+            meta, members, cols, vals, scales, bias, xt, y, b0, b1, acc, out, row_sums, x_scales
+        ):
             """y[:, o0 : o1] for blocks b0 .. b1 - 1 of output rows, tile by tile of x's rows (xt: tiles, in, TILE).
 
             A block's sums (64 rows x 32 lanes, 8 KB) and a panel of x (16 KB) stay in L1 while
             the block's groups for that panel run; x's tile (in x 32 floats) stays in L2 across blocks.
+            With VNNI, x holds uint8 (x's int8 + 128): ``(sum - 128 * row_sums[o]) * x_scales[lane]``
+            is the fp32 sum (`out`); otherwise `out` is `acc`.
             """
             n, out_f, in_f = y.shape[0], y.shape[1], xt.shape[1]
             panels, groups, flat, xs = meta.shape[1], meta.shape[2], members.reshape(-1), xt.reshape(-1)
@@ -201,7 +223,7 @@ def kernels() -> dict[str, Any]:
                 for blk in range(b0, b1):
                     o0 = blk * BLOCK
                     rows = min(out_f, o0 + BLOCK) - o0
-                    acc[:] = 0.0
+                    acc[:] = 0
                     for p in range(panels):
                         xo = (t * in_f + p * PANEL) * TILE
                         for g in range(groups):
@@ -215,23 +237,28 @@ def kernels() -> dict[str, Any]:
                                 else:  # or half of one
                                     half(vals, cols, xs, acc, flat, start, steps, TILE, m0, xo)
                     lanes, ys, whole = min(TILE, n - t0), y.reshape(-1), rows - rows % LANES
+                    if vnni:
+                        for r in range(rows):
+                            zero = 128 * row_sums[o0 + r]
+                            for lane in range(TILE):
+                                out[r * TILE + lane] = (acc[r * TILE + lane] - zero) * x_scales[t0 + lane]
                     for r in range(0, whole, LANES):  # 16 x 16 blocks transposed in registers
                         for l0 in range(0, lanes, LANES):
-                            store_tile(acc, ys, scales, bias, r * TILE + l0, TILE, (t0 + l0) * out_f + o0 + r, out_f,
+                            store_tile(out, ys, scales, bias, r * TILE + l0, TILE, (t0 + l0) * out_f + o0 + r, out_f,
                                        o0 + r, lanes - l0)
                     for lane in range(lanes):
                         for r in range(whole, rows):
-                            y[t0 + lane, o0 + r] = acc[r * TILE + lane] * scales[o0 + r] + bias[o0 + r]
+                            y[t0 + lane, o0 + r] = out[r * TILE + lane] * scales[o0 + r] + bias[o0 + r]
 
         @numba.njit(nogil=True, cache=True, parallel=True)
-        def spmm(meta, members, cols, vals, scales, bias, xt, y, chunks):  # pragma: no cover - compiled
+        def spmm(meta, members, cols, vals, scales, bias, xt, y, chunks, row_sums, x_scales):  # pragma: no cover
             """y (n, out) = x @ W.T * scales + bias, the blocks of output rows split in `chunks` runs."""
             blocks = meta.shape[0]
             for c in numba.prange(chunks):
                 b0, b1 = c * blocks // chunks, (c + 1) * blocks // chunks
                 if b0 < b1:
-                    acc = np.empty((BLOCK + 1) * TILE, np.float32)  # + the scratch row
-                    rows_of(meta, members, cols, vals, scales, bias, xt, y, b0, b1, acc)
+                    acc, out = buffers()
+                    rows_of(meta, members, cols, vals, scales, bias, xt, y, b0, b1, acc, out, row_sums, x_scales)
 
         return spmm
 
@@ -300,7 +327,8 @@ def kernels() -> dict[str, Any]:
                     cursor[r] += counts[r]
         return pos
 
-    return {"spmm": driver(False), "spmm_int8": driver(True), "pack_x": pack_x, "pack_weight": pack_weight}
+    return {"spmm": driver("f32"), "spmm_int8": driver("int8"), "spmm_vnni": driver("vnni"), "pack_x": pack_x,
+            "pack_weight": pack_weight}
 
 
 class SparseMatmul:
@@ -313,22 +341,26 @@ class SparseMatmul:
     def __init__(self, packed: Any, bias: np.ndarray) -> None:
         if packed.kind != "csr":
             raise ValueError(f"the many-row kernel takes the 'csr' format, got {packed.kind!r}")
-        out_f, in_f = packed.shape
+        self._layout(packed.rowptr, packed.cols, packed.values, packed.shape[1], packed, bias)
+        self._spmm = kernels()["spmm_int8" if packed.int8 else "spmm"]
+        self._unused = np.zeros(1, np.int32), np.zeros(1, np.float32)  # row sums, x's scales: VNNI only
+
+    def _layout(self, rowptr: np.ndarray, cols: np.ndarray, values: np.ndarray, columns: int, packed: Any,
+                bias: np.ndarray) -> None:
+        """Re-pack CSR arrays over `columns` inputs into blocks x panels x groups (`pack_weight`)."""
+        out_f = packed.shape[0]
         k, numba = kernels(), import_numba()
-        blocks, panels, groups = -(-out_f // BLOCK), max(1, -(-in_f // PANEL)), BLOCK // GROUP
+        blocks, panels, groups = -(-out_f // BLOCK), max(1, -(-columns // PANEL)), BLOCK // GROUP
         self.meta = np.zeros((blocks, panels, groups, 2), np.int64)
         self.members = np.zeros((blocks, panels, groups, GROUP), np.int16)
         # rows sorted by length pad a block's panel by < GROUP * PANEL entries; this allows 8x that (trimmed below)
-        capacity = packed.values.size + blocks * panels * groups * GROUP * (PANEL // 2)
-        cols, vals = np.zeros(capacity, np.uint8), np.zeros(capacity, packed.values.dtype)
-        used = k["pack_weight"](
-            packed.rowptr.astype(np.int64), packed.cols.astype(np.int64), packed.values, in_f,
-            self.meta, self.members, cols, vals,
-        )
-        self.cols, self.vals = cols[: used + GROUP].copy(), vals[: used + GROUP].copy()
+        capacity = values.size + blocks * panels * groups * GROUP * (PANEL // 2)
+        packed_cols, packed_vals = np.zeros(capacity, np.uint8), np.zeros(capacity, values.dtype)
+        used = k["pack_weight"](rowptr.astype(np.int64), cols.astype(np.int64), values, columns, self.meta,
+                                self.members, packed_cols, packed_vals)
+        self.cols, self.vals = packed_cols[: used + GROUP].copy(), packed_vals[: used + GROUP].copy()
         self.scales, self.bias = packed.scales.astype(np.float32), np.ascontiguousarray(bias, np.float32)
-        self.shape, self.nonzeros = (out_f, in_f), int(np.count_nonzero(packed.values))
-        self._spmm = k["spmm_int8"] if packed.values.dtype == np.int8 else k["spmm"]
+        self.shape, self.nonzeros = packed.shape, int(np.count_nonzero(values))
         self._pack_x, self._config, self._threads = k["pack_x"], numba.core.config, numba.get_num_threads
 
     @property
@@ -336,17 +368,20 @@ class SparseMatmul:
         """Stored entries per non-zero, minus one: the zeros that pad each group to its longest row."""
         return int(self.meta[..., 1].sum()) * GROUP / max(self.nonzeros, 1) - 1.0
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """y (n, out) = x @ W.T * scales + bias for a C-contiguous float32 x (n, in)."""
-        n = x.shape[0]
+    def _run(self, x: np.ndarray, n: int, row_sums: np.ndarray, x_scales: np.ndarray) -> np.ndarray:
+        """y (n, out) from x (n, columns) as float32 lanes: tiled, multiplied, transposed back."""
         xt = np.empty((-(-n // TILE), x.shape[1], TILE), np.float32)
         self._pack_x(x, xt)
         y = np.empty((n, self.shape[0]), np.float32)
         small.call_with_lane_vectorizer(
             self._config, self._spmm, self.meta, self.members, self.cols, self.vals, self.scales, self.bias, xt, y,
-            self._threads(),
+            self._threads(), row_sums, x_scales,
         )
         return y
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """y (n, out) = x @ W.T * scales + bias for a C-contiguous float32 x (n, in)."""
+        return self._run(x, x.shape[0], *self._unused)
 
 
 def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[np.ndarray], np.ndarray]:
