@@ -205,9 +205,9 @@ def accelerate(
     torch BSR when the zeros form blocks, prunekit's numba CSR/BSR/2:4 kernels, and INT8 ones
     only with `allow_int8`, among them INT8 x INT8 with VNNI for many rows) is timed in place
     inside whole forward passes at each batch size. A candidate is installed when its
-    geometric-mean time over `batch_sizes` is at least `margin` below dense and it is at most 5
-    % slower than dense at every batch size; then the installed layers are timed against dense
-    once more, and any layer more than 5 % slower is put back to dense.
+    geometric-mean time over `batch_sizes` is at least `margin` below dense and it is at most
+    5 % slower than dense at every batch size; then the installed layers are timed against
+    dense once more, and any layer more than 5 % slower is put back to dense.
     With `fuse`, Linears that read the same input tensor (q/k/v, gate/up), none left dense,
     are then timed as one stacked call (with each kernel they chose) against their separate
     calls, and fused where that is faster at every batch size (`fusion`).
