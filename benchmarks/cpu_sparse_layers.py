@@ -18,7 +18,9 @@ dense dynamic INT8 (`torch.ao` quantize_dynamic's Linear, fbgemm). Threads: 2 ev
 Many rows (issue 20): `--ffn-stack` times a stack of 16 FFN pairs 768->3072->768 (302 MB of
 dense weights: the DRAM regime by itself) at 90 % and 95 % unstructured, batches 1-128, whole
 stack per call: best dense (torch F.linear, oneDNN, onnxruntime), torch CSR, and prunekit's
-candidates (small-batch CSR, the many-row `numba_spmm_csr`, its weight-only INT8 twin). Each
+candidates (small-batch CSR, the many-row `numba_spmm_csr`, its weight-only INT8 twin, and the
+INT8 x INT8 VNNI kernel `numba_spmm_vnni_int8`, against fbgemm's dense INT8); `--stack-pattern
+block1x4` prunes whole 1x4 blocks instead (what the VNNI kernel packs four to an instruction). Each
 implementation runs in blocks of `--stack-block` stack passes, implementations alternating block by
 block with 50 ms of idling before each (torch's OpenMP workers spin ~8 ms after a call and would
 slow whatever ran next), medians over `--repeats` rounds; ratios against the best dense fp32
@@ -186,8 +188,9 @@ def _print_row(row: dict) -> None:
 
 
 FFN_PAIRS = 16
-STACK_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_csr_1t", "numba_spmm_csr", "numba_spmm_csr_int8")
-PEER_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_spmm_csr", "numba_spmm_csr_int8")
+INT8_NAMES = ("dense_int8", "numba_spmm_csr_int8", "numba_spmm_vnni_int8")  # fbgemm's dense INT8, prunekit's
+STACK_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_csr_1t", "numba_spmm_csr", *INT8_NAMES)
+PEER_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_spmm_csr", *INT8_NAMES)
 DENSE_NAMES = ("dense", "onednn", "onnxruntime")
 IDLE_BEFORE_BLOCK_S = 0.05
 
@@ -204,13 +207,16 @@ def _ort_stack(weights: list[Tensor], threads: int) -> Callable[[np.ndarray], ob
     return lambda x: session.run(None, {"x": x})
 
 
-def _stack_weights(sparsity: float) -> list[Tensor]:
-    """The 32 (out, in) weights of the FFN stack at this unstructured sparsity (seeded by it)."""
+def _stack_weights(sparsity: float, pattern: str = "unstructured") -> list[Tensor]:
+    """The 32 (out, in) weights of the FFN stack at this sparsity, unstructured or in 1x4 blocks (seeded by it)."""
     g = torch.Generator().manual_seed(int(sparsity * 100))
     weights = []
     for _ in range(FFN_PAIRS):
         for out_f, in_f in ((3072, 768), (768, 3072)):
-            mask = _mask_unstructured(out_f, in_f, sparsity, g)
+            if pattern == "block1x4":
+                mask = _mask_block(out_f, in_f, sparsity, (1, 4), g)
+            else:
+                mask = _mask_unstructured(out_f, in_f, sparsity, g)
             weights.append(torch.randn(out_f, in_f, generator=g) * mask / (in_f * (1 - sparsity)) ** 0.5)
     return weights
 
@@ -299,11 +305,12 @@ def run_ffn_stack(args: argparse.Namespace) -> list[dict]:
     peer = args.deepsparse_python
     names = PEER_NAMES if peer else STACK_NAMES
     for sparsity in (float(s) for s in args.sparsities.split(",")):
-        weights = _stack_weights(sparsity)
+        weights = _stack_weights(sparsity, args.stack_pattern)
         fns = _stack(weights, args.threads, names)
+        case = f"ffn stack {sparsity:.0%}" + (" 1x4 blocks" if args.stack_pattern == "block1x4" else "")
         batches = [int(b) for b in args.batches.split(",")]
         runs: dict[int, list[dict[str, float]]] = {b: [] for b in batches}
-        onnx_path = Path(args.out).with_name(f"ffn_stack_{sparsity:.2f}.onnx")
+        onnx_path = Path(args.out).with_name(f"ffn_stack_{sparsity:.2f}_{args.stack_pattern}.onnx")
         if peer:
             import onnx
 
@@ -318,18 +325,21 @@ def run_ffn_stack(args: argparse.Namespace) -> list[dict]:
                     runs[batch][-1]["deepsparse"] = statistics.median(times)
             for batch in batches:
                 got = runs[batch][-1]
-                print(f"  run {run + 1}, ffn stack {sparsity:.0%} b{batch}: "
+                print(f"  run {run + 1}, {case} b{batch}: "
                       + "  ".join(f"{n} {v:.2f}ms" for n, v in got.items()), flush=True)
         for batch in batches:
             ms = {n: statistics.median(r[n] for r in runs[batch]) for n in runs[batch][0]}
             best = min(DENSE_NAMES, key=lambda n: ms[n])
             ours = min((n for n in ms if n.startswith("numba") and "int8" not in n), key=lambda n: ms[n])
             sp = {n: ms[best] / v for n, v in ms.items()}
-            rows.append({"case": f"ffn stack {sparsity:.0%}", "batch": batch, "ms": ms, "best_dense_fp32": best,
-                         "prunekit_best_fp32": ours, "speedup_vs_best_dense_fp32": sp, "runs": runs[batch]})
+            ours8 = min((n for n in ms if n.startswith("numba") and "int8" in n), key=lambda n: ms[n])
+            rows.append({"case": case, "batch": batch, "ms": ms, "best_dense_fp32": best, "prunekit_best_fp32": ours,
+                         "speedup_vs_best_dense_fp32": sp, "prunekit_best_int8": ours8,
+                         "int8_speedup_vs_fbgemm": ms["dense_int8"] / ms[ours8], "runs": runs[batch]})
             parts = "  ".join(f"{n} {ms[n]:.2f}ms ({sp[n]:.2f}x)" for n in ms)
-            print(f"ffn stack {sparsity:.0%} b{batch} best dense={best} ({ms[best]:.2f} ms), prunekit fp32 best="
-                  f"{ours} ({sp[ours]:.2f}x): {parts}", flush=True)
+            print(f"{case} b{batch} best dense={best} ({ms[best]:.2f} ms), prunekit fp32 best={ours} "
+                  f"({sp[ours]:.2f}x), prunekit INT8 best={ours8} ({ms['dense_int8'] / ms[ours8]:.2f}x fbgemm's dense "
+                  f"INT8): {parts}", flush=True)
     return rows
 
 
@@ -385,6 +395,8 @@ def main() -> None:
     parser.add_argument("--ffn-stack", action="store_true", help="the 16-FFN-pair stack at many batch sizes")
     parser.add_argument("--sparsities", default="0.9,0.95", help="of the FFN stack, comma separated")
     parser.add_argument("--batches", default="1,8,16,64,128", help="of the FFN stack, comma separated")
+    parser.add_argument("--stack-pattern", choices=("unstructured", "block1x4"), default="unstructured",
+                        help="the FFN stack's zeros: unstructured, or whole 1x4 blocks (what VNNI INT8 wants)")
     parser.add_argument("--stack-block", type=int, default=3, help="FFN stack passes per timed block")
     parser.add_argument("--deepsparse-python", default=None,
                         help="python of a venv with deepsparse==1.8.0 (see deepsparse_runner.py): time it side by side")
