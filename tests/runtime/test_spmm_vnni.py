@@ -29,16 +29,32 @@ def _weight(out_f: int, in_f: int, seed: int, density: float = 0.2) -> torch.Ten
     return w
 
 
+def _quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as the kernel quantizes it (its own quantizer): int8 values (as float64) and per-row scales."""
+    q, scales = np.empty(tuple(x.shape), np.uint8), np.zeros(x.shape[0], np.float32)
+    spmm_vnni.quantizer()(x.numpy(), q, scales)
+    return torch.from_numpy(q.astype(np.float64) - 128), torch.from_numpy(scales).double()[:, None]
+
+
 def _quantized_reference(packed: formats.PackedWeight, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes, in float64: x rounded per row to int8, the int8 weight, both scales."""
+    """What the kernel computes, in float64: the int8 x times the int8 weight, then both scales and the bias."""
     w = torch.zeros(packed.shape, dtype=torch.float64)
     rows = np.repeat(np.arange(packed.shape[0]), np.diff(packed.rowptr))
     for r, quad, values in zip(rows, packed.cols, packed.values.reshape(-1, 4), strict=True):
         w[r, 4 * int(quad): 4 * int(quad) + 4] = torch.from_numpy(values.astype(np.float64))
-    scale = (x.abs().amax(dim=1, keepdim=True) / 127).double()
-    scale[scale == 0] = 1
-    xq = torch.floor(x.double() / scale + 0.5)
+    xq, scale = _quantized(x)
     return ((xq @ w.T) * scale * torch.from_numpy(packed.scales).double() + bias.double()).float()
+
+
+def test_x_is_rounded_to_the_nearest_step_of_its_row_scale() -> None:
+    x = torch.randn(37, 300, generator=torch.Generator().manual_seed(0))
+    x[3] = 0
+    xq, scale = _quantized(x)
+    expected = x.double().abs().amax(dim=1, keepdim=True) / 127
+    expected[3] = 1
+    torch.testing.assert_close(scale, expected, rtol=1e-6, atol=0)
+    assert xq.abs().max() == 127 and (xq[3] == 0).all()
+    assert ((xq - x.double() / scale).abs() <= 0.5 + 1e-4).all()  # round to nearest (ties may go either way)
 
 
 @needs_vnni
@@ -46,7 +62,8 @@ def _quantized_reference(packed: formats.PackedWeight, x: torch.Tensor, bias: to
 def test_matches_its_quantized_reference_and_fp32(rows: int) -> None:
     # several blocks of output rows, panels of quads (512 inputs) and tiles of x, each with a partial last one
     out_f, in_f = spmm.BLOCK * 2 + 5, spmm.PANEL * 4 + 36
-    w, bias, x = _weight(out_f, in_f, seed=rows), torch.randn(out_f), torch.randn(rows, in_f)
+    g = torch.Generator().manual_seed(rows)
+    w, bias, x = _weight(out_f, in_f, seed=rows), torch.randn(out_f, generator=g), torch.randn(rows, in_f, generator=g)
     x[2] = 0  # a zero row of x: scale 1, output = bias
     packed = formats.pack_bsr(w, spmm_vnni.QUAD, int8=True)
     y = torch.from_numpy(kernels.sparse_linear(packed, x.numpy(), bias.numpy(), many_rows=True))

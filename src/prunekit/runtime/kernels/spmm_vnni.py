@@ -43,7 +43,8 @@ def available() -> bool:
 
 
 @cache
-def _quantize_kernel() -> Any:
+def quantizer() -> Any:
+    """The compiled per-row quantizer ``quantize_rows(x, q, scales)`` that every call runs on x first."""
     numba = import_numba()
 
     @numba.njit(nogil=True, cache=True, parallel=True, fastmath=True)
@@ -77,7 +78,7 @@ class QuantizedSparseMatmul(SparseMatmul):
         rows = np.repeat(np.arange(packed.shape[0]), np.diff(packed.rowptr))
         self.row_sums = np.bincount(rows, weights=quads.sum(axis=1, dtype=np.int64),
                                     minlength=packed.shape[0]).astype(np.int32)
-        self._spmm, self._quantize = kernels()["spmm_vnni"], _quantize_kernel()
+        self._spmm, self._quantize = kernels()["spmm_vnni"], quantizer()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """y (n, out) = dequantized (quantized x) @ W.T * scales + bias for a C-contiguous float32 x (n, in)."""
