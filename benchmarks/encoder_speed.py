@@ -157,10 +157,14 @@ def breakdown(model: nn.Module, x: dict[str, torch.Tensor], calls: int = 5) -> d
 def run_case(name: str, dense: nn.Module, sparse: nn.Module, batch: int, seq: int,
              args: argparse.Namespace) -> dict[str, Any]:
     x = inputs(batch, seq)
-    accelerated = pk.accelerate(copy.deepcopy(sparse), x, batch_sizes=(batch,), verbose=False)
+    accelerated = pk.accelerate(copy.deepcopy(sparse), x, batch_sizes=(batch,), allow_int8=args.allow_int8,
+                                verbose=False)
     chosen: dict[str, int] = {}
     for decision in accelerated.prunekit_acceleration.layers:
         chosen[decision.choice] = chosen.get(decision.choice, 0) + 1
+    with torch.inference_mode():
+        exact, fast = sparse(**x).last_hidden_state, accelerated(**x).last_hidden_state
+    drift = float((fast - exact).norm() / exact.norm())  # 0 up to fp32 rounding, ~1 % with INT8 kernels
 
     def torch_call(m: nn.Module) -> Callable[[], object]:
         return lambda: m(**x)
@@ -182,7 +186,8 @@ def run_case(name: str, dense: nn.Module, sparse: nn.Module, batch: int, seq: in
     best_dense = min(ms["torch dense"], ms["onnxruntime dense"])
     shares = {"dense": breakdown(dense, x), "prunekit": breakdown(accelerated, x)}
     row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "runs": runs, "best_dense_ms": best_dense,
-           "speedup_vs_best_dense": best_dense / ms["prunekit"], "shares": shares, "kernels": chosen}
+           "speedup_vs_best_dense": best_dense / ms["prunekit"], "shares": shares, "kernels": chosen,
+           "output_drift": drift}
     linear_share = shares["dense"]["linear"]
     row["amdahl_cap"] = 1 / (1 - linear_share) if linear_share < 1 else float("inf")
     ds = ms.get("deepsparse")
@@ -193,7 +198,7 @@ def run_case(name: str, dense: nn.Module, sparse: nn.Module, batch: int, seq: in
           f"{100 * shares['dense']['attention_core']:.0f} %, rest {100 * shares['dense']['rest']:.0f} %; "
           f"pruned: Linear {100 * shares['prunekit']['linear']:.0f} %, attention core "
           f"{100 * shares['prunekit']['attention_core']:.0f} %, rest {100 * shares['prunekit']['rest']:.0f} %; "
-          f"kernels {chosen}",
+          f"kernels {chosen}; outputs {drift:.1e} from the pruned fp32 model's",
           flush=True)
     return row
 
@@ -211,6 +216,8 @@ def main() -> None:
     parser.add_argument("--deepsparse-python", default=None,
                         help="python of a venv with deepsparse==1.8.0 (see deepsparse_runner.py): time it side by side")
     parser.add_argument("--peer-runs", type=int, default=3, help="alternations of this process and DeepSparse's")
+    parser.add_argument("--allow-int8", action="store_true",
+                        help="let accelerate pick INT8 kernels too (VNNI quantizes x: outputs move by ~1 %%)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
