@@ -22,7 +22,8 @@ What keeps the FMAs fed (2-core Zen 4 here; `benchmarks/cpu_sparse_layers.py --f
 Values are fp32, or int8 with one fp32 scale per output row (weight-only INT8: x and the
 accumulators stay fp32, the scale is applied once per output row). The weight is re-packed once,
 when the kernel is bound (at install time). The IR uses generic 16-lane vectors, so any x86 CPU
-runs it (AVX-512: one register per vector; AVX2: two).
+runs it (AVX-512: one register per vector; AVX2: two). `spmm_vnni` runs the same layout and loop
+on int8 weights in 1 x 4 blocks with x quantized too (``op="vnni"``: int32 sums, AVX-512 VNNI).
 """
 
 from __future__ import annotations
