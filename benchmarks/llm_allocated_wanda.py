@@ -36,7 +36,8 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.config import config_to_dict
-from prunekit.methods.calibration import Pattern, _clean_kwargs, _hidden, _with_hidden, collect_stats
+from prunekit.methods.blockwise import hidden_of, with_hidden, without_cache
+from prunekit.methods.calibration import Pattern, collect_stats
 from prunekit.methods.wanda import wanda_scores
 from prunekit.zoo.llm import corpus_texts, load_smollm2, perplexity, token_windows
 
@@ -64,7 +65,7 @@ class _Tail:
 
     def _record(self, i: int):
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.inputs[i].append((tuple(a.clone() if torch.is_tensor(a) else a for a in args), _clean_kwargs(kwargs)))
+            self.inputs[i].append((tuple(a.clone() if torch.is_tensor(a) else a for a in args), without_cache(kwargs)))
 
         return hook
 
@@ -75,8 +76,8 @@ class _Tail:
         for (args, kwargs), teacher in zip(self.inputs[start], self.teacher, strict=True):
             hidden = args[0] if args else kwargs["hidden_states"]
             for block in self.blocks[start:]:
-                a, k = _with_hidden(args, kwargs, hidden)
-                hidden = _hidden(block(*a, **k))
+                a, k = with_hidden(args, kwargs, hidden)
+                hidden = hidden_of(block(*a, **k))
             logits = self.model.lm_head(self.model.model.norm(hidden))[0].float()
             total += float(nn.functional.kl_div(logits.log_softmax(-1), teacher, log_target=True, reduction="sum"))
             count += teacher.shape[0]

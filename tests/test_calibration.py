@@ -10,14 +10,9 @@ import prunekit as pk
 from prunekit.core.criteria import CRITERIA
 from prunekit.core.inputs import call_model
 from prunekit.errors import ConfigError, UnsupportedLayerError
-from prunekit.methods.calibration import (
-    SOLVERS,
-    CalibrationError,
-    as_batches,
-    collect_stats,
-    find_blocks,
-    register_solver,
-)
+from prunekit.methods.batches import as_batches
+from prunekit.methods.blockwise import find_blocks
+from prunekit.methods.calibration import SOLVERS, CalibrationError, collect_stats, register_solver
 from prunekit.methods.nm import NMConfig, check_nm
 from tests.models import ResidualCNN, mlp
 

@@ -58,7 +58,9 @@ from prunekit.core.inputs import call_model, to_model_device
 from prunekit.core.progress import progress as progress_bar
 from prunekit.core.targets import check_finite_weight, resolve
 from prunekit.errors import ConfigError
-from prunekit.methods.calibration import Batch, collect_stats, find_blocks, rank_batches
+from prunekit.methods.batches import Batch, rank_batches
+from prunekit.methods.blockwise import find_blocks
+from prunekit.methods.calibration import collect_stats
 from prunekit.methods.unstructured import UnstructuredConfig
 from prunekit.methods.wanda import wanda_scores
 

@@ -1,4 +1,4 @@
-"""Calibration: batches, activation statistics, and the sequential block runner.
+"""Calibration: activation statistics, the solvers, and the sequential block runner.
 
 Criteria such as Wanda (Sun et al. 2023) and SparseGPT (Frantar & Alistarh 2023) look at the
 inputs each Linear layer sees on a little calibration data. For a stack of repeated blocks
@@ -6,7 +6,8 @@ inputs each Linear layer sees on a little calibration data. For a stack of repea
 of block 0 once, then for each block collect statistics, solve its layers, and feed the
 *pruned* block's outputs to the next one, so memory stays near one block of activations and
 later blocks adapt to the errors of earlier ones. Layers outside the blocks (or every layer
-of a model without repeated blocks) are calibrated in one full forward pass.
+of a model without repeated blocks) are calibrated in one full forward pass. The data comes
+through `batches.rank_batches`; finding and feeding the blocks is `blockwise`.
 
 `plan` must not mutate: solved weights are written into the model only while the later
 blocks are calibrated, and restored afterwards (in a `finally`); `MaskPlan.apply` then
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -36,41 +37,20 @@ from prunekit.core.plan import MaskPlan, PlanContext
 from prunekit.core.progress import progress
 from prunekit.core.targets import check_finite_weight
 from prunekit.errors import CalibrationError, ConfigError, PlanError, UnsupportedLayerError
+from prunekit.methods.batches import rank_batches
+from prunekit.methods.blockwise import (
+    blocks_chain,
+    call_block,
+    capture_inputs,
+    feed,
+    find_blocks,
+    hidden_of,
+    inputs_to,
+    with_hidden,
+)
 
 log = logging.getLogger(__name__)
 
-
-Batch = Any  # a Tensor, a tuple/list of positional args, or a dict of keyword args
-
-
-def as_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
-    """Materialise calibration data as a list of batches, validating each one.
-
-    A bare tensor is taken as one batch (not iterated row by row).
-
-    Raises:
-        CalibrationError: no data, no batches, an empty batch, or a batch of another type.
-    """
-    if data is None:
-        raise CalibrationError("this criterion needs calibration data: pass data=[batch, ...]")
-    batches = [data] if isinstance(data, Tensor) else list(data)
-    if not batches:
-        raise CalibrationError("calibration data is empty: pass at least one batch")
-    for i, batch in enumerate(batches):
-        if isinstance(batch, dict):
-            tensors = [v for v in batch.values() if isinstance(v, Tensor)]
-        elif isinstance(batch, (tuple, list)):
-            tensors = [v for v in batch if isinstance(v, Tensor)]
-        elif isinstance(batch, Tensor):
-            tensors = [batch]
-        else:
-            raise CalibrationError(
-                f"calibration batch {i} is a {type(batch).__name__}; use a tensor, a tuple of "
-                "positional arguments or a dict of keyword arguments"
-            )
-        if not tensors or any(t.numel() == 0 for t in tensors):
-            raise CalibrationError(f"calibration batch {i} is empty (no elements)")
-    return batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,31 +61,6 @@ def as_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
 # rank's batches would hold. Each rank then solves the same layers from the same sums, so every
 # rank ends with the same masks and weights, and the sequential runner feeds each rank's own
 # batches through the same pruned block. Works with any backend: gloo on CPU, NCCL on GPUs.
-
-
-def rank_batches(data: Iterable[Batch] | Tensor | None) -> list[Batch]:
-    """`as_batches` on this rank's calibration data; under torchrun every rank must have some.
-
-    Raises:
-        CalibrationError: as `as_batches`; under torchrun, naming every rank that has no batches
-            (all ranks raise together, so none waits in a collective for the others).
-    """
-    rank, world = rank_and_world()
-    if world == 1:
-        return as_batches(data)
-    try:
-        batches, error = as_batches(data), None
-    except CalibrationError as err:
-        batches, error = [], err
-    counts = torch.zeros(world, dtype=torch.int64)
-    counts[rank] = len(batches) if error is None else -1  # -1: this rank's data was refused
-    with collective_guard("all_reduce", "calibration: counting each rank's batches"):
-        counts = all_reduce_sum(counts)
-    refused = [r for r, n in enumerate(counts.tolist()) if n <= 0]
-    if refused:
-        raise CalibrationError(f"rank(s) {refused} of {world} have no usable calibration data; under torchrun "
-                               f"every rank calibrates on its own batches (rank {rank}: {error or 'has data'})")
-    return batches
 
 
 def _sum_across_ranks(stats: dict[str, LayerStats]) -> None:
@@ -286,96 +241,6 @@ def collect_stats(
     return stats
 
 
-class _Stop(Exception):
-    """Raised by a pre-hook to stop a forward pass once the wanted inputs are captured."""
-
-
-def find_blocks(model: nn.Module, fqns: list[str]) -> list[tuple[str, nn.Module]] | None:
-    """The repeated blocks (an `nn.ModuleList`) holding the most target layers, or None.
-
-    None when no ModuleList has at least two children containing target layers.
-    """
-    best, best_count = None, 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        children = [(f"{name}.{c}" if name else c, m) for c, m in module.named_children()]
-        counts = [sum(f.startswith(c + ".") for f in fqns) for c, _ in children]
-        if sum(1 for k in counts if k) >= 2 and sum(counts) > best_count:
-            best, best_count = children, sum(counts)
-    return best
-
-
-def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    # A KV cache would grow with every re-run of a block and attend to stale keys.
-    out = dict(kwargs)
-    if "past_key_values" in out:
-        out["past_key_values"] = None
-    if "use_cache" in out:
-        out["use_cache"] = False
-    return out
-
-
-def _inputs_to(model: nn.Module, block: nn.Module, batch: Batch) -> tuple[tuple, dict] | None:
-    """Run `model` on `batch` only as far as `block`: the (args, kwargs) it would receive."""
-    seen: list[tuple[tuple, dict]] = []
-
-    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.append((args, kwargs))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        call_model(model, to_model_device(model, batch))
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen[0] if seen else None
-
-
-def _capture_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[tuple[tuple, dict]]:
-    captured = []
-    for batch in batches:
-        inputs = _inputs_to(model, block, batch)
-        if inputs is not None:
-            captured.append((inputs[0], _clean_kwargs(inputs[1])))
-    if len(captured) != len(batches):
-        raise CalibrationError(f"only {len(captured)} of {len(batches)} calibration batches reached the blocks")
-    return captured
-
-
-def _feed(fn: Callable[[Any], Any], items: list[Any]) -> None:
-    """Call `fn` on each item, dropping the outputs at once (memory stays one batch)."""
-    for item in items:
-        fn(item)
-
-
-def _call_block(block: nn.Module, args_kwargs: tuple[tuple, dict]) -> Any:
-    return block(*args_kwargs[0], **args_kwargs[1])
-
-
-def _hidden(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _blocks_chain(model: nn.Module, blocks: list[tuple[str, nn.Module]], batch: Batch, first: tuple) -> bool:
-    """Check the assumption the runner rests on: block 1's input is block 0's output."""
-    inputs = _inputs_to(model, blocks[1][1], batch)
-    if inputs is None:
-        return False
-    args, kwargs = inputs
-    actual = args[0] if args else kwargs.get("hidden_states")
-    expected = _hidden(blocks[0][1](*first[0], **first[1]))
-    return isinstance(actual, Tensor) and actual.shape == expected.shape and torch.allclose(actual, expected, atol=1e-5)
-
-
 # --------------------------------------------------------------------------------------------
 # The runner.
 
@@ -473,7 +338,7 @@ def check_calibration_memory(
     block_input = 0
     if blocks:  # one batch run only as far as block 0: what each captured batch will cost
         with torch.no_grad():
-            captured = _inputs_to(model, blocks[0][1], batches[0])
+            captured = inputs_to(model, blocks[0][1], batches[0])
         block_input = data_bytes(list(captured)) if captured is not None else 0
     estimate = calibration_estimate(model, fqns, batches, solver, block_input, [b for b, _ in blocks or []])
     check_budget(estimate, max_memory, "Use fewer or shorter calibration batches, fewer layers per pass "
@@ -507,8 +372,8 @@ def plan_with_data(
         with torch.no_grad():
             rest = list(fqns)
             blocks = find_blocks(model, fqns)
-            inputs = _capture_inputs(model, blocks[0][1], batches) if blocks else []
-            if blocks and not _blocks_chain(model, blocks, batches[0], inputs[0]):
+            inputs = capture_inputs(model, blocks[0][1], batches) if blocks else []
+            if blocks and not blocks_chain(model, blocks, batches[0], inputs[0]):
                 log.warning("blocks under %r are not chained output-to-input; calibrating in one pass",
                             blocks[0][0].rpartition(".")[0])
                 blocks = None
@@ -520,19 +385,19 @@ def plan_with_data(
                     if names:
                         stats = collect_stats(
                             {f: modules[f] for f in names},
-                            partial(_feed, partial(_call_block, block), inputs),
+                            partial(feed, partial(call_block, block), inputs),
                             hessian=solver.hessian,
                         )
                         runner.solve(stats)
                         rest = [f for f in rest if f not in names]
                     if i < last:
-                        inputs = [_with_hidden(a, k, _hidden(block(*a, **k))) for a, k in inputs]
+                        inputs = [with_hidden(a, k, hidden_of(block(*a, **k))) for a, k in inputs]
                 del inputs
             if rest:
                 log.info("calibrating %d layers outside repeated blocks in one full pass", len(rest))
                 stats = collect_stats(
                     {f: modules[f] for f in rest},
-                    lambda: _feed(lambda b: call_model(model, to_model_device(model, b)), batches),
+                    lambda: feed(lambda b: call_model(model, to_model_device(model, b)), batches),
                     hessian=solver.hessian,
                 )
                 runner.solve(stats)
@@ -555,7 +420,7 @@ def dense_pass_stats(model: nn.Module, fqns: list[str], ctx: PlanContext, criter
     with torch.no_grad():
         stats = collect_stats(
             {f: modules[f] for f in fqns},
-            lambda: _feed(lambda b: call_model(model, to_model_device(model, b)), batches),
+            lambda: feed(lambda b: call_model(model, to_model_device(model, b)), batches),
             hessian=False,
         )
     ctx.stats.update({f: {"sq_norm": st.sq_norm} for f, st in stats.items()})

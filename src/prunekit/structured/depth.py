@@ -32,7 +32,7 @@ from prunekit.config import FrozenConfig, config_from_dict, config_to_dict, reci
 from prunekit.core.distributed import all_reduce_sum
 from prunekit.core.plan import PlanContext, register_method
 from prunekit.errors import CalibrationError, ConfigError, PlanError
-from prunekit.methods.calibration import Batch, rank_batches
+from prunekit.methods.batches import Batch, rank_batches
 from prunekit.storage.files import validate_document
 from prunekit.structured.llm import (
     STEPS,

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from prunekit.config import FrozenConfig, config_from_dict, config_to_dict, recipe_type
 from prunekit.core.plan import PlanContext, register_method
 from prunekit.errors import ConfigError, PlanError
-from prunekit.methods.calibration import rank_batches
+from prunekit.methods.batches import rank_batches
 from prunekit.storage.files import validate_document
 from prunekit.structured.llm import STEPS, LLMPlan
 from prunekit.structured.moe_routing import ExpertImportance, MoeLayout, moe_layout, routing_importance

@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from prunekit.core.distributed import all_reduce_sum
 from prunekit.errors import CalibrationError, ConfigError, PlanError
-from prunekit.methods.calibration import rank_batches
+from prunekit.methods.batches import rank_batches
 from prunekit.structured.llm import Weights, calibration_pass, layer_stack
 
 # model_type -> (config field of the expert count, config field of the expert FFN width).
