@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _timing import timed_blocks  # benchmarks/ is on sys.path when a script runs
 from torch import Tensor
 
 from prunekit.runtime import candidates as cand
@@ -192,7 +193,6 @@ INT8_NAMES = ("dense_int8", "numba_spmm_csr_int8", "numba_spmm_vnni_int8")  # fb
 STACK_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_csr_1t", "numba_spmm_csr", *INT8_NAMES)
 PEER_NAMES = ("dense", "onednn", "torch_csr", "numba_csr", "numba_spmm_csr", *INT8_NAMES)
 DENSE_NAMES = ("dense", "onednn", "onnxruntime")
-IDLE_BEFORE_BLOCK_S = 0.05
 
 
 def _ort_stack(weights: list[Tensor], threads: int) -> Callable[[np.ndarray], object]:
@@ -259,24 +259,6 @@ def _stack(weights: list[Tensor], threads: int, names: tuple[str, ...] = ()) -> 
     return fns
 
 
-def _timed_blocks(fns: dict[str, Callable], x: Tensor, repeats: int, block: int) -> dict[str, float]:
-    """Median ms per call of each implementation: `block` calls in a row, implementations alternating by block."""
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.no_grad():
-        for n in names:  # warm-up: compile, fault in, fill caches
-            fns[n](x)
-        for rep in range(repeats):
-            shift = rep % len(names)
-            for n in names[shift:] + names[:shift]:
-                time.sleep(IDLE_BEFORE_BLOCK_S)  # whatever ran before goes quiet (spinning workers sleep)
-                start = time.perf_counter()
-                for _ in range(block):
-                    fns[n](x)
-                times[n].append((time.perf_counter() - start) * 1e3 / block)
-    return {n: statistics.median(t) for n, t in times.items()}
-
-
 def deepsparse_times(python: str, onnx_path: Path, cases: dict[Any, list[np.ndarray]], threads: int, repeats: int,
                      block: int) -> dict[Any, list[float]]:
     """case -> DeepSparse's ms per call of each timed block, from `deepsparse_runner.py` run by a venv's `python`."""
@@ -318,7 +300,10 @@ def run_ffn_stack(args: argparse.Namespace) -> list[dict]:
         cases = {b: [np.random.default_rng(b).standard_normal((b, 768)).astype(np.float32)] for b in batches}
         for run in range(args.peer_runs if peer else 1):
             for batch in batches:
-                runs[batch].append(_timed_blocks(fns, torch.randn(batch, 768), args.repeats, args.stack_block))
+                x = torch.randn(batch, 768)
+                with torch.no_grad():
+                    calls = {n: (lambda f=f, x=x: f(x)) for n, f in fns.items()}
+                    runs[batch].append(timed_blocks(calls, args.repeats, args.stack_block))
             if peer:
                 for batch, times in deepsparse_times(peer, onnx_path, cases, args.threads, args.repeats,
                                                      args.stack_block).items():

@@ -9,7 +9,8 @@ Every encoder Linear is pruned to `--sparsity` by magnitude (layer-wise), then:
   fusion of q/k/v siblings, tuned at the batch size timed).
 
 Engines are timed in blocks of `--block` calls, blocks alternated between engines (torch's
-OpenMP workers spin for milliseconds after a call and would slow whatever ran next), median
+OpenMP workers spin for milliseconds after a call and would slow whatever ran next; 50 ms of
+idling before each block, the order rotated each round: `_timing.timed_blocks`), median
 per-call time over the blocks. Then one hooked pass per model splits its time into Linear
 layers (prunekit's kernels or `nn.Linear`), the attention core (the self-attention module
 minus its q/k/v Linears: scores, softmax, context) and the rest (embeddings, LayerNorm, GELU,
@@ -35,7 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from cpu_sparse_layers import deepsparse_times  # benchmarks/ is on the path of a script run from it
+from _timing import timed_blocks  # benchmarks/ is on the path of a script run from it
+from cpu_sparse_layers import deepsparse_times
 from torch import nn
 
 import prunekit as pk
@@ -93,21 +95,6 @@ def ort_engine(model: nn.Module, x: dict[str, torch.Tensor], threads: int) -> Ca
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {k: v.numpy().astype(np.int64) for k, v in x.items()}
     return lambda: session.run(None, feed)
-
-
-def timed_blocks(engines: dict[str, Callable[[], object]], rounds: int, block: int) -> dict[str, float]:
-    """name -> median over `rounds` of the mean per-call ms in a block of `block` calls."""
-    per: dict[str, list[float]] = {n: [] for n in engines}
-    for f in engines.values():  # warm-up
-        for _ in range(2):
-            f()
-    for r in range(rounds):
-        for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
-            start = time.perf_counter()
-            for _ in range(block):
-                engines[name]()
-            per[name].append((time.perf_counter() - start) * 1000 / block)
-    return {n: statistics.median(v) for n, v in per.items()}
 
 
 def breakdown(model: nn.Module, x: dict[str, torch.Tensor], calls: int = 5) -> dict[str, float]:
