@@ -23,15 +23,8 @@ from torch import Tensor, nn
 import prunekit as pk
 from prunekit.allocation.sensitivity.table import SensitivityTable
 from prunekit.config import config_to_dict
-from prunekit.structured.lowrank import (
-    FORMAT,
-    FactorizedLayer,
-    LowRankConfig,
-    LowRankPlan,
-    energy_rank,
-    factorize,
-    weight_matrix,
-)
+from prunekit.structured.factorize import FactorizedLayer, energy_rank, factorize, weight_matrix
+from prunekit.structured.lowrank import FORMAT, LowRankConfig, LowRankPlan
 from tests.models import DepthwiseCNN, ResidualCNN, TinyAttention
 
 
