@@ -32,7 +32,7 @@ def _weight(out_f: int, in_f: int, seed: int, density: float = 0.2) -> torch.Ten
 def _quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x as the kernel quantizes it (its own quantizer): int8 values (as float64) and per-row scales."""
     q, scales = np.empty(tuple(x.shape), np.uint8), np.zeros(x.shape[0], np.float32)
-    spmm_vnni.quantizer()(x.numpy(), q, scales)
+    spmm_vnni.quantizer()(x.numpy(), x.numpy().view(np.uint32), q, scales)
     return torch.from_numpy(q.astype(np.float64) - 128), torch.from_numpy(scales).double()[:, None]
 
 

@@ -44,17 +44,32 @@ def available() -> bool:
 
 @cache
 def quantizer() -> Any:
-    """The compiled per-row quantizer ``quantize_rows(x, q, scales)`` that every call runs on x first."""
-    numba = import_numba()
+    """The compiled per-row quantizer ``quantize_rows(x, bits, q, scales)`` that every call runs on x first.
 
-    @numba.njit(nogil=True, cache=True, parallel=True, fastmath=True)
-    def quantize_rows(x, q, scales):  # pragma: no cover - compiled
+    `bits` is x viewed as uint32: with the sign bit cleared, the integers order as |x| does, and
+    their max is a reduction LLVM vectorizes (a float max is not: 4.7x slower at 64 x 3072).
+    """
+    numba = import_numba()
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def as_float32(typingctx, bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        """The float32 whose bits are `bits` (a bitcast, no memory)."""
+        return types.float32(types.uint32), lambda context, builder, signature, args: builder.bitcast(
+            args[0], ir.FloatType())
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def quantize_rows(x, bits, q, scales):  # pragma: no cover - compiled
         """q[i] = round(x[i] / scales[i]) + 128 as uint8, scales[i] = max |x[i]| / 127 (1 for a zero row)."""
         n, in_f = x.shape
+        magnitude = np.uint32(0x7FFFFFFF)
         for i in numba.prange(n):
-            amax = np.float32(0.0)
+            top = np.uint32(0)
             for k in range(in_f):
-                amax = max(amax, abs(x[i, k]))
+                top = max(top, np.uint32(bits[i, k] & magnitude))
+            amax = as_float32(top)
             s = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
             inv = np.float32(1.0) / s
             for k in range(in_f):  # x / s is within [-127, 127]: + 128.5, truncated, rounds half up
@@ -85,7 +100,7 @@ class QuantizedSparseMatmul(SparseMatmul):
         n = x.shape[0]
         q = np.empty(x.shape, np.uint8)
         x_scales = np.zeros(-(-n // TILE) * TILE, np.float32)  # lanes past the last row: never stored
-        self._quantize(x, q, x_scales)
+        self._quantize(x, x.view(np.uint32), q, x_scales)
         return self._run(q.view(np.float32), n, self.row_sums, x_scales)  # a row's quads as 4-byte lanes
 
 
