@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from prunekit.runtime.kernels import numba as small
+from prunekit.runtime.kernels.buffers import aligned_empty
 from prunekit.runtime.kernels.ir_loops import close_accumulator_loop
 from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
 
@@ -371,9 +372,9 @@ class SparseMatmul:
 
     def _run(self, x: np.ndarray, n: int, row_sums: np.ndarray, x_scales: np.ndarray) -> np.ndarray:
         """y (n, out) from x (n, columns) as float32 lanes: tiled, multiplied, transposed back."""
-        xt = np.empty((-(-n // TILE), x.shape[1], TILE), np.float32)
+        xt = aligned_empty((-(-n // TILE), x.shape[1], TILE))  # 64-byte aligned: unsplit 512-bit loads
         self._pack_x(x, xt)
-        y = np.empty((n, self.shape[0]), np.float32)
+        y = aligned_empty((n, self.shape[0]))
         small.call_with_lane_vectorizer(
             self._config, self._spmm, self.meta, self.members, self.cols, self.vals, self.scales, self.bias, xt, y,
             self._threads(), row_sums, x_scales,
