@@ -147,9 +147,13 @@ def test_allocation_follows_the_device_table(bundle: Path, device_results: Path,
     table = SensitivityTable(device.units, LEVELS, {u: [0.1, 0.2] for u in device.units}, 0.0, False,
                              config_to_dict(CONFIG), {u: 1 for u in device.units}, kind="group")
     savings = device.budget(table, LatencyTarget(speedup=1.01)).savings
-    best = max(device.units, key=lambda u: savings[u][0])
+    best, second = sorted(device.units, key=lambda u: savings[u][0], reverse=True)[:2]
     assert savings[best][0] > 0, device.summary()
-    target = LatencyTarget(speedup=1 / (1 - 0.5 * savings[best][0] / device.model_ms))
+    # a target between the two largest first-level savings: only `best` reaches it at the least damage
+    # (half of best's saving, as this used to be, is also reached by a second unit whose measured
+    # saving comes out close to best's on a noisy host)
+    wanted = 0.5 * (savings[best][0] + max(savings[second][0], 0.0))
+    target = LatencyTarget(speedup=1 / (1 - wanted / device.model_ms))
     # a host table doctored to rank the other way: the device's best unit saves nothing there
     doctored = replace(host, latency_ms={**host.latency_ms, best: [host.dense_ms[best]] * len(LEVELS)})
     on_device = allocate(table, target, latency=device)
