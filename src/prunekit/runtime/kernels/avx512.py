@@ -28,7 +28,7 @@ import numpy as np
 
 from prunekit.errors import PrunekitError
 from prunekit.runtime.kernels.ir_loops import close_accumulator_loop
-from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
+from prunekit.runtime.kernels.numba_setup import cpu_has, import_numba, prefer_openmp
 
 LANES = 16
 ROWS = 4  # rows of x per pass over the weights
@@ -37,11 +37,7 @@ ROWS = 4  # rows of x per pass over the weights
 @cache
 def available() -> bool:
     """Whether this CPU has AVX-512F (what the permute and the 16-lane FMAs need)."""
-    try:
-        from llvmlite import binding
-    except ImportError:  # pragma: no cover - numba (and llvmlite) missing
-        return False
-    return bool(binding.get_host_cpu_features().get("avx512f", False))
+    return cpu_has("avx512f")
 
 
 @cache

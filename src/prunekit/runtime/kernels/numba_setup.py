@@ -2,7 +2,8 @@
 
 numba is an optional dependency (extra `speed`), imported here on a kernel's first use only, so
 `import prunekit` never loads it. Every kernel module (`numba`, `avx512`, `spmm`) calls `import_numba` and
-`prefer_openmp` from here, so they share one threading layer and one error message.
+`prefer_openmp` from here, so they share one threading layer and one error message; `cpu_has`
+gates the kernels that need instructions beyond plain x86-64.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ def import_numba() -> Any:
             "install it with: pip install 'prunekit[speed]'"
         ) from None
     return numba
+
+
+def cpu_has(*features: str) -> bool:
+    """Whether this CPU has every one of LLVM's named `features` ("avx512f", "avx512vnni", ...); False without llvmlite.
+
+    What gates a kernel whose instructions not every x86 CPU has: `accelerate` skips it by name
+    and a direct call raises, instead of an illegal instruction.
+    """
+    try:
+        from llvmlite import binding
+    except ImportError:  # pragma: no cover - numba (and llvmlite) missing
+        return False
+    host = binding.get_host_cpu_features()
+    return all(host.get(f, False) for f in features)
 
 
 SPIN_COUNT = "10000"  # GOMP_SPINCOUNT for numba's OpenMP workers: ~10-50 us of spinning, then sleep

@@ -25,7 +25,7 @@ import numpy as np
 
 from prunekit.errors import PrunekitError
 from prunekit.runtime.kernels import numba as small
-from prunekit.runtime.kernels.numba_setup import import_numba
+from prunekit.runtime.kernels.numba_setup import cpu_has, import_numba
 from prunekit.runtime.kernels.spmm import SMALL_BATCH, TILE, SparseMatmul, kernels
 
 QUAD = (1, 4)  # the BSR block this kernel takes: 4 adjacent inputs of one output row
@@ -34,12 +34,7 @@ QUAD = (1, 4)  # the BSR block this kernel takes: 4 adjacent inputs of one outpu
 @cache
 def available() -> bool:
     """Whether this CPU has AVX-512 VNNI (``vpdpbusd`` on 16 and 8 lanes)."""
-    try:
-        from llvmlite import binding
-    except ImportError:  # pragma: no cover - numba (and llvmlite) missing
-        return False
-    features = binding.get_host_cpu_features()
-    return all(features.get(f, False) for f in ("avx512f", "avx512vl", "avx512vnni"))
+    return cpu_has("avx512f", "avx512vl", "avx512vnni")
 
 
 @cache
