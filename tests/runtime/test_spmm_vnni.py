@@ -157,3 +157,14 @@ def test_accelerate_measures_and_installs_it_with_int8_allowed(monkeypatch: pyte
     with torch.no_grad():
         ref, y = model(x), fast(x)
     assert (y - ref).norm() / ref.norm() < 0.03
+
+
+def test_row_blocks_as_csr_are_the_int8_csr_of_the_same_weight() -> None:
+    w = _weight(45, 36, seed=3)
+    from_blocks = formats.csr_of_row_blocks(formats.pack_bsr(w, spmm_vnni.QUAD, int8=True))
+    direct = formats.pack_csr(w, int8=True)
+    assert from_blocks.kind == "csr" and from_blocks.cols.dtype == direct.cols.dtype
+    for name in ("rowptr", "cols", "values", "scales"):
+        np.testing.assert_array_equal(getattr(from_blocks, name), getattr(direct, name))
+    with pytest.raises(ValueError, match="1-row blocks, got bsr 2x2"):
+        formats.csr_of_row_blocks(formats.pack_bsr(torch.randn(4, 4), (2, 2)))

@@ -17,7 +17,7 @@ stays an exact int8 zero, as in `prunekit.quantize`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -109,6 +109,24 @@ def pack_bsr(weight: Tensor, block: tuple[int, int], *, int8: bool = False) -> P
     brows, bcols = np.nonzero(nz)
     values = np.ascontiguousarray(tiles[brows, bcols])
     return PackedWeight("bsr", (out_f, in_f), block, rowptr, bcols.astype(_index_dtype(in_f // bc)), values, scales)
+
+
+def csr_of_row_blocks(packed: PackedWeight) -> PackedWeight:
+    """A ``bsr`` weight of 1-row blocks as ``csr``: the same values and scales, the blocks' zeros dropped.
+
+    What a kernel that reads CSR fastest needs from a weight packed in 1 x C blocks (the VNNI
+    kernel's quads, run by the small-batch CSR kernels up to batch 8).
+    """
+    if packed.kind != "bsr" or packed.block[0] != 1:
+        raise ValueError(f"expected 'bsr' 1-row blocks, got {packed.describe()}")
+    out_f, width = packed.shape[0], packed.block[1]
+    blocks = np.ascontiguousarray(packed.values).reshape(-1, width)
+    stored, within = np.nonzero(blocks)  # row-major: a row's columns stay ascending
+    rows = np.repeat(np.arange(out_f), np.diff(packed.rowptr))[stored]
+    rowptr = np.zeros(out_f + 1, np.int32)
+    np.cumsum(np.bincount(rows, minlength=out_f), out=rowptr[1:])
+    cols: np.ndarray = (packed.cols[stored].astype(np.int64) * width + within).astype(_index_dtype(packed.shape[1]))
+    return replace(packed, kind="csr", block=(1, 1), rowptr=rowptr, cols=cols, values=blocks[stored, within])
 
 
 def is_2_4(weight: Tensor) -> bool:

@@ -17,13 +17,13 @@ Needs AVX-512 VNNI (`available()`); `accelerate` offers it only there and with I
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from functools import cache
 from typing import Any
 
 import numpy as np
 
 from prunekit.errors import PrunekitError
+from prunekit.runtime import formats
 from prunekit.runtime.kernels import numba as small
 from prunekit.runtime.kernels.numba_setup import cpu_has, import_numba
 from prunekit.runtime.kernels.spmm import SMALL_BATCH, TILE, SparseMatmul, kernels
@@ -99,19 +99,6 @@ class QuantizedSparseMatmul(SparseMatmul):
         return self._run(q.view(np.float32), n, self.row_sums, x_scales)  # a row's quads as 4-byte lanes
 
 
-def _as_csr(packed: Any) -> Any:
-    """The same int8 weight as ``csr`` (the quads' zeros dropped): what the small-batch kernels read fastest."""
-    out_f = packed.shape[0]
-    quads = np.ascontiguousarray(packed.values).reshape(-1, 4)
-    stored, within = np.nonzero(quads)  # row-major: a row's columns stay ascending
-    rows = np.repeat(np.arange(out_f), np.diff(packed.rowptr))[stored]
-    rowptr = np.zeros(out_f + 1, np.int32)
-    np.cumsum(np.bincount(rows, minlength=out_f), out=rowptr[1:])
-    cols = packed.cols[stored].astype(np.int64) * 4 + within
-    cols = cols.astype(np.uint16 if packed.shape[1] <= 65536 else np.int32)
-    return replace(packed, kind="csr", block=(1, 1), rowptr=rowptr, cols=cols, values=quads[stored, within])
-
-
 def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[np.ndarray], np.ndarray]:
     """``run(x) -> x @ W.T + bias`` for an int8 1 x 4 ``bsr`` weight: VNNI above `SMALL_BATCH` rows.
 
@@ -119,7 +106,7 @@ def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[n
     INT8: x stays fp32; the quads' zeros are dropped, a random mask's quads are mostly zeros).
     """
     many = QuantizedSparseMatmul(packed, bias)
-    few = small.bind(_as_csr(packed), bias, parallel=parallel)
+    few = small.bind(formats.csr_of_row_blocks(packed), bias, parallel=parallel)
 
     def run(x: np.ndarray) -> np.ndarray:
         return few(x) if x.shape[0] <= SMALL_BATCH else many(x)
