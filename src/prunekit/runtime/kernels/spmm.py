@@ -370,8 +370,9 @@ class SparseMatmul:
         """Stored entries per non-zero, minus one: the zeros that pad each group to its longest row."""
         return int(self.meta[..., 1].sum()) * GROUP / max(self.nonzeros, 1) - 1.0
 
-    def _run(self, x: np.ndarray, n: int, row_sums: np.ndarray, x_scales: np.ndarray) -> np.ndarray:
+    def _run(self, x: np.ndarray, row_sums: np.ndarray, x_scales: np.ndarray) -> np.ndarray:
         """y (n, out) from x (n, columns) as float32 lanes: tiled, multiplied, transposed back."""
+        n = x.shape[0]
         xt = aligned_empty((-(-n // TILE), x.shape[1], TILE))  # 64-byte aligned: unsplit 512-bit loads
         self._pack_x(x, xt)
         y = aligned_empty((n, self.shape[0]))
@@ -383,7 +384,7 @@ class SparseMatmul:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """y (n, out) = x @ W.T * scales + bias for a C-contiguous float32 x (n, in)."""
-        return self._run(x, x.shape[0], *self._unused)
+        return self._run(x, *self._unused)
 
 
 def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[np.ndarray], np.ndarray]:

@@ -96,7 +96,7 @@ class QuantizedSparseMatmul(SparseMatmul):
         q = np.empty(x.shape, np.uint8)
         x_scales = np.zeros(-(-n // TILE) * TILE, np.float32)  # lanes past the last row: never stored
         self._quantize(x, x.view(np.uint32), q, x_scales)
-        return self._run(q.view(np.float32), n, self.row_sums, x_scales)  # a row's quads as 4-byte lanes
+        return self._run(q.view(np.float32), self.row_sums, x_scales)  # a row's quads as 4-byte lanes
 
 
 def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[np.ndarray], np.ndarray]:
