@@ -45,10 +45,13 @@ def test_matches_dense(rows: int, int8: bool, small_batch: int, monkeypatch: pyt
     torch.testing.assert_close(y, F.linear(x, ref_w, bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [17, 40, 64, 100])
+@pytest.mark.parametrize("rows", [17, 40, 64, 100, 129])
 @pytest.mark.parametrize("int8", [False, True])
-def test_many_blocks_panels_and_tiles(rows: int, int8: bool) -> None:
+@pytest.mark.parametrize("cached_bytes", [0, 1 << 40])  # the threads split blocks of the weight / tiles of x
+def test_many_blocks_panels_and_tiles(rows: int, int8: bool, cached_bytes: int,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Several blocks of output rows (the last partial), panels of inputs (the last partial), tiles of x."""
+    monkeypatch.setattr(spmm, "CACHED_WEIGHT_BYTES", cached_bytes)
     w, bias = _weight(spmm.BLOCK * 3 + 5, spmm.PANEL * 2 + 45, seed=rows), torch.randn(spmm.BLOCK * 3 + 5)
     x = torch.randn(rows, w.shape[1])
     packed = formats.pack_csr(w, int8=int8)
@@ -91,6 +94,22 @@ def test_layout_holds_every_nonzero_once_and_pads_little() -> None:
     assert matmul.nonzeros == int((w != 0).sum())
     # rows sorted by length before grouping: ~20 non-zeros a row and panel, padded by far less than a row
     assert 0 <= matmul.padding < 0.15
+
+
+def test_threads_get_equal_shares_of_work_not_of_blocks() -> None:
+    """Rows of very unequal length (as magnitude pruning leaves them): the split follows the stored entries."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(spmm.BLOCK * 8, 96, generator=g)
+    w[spmm.BLOCK * 2:] *= torch.rand(spmm.BLOCK * 6, 96, generator=g) > 0.95  # blocks 0-1 dense, 2-7 at 95 %
+    matmul = spmm.SparseMatmul(formats.pack_csr(w), np.zeros(w.shape[0], np.float32))
+    work = matmul.meta[..., 1].sum(axis=(1, 2)) * spmm.GROUP + spmm.BLOCK_COST
+    for tiles, runs in [(0, 2), (0, 3), (3, 2), (5, 4)]:
+        split = matmul.split(tiles, runs)
+        units = np.tile(work, max(tiles, 1))
+        assert split[0] == 0 and split[-1] == len(units) and (np.diff(split) >= 0).all()
+        shares = [units[a:b].sum() for a, b in zip(split[:-1], split[1:], strict=True)]
+        assert max(shares) - min(shares) <= units.max(), (tiles, runs, shares)  # within one unit of equal
+    assert list(matmul.split(0, 2)) == [0, 2, 8]  # the dense blocks apart; 4 blocks each: 2.6x the work of the other
 
 
 def test_module_takes_3d_inputs_and_copies() -> None:

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from prunekit._registry import Registry
 from prunekit.errors import UnsupportedLayerError
-from prunekit.runtime import formats
+from prunekit.runtime import formats, opaque
 from prunekit.runtime.kernels import avx512, bind, spmm_vnni
 
 
@@ -59,11 +59,22 @@ def is_int8_candidate(name: str) -> bool:
 
 
 class _Flat(nn.Module):
-    """Shared plumbing: flatten leading dims to rows, run `_rows`, restore them."""
+    """Shared plumbing: flatten leading dims to rows, run `_rows`, restore them.
+
+    Under `torch.compile` the layer is one opaque op (`opaque`) unless `traceable`, so compiling
+    an accelerated model keeps prunekit's kernels and compiles what lies between them.
+    """
+
+    traceable = False  # True where dynamo can trace `eager` itself (plain torch ops)
 
     def __init__(self, fqn: str, in_features: int, out_features: int) -> None:
         super().__init__()
         self.fqn, self.in_features, self.out_features = fqn, in_features, out_features
+        self._handle = opaque.register(self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._handle = opaque.register(self)  # a copy runs its own weights under compile
 
     def _rows(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -80,6 +91,13 @@ class _Flat(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and not self.traceable:
+            self._check(x)
+            return opaque.linear_kernel(x, self._handle)
+        return self.eager(x)
+
+    def eager(self, x: Tensor) -> Tensor:
+        """The layer's own computation, outside compilation."""
         self._check(x)
         lead = x.shape[:-1]
         y = self._rows(x.reshape(-1, self.in_features))
@@ -119,7 +137,7 @@ class NumbaSparseLinear(_Flat):
         super().__setstate__(state)
         self._bind()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def eager(self, x: Tensor) -> Tensor:
         # Decoding calls this ~200 times a token and every torch op costs ~1 us, so reshapes happen
         # on numpy views and nothing is converted that is already float32 and contiguous.
         self._check(x)
@@ -167,6 +185,7 @@ class OneDnnLinear(_Flat):
 class DenseLinear(_Flat):
     """Plain `F.linear` on the effective weight (the dense baseline, masks baked in)."""
 
+    traceable = True
     weight: Tensor
     bias: Tensor | None
 

@@ -15,6 +15,11 @@ What keeps the FMAs fed (2-core Zen 4 here; `benchmarks/cpu_sparse_layers.py --f
   with zero weights to the group's longest (~3 % more FMAs at 90 % sparsity). One loop carries
   eight independent accumulators and ends once per group instead of once per row. The loop is
   LLVM IR (`_group_codegen`): per non-zero one index byte, one broadcast and two FMAs.
+- **Two ways to share the work between threads**, both in equal shares of stored entries (not of
+  blocks: pruned rows differ in length). A weight that fits in L2 (`CACHED_WEIGHT_BYTES`) is
+  shared by tiles of x, each thread transposing its own tiles (`by_tiles`: no x written by one
+  core and read by the other, one parallel launch); a larger one by blocks of output rows, x
+  transposed first (`by_blocks`: each thread reads its part of the weight from memory once).
 - **Transposes in registers.** x goes into tiles and the sums come back into y (n, out) 16 x 16 at a
   time through vector shuffles (`_transpose_codegen`); strided scalar copies cost ~1 ns an element
   here and took half the time of a 3072 x 768 layer at batch 64.
@@ -45,6 +50,8 @@ PANEL = 128  # input columns per panel: 128 x 32 floats = 16 KB of xt in L1; col
 GROUP = 4  # output rows walked in lock-step
 BLOCK = 64  # output rows per unit of work (rows are sorted into groups within a block)
 SMALL_BATCH = 8  # batches up to this size run the small-batch kernels of `kernels.numba`
+BLOCK_COST = 1500  # a block's fixed cost in stored entries (~1.2 us a block and tile against ~0.8 ns an entry)
+CACHED_WEIGHT_BYTES = 512 * 1024  # packed weights up to this size stay in each core's L2 (1 MB here): split by tiles
 
 
 def _group_codegen(vectors: int, op: str, lanes: int = LANES) -> Callable[..., Any]:
@@ -192,6 +199,22 @@ def kernels() -> dict[str, Any]:
 
     store_tile, copy_tile = transpose_intrinsic(True), transpose_intrinsic(False)
 
+    @numba.njit(nogil=True, cache=True)
+    def pack_rows(x, r0, tile, l0):  # pragma: no cover - compiled
+        """tile[k * TILE + l0 + lane] = x[r0 + lane, k] for 16 lanes, zero past x's last row (in registers)."""
+        n, in_f = x.shape
+        rows, whole, xs = min(LANES, n - r0), in_f - in_f % LANES, x.reshape(-1)
+        if rows == LANES:
+            for k0 in range(0, whole, LANES):
+                copy_tile(xs, tile, xs, xs, r0 * in_f + k0, in_f, k0 * TILE + l0, TILE, 0, LANES)  # no scale, bias
+            for k in range(whole, in_f):
+                for lane in range(LANES):
+                    tile[k * TILE + l0 + lane] = x[r0 + lane, k]
+        else:
+            for k in range(in_f):
+                for lane in range(LANES):
+                    tile[k * TILE + l0 + lane] = x[r0 + lane, k] if lane < rows else 0.0
+
     def driver(op: str) -> Any:
         wide, narrow, half = group_intrinsic(TILE // LANES, op), group_intrinsic(1, op), group_intrinsic(1, op, 8)
         vnni, size = op == "vnni", (BLOCK + 1) * TILE  # sums of a block's rows, + the scratch row
@@ -208,82 +231,96 @@ def kernels() -> dict[str, Any]:
                 return acc, acc
 
         @numba.njit(nogil=True, cache=True)
-        def rows_of(  # pragma: no cover - compiled
-            meta, members, cols, vals, scales, bias, xt, y, b0, b1, acc, out, row_sums, x_scales
+        def one_block(  # pragma: no cover - compiled
+            meta, members, cols, vals, scales, bias, xs, at, t0, blk, y, acc, out, row_sums, x_scales
         ):
-            """y[:, o0 : o1] for blocks b0 .. b1 - 1 of output rows, tile by tile of x's rows (xt: tiles, in, TILE).
+            """y[t0 : t0 + TILE, block blk's outputs] from the tile of x's rows t0.. at xs[at:] (in x TILE).
 
             A block's sums (64 rows x 32 lanes, 8 KB) and a panel of x (16 KB) stay in L1 while
-            the block's groups for that panel run; x's tile (in x 32 floats) stays in L2 across blocks.
-            With VNNI, x holds uint8 (x's int8 + 128): ``(sum - 128 * row_sums[o]) * x_scales[lane]``
-            is the fp32 sum (`out`); otherwise `out` is `acc`.
+            the block's groups for that panel run. With VNNI, x holds uint8 (x's int8 + 128):
+            ``(sum - 128 * row_sums[o]) * x_scales[lane]`` is the fp32 sum (`out`); otherwise `out` is `acc`.
             """
-            n, out_f, in_f = y.shape[0], y.shape[1], xt.shape[1]
-            panels, groups, flat, xs = meta.shape[1], meta.shape[2], members.reshape(-1), xt.reshape(-1)
-            for t in range(xt.shape[0]):
-                t0 = t * TILE
-                for blk in range(b0, b1):
-                    o0 = blk * BLOCK
-                    rows = min(out_f, o0 + BLOCK) - o0
-                    acc[:] = 0
-                    for p in range(panels):
-                        xo = (t * in_f + p * PANEL) * TILE
-                        for g in range(groups):
-                            start, steps = meta[blk, p, g, 0], meta[blk, p, g, 1]
-                            if steps > 0:
-                                m0 = ((blk * panels + p) * groups + g) * GROUP
-                                if n - t0 > LANES:
-                                    wide(vals, cols, xs, acc, flat, start, steps, TILE, m0, xo)
-                                elif n - t0 > 8:  # the last rows fit one vector: skip the padding lanes
-                                    narrow(vals, cols, xs, acc, flat, start, steps, TILE, m0, xo)
-                                else:  # or half of one
-                                    half(vals, cols, xs, acc, flat, start, steps, TILE, m0, xo)
-                    lanes, ys, whole = min(TILE, n - t0), y.reshape(-1), rows - rows % LANES
-                    if vnni:
-                        for r in range(rows):
-                            zero = 128 * row_sums[o0 + r]
-                            for lane in range(TILE):
-                                out[r * TILE + lane] = (acc[r * TILE + lane] - zero) * x_scales[t0 + lane]
-                    for r in range(0, whole, LANES):  # 16 x 16 blocks transposed in registers
-                        for l0 in range(0, lanes, LANES):
-                            store_tile(out, ys, scales, bias, r * TILE + l0, TILE, (t0 + l0) * out_f + o0 + r, out_f,
-                                       o0 + r, lanes - l0)
-                    for lane in range(lanes):
-                        for r in range(whole, rows):
-                            y[t0 + lane, o0 + r] = out[r * TILE + lane] * scales[o0 + r] + bias[o0 + r]
+            n, out_f = y.shape[0], y.shape[1]
+            panels, groups, flat = meta.shape[1], meta.shape[2], members.reshape(-1)
+            o0 = blk * BLOCK
+            rows = min(out_f, o0 + BLOCK) - o0
+            acc[:] = 0
+            for p in range(panels):
+                xo = at + p * PANEL * TILE
+                for g in range(groups):
+                    start, steps = meta[blk, p, g, 0], meta[blk, p, g, 1]
+                    if steps > 0:
+                        m0 = ((blk * panels + p) * groups + g) * GROUP
+                        if n - t0 > LANES:
+                            wide(vals, cols, xs, acc, flat, start, steps, TILE, m0, xo)
+                        elif n - t0 > 8:  # the last rows fit one vector: skip the padding lanes
+                            narrow(vals, cols, xs, acc, flat, start, steps, TILE, m0, xo)
+                        else:  # or half of one
+                            half(vals, cols, xs, acc, flat, start, steps, TILE, m0, xo)
+            lanes, ys, whole = min(TILE, n - t0), y.reshape(-1), rows - rows % LANES
+            if vnni:
+                for r in range(rows):
+                    zero = 128 * row_sums[o0 + r]
+                    for lane in range(TILE):
+                        out[r * TILE + lane] = (acc[r * TILE + lane] - zero) * x_scales[t0 + lane]
+            for r in range(0, whole, LANES):  # 16 x 16 blocks transposed in registers
+                for l0 in range(0, lanes, LANES):
+                    store_tile(out, ys, scales, bias, r * TILE + l0, TILE, (t0 + l0) * out_f + o0 + r, out_f,
+                               o0 + r, lanes - l0)
+            for lane in range(lanes):
+                for r in range(whole, rows):
+                    y[t0 + lane, o0 + r] = out[r * TILE + lane] * scales[o0 + r] + bias[o0 + r]
 
         @numba.njit(nogil=True, cache=True, parallel=True)
-        def spmm(meta, members, cols, vals, scales, bias, xt, y, chunks, row_sums, x_scales):  # pragma: no cover
-            """y (n, out) = x @ W.T * scales + bias, the blocks of output rows split in `chunks` runs."""
-            blocks = meta.shape[0]
-            for c in numba.prange(chunks):
-                b0, b1 = c * blocks // chunks, (c + 1) * blocks // chunks
-                if b0 < b1:
-                    acc, out = buffers()
-                    rows_of(meta, members, cols, vals, scales, bias, xt, y, b0, b1, acc, out, row_sums, x_scales)
+        def by_blocks(meta, members, cols, vals, scales, bias, xt, y, bounds, row_sums, x_scales):  # pragma: no cover
+            """y (n, out) = x @ W.T * scales + bias from x's tiles xt; run c takes blocks ``bounds[c] ..``.
 
-        return spmm
+            A run walks its blocks tile by tile: its share of the weight stays in L2 across tiles
+            and is read from memory once (a weight larger than the caches: the DRAM regime).
+            """
+            in_f, xs = xt.shape[1], xt.reshape(-1)
+            for c in numba.prange(bounds.shape[0] - 1):
+                if bounds[c] < bounds[c + 1]:
+                    acc, out = buffers()
+                    for t in range(xt.shape[0]):
+                        for blk in range(bounds[c], bounds[c + 1]):
+                            one_block(meta, members, cols, vals, scales, bias, xs, t * in_f * TILE, t * TILE, blk,
+                                      y, acc, out, row_sums, x_scales)
+
+        @numba.njit(nogil=True, cache=True, parallel=True)
+        def by_tiles(meta, members, cols, vals, scales, bias, x, y, units, row_sums, x_scales):  # pragma: no cover
+            """y (n, out) = x @ W.T * scales + bias; run c takes the (tile, block) units ``units[c] ..``, tile-major.
+
+            Each run transposes the tiles of x it needs into its own buffer: nothing one core wrote
+            is read by the other (moving a freshly written x tile between cores cost 25-60 us a
+            call), and one parallel launch instead of two. The weight is read by every run: for
+            weights that fit in L2.
+            """
+            blocks, in_f = meta.shape[0], x.shape[1]
+            for c in numba.prange(units.shape[0] - 1):
+                if units[c] < units[c + 1]:
+                    acc, out = buffers()
+                    raw = np.empty(in_f * TILE + 16, np.float32)  # one tile, from a 64-byte boundary
+                    tile = raw[(-raw.ctypes.data % 64) // 4:][: in_f * TILE]
+                    current = -1
+                    for u in range(units[c], units[c + 1]):
+                        t, blk = u // blocks, u % blocks
+                        if t != current:
+                            for l0 in range(0, TILE, LANES):
+                                pack_rows(x, t * TILE + l0, tile, l0)
+                            current = t
+                        one_block(meta, members, cols, vals, scales, bias, tile, 0, t * TILE, blk, y, acc, out,
+                                  row_sums, x_scales)
+
+        return by_blocks, by_tiles
 
     @numba.njit(nogil=True, cache=True, parallel=True)
     def pack_x(x, xt):  # pragma: no cover - compiled
         """xt[t, k, lane] = x[t * TILE + lane, k], zero past x's last row: 16 x 16 blocks transposed in registers."""
-        n, in_f = x.shape
-        whole, xs, out = in_f - in_f % LANES, x.reshape(-1), xt.reshape(-1)
+        in_f, out = x.shape[1], xt.reshape(-1)
         for job in numba.prange(xt.shape[0] * (TILE // LANES)):
-            b0 = job * LANES
-            rows = min(LANES, n - b0)
-            t, l0 = b0 // TILE, b0 % TILE
-            if rows == LANES:
-                for k0 in range(0, whole, LANES):
-                    at = (t * in_f + k0) * TILE + l0
-                    copy_tile(xs, out, xs, xs, b0 * in_f + k0, in_f, at, TILE, 0, LANES)  # no scale, bias
-                for k in range(whole, in_f):
-                    for lane in range(LANES):
-                        xt[t, k, l0 + lane] = x[b0 + lane, k]
-            else:
-                for k in range(in_f):
-                    for lane in range(LANES):
-                        xt[t, k, l0 + lane] = x[b0 + lane, k] if lane < rows else 0.0
+            t, l0 = job * LANES // TILE, job * LANES % TILE
+            pack_rows(x, job * LANES, out[t * in_f * TILE:], l0)
 
     @numba.njit(nogil=True, cache=True)
     def pack_weight(rowptr, cols, vals, in_f, meta, members, out_cols, out_vals):  # pragma: no cover - compiled
@@ -364,6 +401,26 @@ class SparseMatmul:
         self.scales, self.bias = packed.scales.astype(np.float32), np.ascontiguousarray(bias, np.float32)
         self.shape, self.nonzeros = packed.shape, int(np.count_nonzero(values))
         self._pack_x, self._config, self._threads = k["pack_x"], numba.core.config, numba.get_num_threads
+        # a block's work: its stored entries, plus the fixed cost of a block (sums zeroed, transposed out)
+        self._work = self.meta[..., 1].sum(axis=(1, 2)) * GROUP + BLOCK_COST
+        self._in_cache = self.cols.nbytes + self.vals.nbytes <= CACHED_WEIGHT_BYTES
+        self._splits: dict[tuple[int, int], np.ndarray] = {}
+
+    def split(self, tiles: int, runs: int) -> np.ndarray:
+        """Where `runs` parallel runs split the work: run c takes units ``split[c] .. split[c + 1] - 1``.
+
+        A unit is a block (the weight split between runs) or, with `tiles` > 0, a (tile, block)
+        pair, tile-major. Shares are equal in work, not in units: magnitude pruning leaves rows with
+        very unequal counts (MiniLM's query and key layers at 90 %: one half of the blocks holds
+        1.4-1.5x the other's non-zeros), and the slower run sets the layer's time.
+        """
+        key = (tiles, runs)
+        if key not in self._splits:
+            done = np.concatenate([[0], np.cumsum(np.tile(self._work, max(tiles, 1)))])  # work before each unit
+            shares = done[-1] * np.arange(1, runs) / runs
+            inner = [int(np.abs(done - share).argmin()) for share in shares]  # the nearest boundary
+            self._splits[key] = np.array([0, *inner, len(done) - 1], np.int64)
+        return self._splits[key]
 
     @property
     def padding(self) -> float:
@@ -371,14 +428,25 @@ class SparseMatmul:
         return int(self.meta[..., 1].sum()) * GROUP / max(self.nonzeros, 1) - 1.0
 
     def _run(self, x: np.ndarray, row_sums: np.ndarray, x_scales: np.ndarray) -> np.ndarray:
-        """y (n, out) from x (n, columns) as float32 lanes: tiled, multiplied, transposed back."""
-        n = x.shape[0]
-        xt = aligned_empty((-(-n // TILE), x.shape[1], TILE))  # 64-byte aligned: unsplit 512-bit loads
-        self._pack_x(x, xt)
-        y = aligned_empty((n, self.shape[0]))
+        """y (n, out) from x (n, columns) as float32 lanes: tiled, multiplied, transposed back.
+
+        A weight that fits in L2 is split between the threads by tiles of x (each transposes its
+        own); a larger one by blocks of output rows, so it is read from memory once.
+        """
+        n, runs = x.shape[0], self._threads()
+        tiles = -(-n // TILE)
+        y = aligned_empty((n, self.shape[0]))  # 64-byte aligned: unsplit 512-bit stores
+        by_blocks, by_tiles = self._spmm
+        if self._in_cache and tiles >= runs:
+            args = (x, y, self.split(tiles, runs))
+            kernel = by_tiles
+        else:
+            xt = aligned_empty((tiles, x.shape[1], TILE))  # and loads
+            self._pack_x(x, xt)
+            args, kernel = (xt, y, self.split(0, runs)), by_blocks
         small.call_with_lane_vectorizer(
-            self._config, self._spmm, self.meta, self.members, self.cols, self.vals, self.scales, self.bias, xt, y,
-            self._threads(), row_sums, x_scales,
+            self._config, kernel, self.meta, self.members, self.cols, self.vals, self.scales, self.bias, *args,
+            row_sums, x_scales,
         )
         return y
 

@@ -1,0 +1,64 @@
+"""prunekit's kernels as one opaque torch op, so `torch.compile` can take an accelerated model whole.
+
+The installed layers run numpy and numba code that dynamo cannot trace (it fails on
+``torch.from_numpy``); under compilation each layer instead calls ``prunekit::linear_kernel``, a
+custom op whose fake implementation gives the output's shape, so the graph keeps the kernel as one
+node and inductor fuses what lies between the kernels (LayerNorm, GELU, adds, attention's
+reshapes) and drops the Python of the model's modules. Eager calls never go through the op:
+dispatching a Python custom op costs microseconds that decoding, ~200 calls a token, would feel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class Kernel(Protocol):
+    """What the op calls: a layer's eager path and its output width."""
+
+    out_features: int
+
+    def eager(self, x: Tensor) -> Tensor: ...
+
+
+_kernels: weakref.WeakValueDictionary[int, Kernel] = weakref.WeakValueDictionary()
+_handles = itertools.count()
+
+
+def register(kernel: Kernel) -> int:
+    """A new number under which the op finds `kernel` (the op holds no reference: the layer owns it).
+
+    Layers register when built and again when copied or unpickled, so a copy never runs its
+    original's weights.
+    """
+    handle = next(_handles)
+    _kernels[handle] = kernel
+    return handle
+
+
+def _kernel(handle: int) -> Kernel:
+    try:
+        return _kernels[handle]
+    except KeyError:
+        raise RuntimeError(f"prunekit kernel {handle} no longer exists (its module was freed)") from None
+
+
+@torch.library.custom_op("prunekit::linear_kernel", mutates_args=())
+def linear_kernel(x: Tensor, handle: int) -> Tensor:
+    """``kernel(x)`` for the kernel registered under `handle`, in x's dtype, contiguous as the fake says.
+
+    (The small-batch kernels hand back a transposed view; the op's output must match its fake's
+    strides, so that is copied, a few hundred floats at the batch sizes it happens at.)
+    """
+    return _kernel(handle).eager(x).to(x.dtype).contiguous()
+
+
+@linear_kernel.register_fake
+def _(x: Tensor, handle: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], _kernel(handle).out_features))
+
