@@ -191,8 +191,10 @@ def run_case(name: str, dense: nn.Module, sparse: nn.Module, batch: int, seq: in
     row["amdahl_cap"] = 1 / (1 - linear_share) if linear_share < 1 else float("inf")
     ds = ms.get("deepsparse")
     peer = f", DeepSparse {ds:.2f} ms ({best_dense / ds:.2f}x)" if ds else ""
-    compiled = (f", compiled: torch dense {ms['torch dense compiled']:.2f} ms, prunekit "
-                f"{ms['prunekit compiled']:.2f} ms -> {best_dense / ms['prunekit compiled']:.2f}x") if args.compile else ""
+    compiled = ""
+    if args.compile:
+        compiled = (f", compiled: torch dense {ms['torch dense compiled']:.2f} ms, prunekit "
+                    f"{ms['prunekit compiled']:.2f} ms -> {best_dense / ms['prunekit compiled']:.2f}x")
     print(f"{name} b{batch} s{seq}: torch {ms['torch dense']:.2f} ms, ort {ms['onnxruntime dense']:.2f} ms, "
           f"prunekit {ms['prunekit']:.2f} ms -> {row['speedup_vs_best_dense']:.2f}x best dense{compiled}{peer}; "
           f"dense time in "
