@@ -83,7 +83,9 @@ def export_onnx(model: nn.Module, x: dict[str, torch.Tensor], path: Path) -> Pat
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    torch.onnx.export(Positional(model), (x["input_ids"], x["attention_mask"]), str(path), input_names=list(x),
+    # the exporter restores the wrapper's training flag on everything inside it: a wrapper left in
+    # train mode (nn.Module's default) turned the model's dropout on for whatever ran it next
+    torch.onnx.export(Positional(model).eval(), (x["input_ids"], x["attention_mask"]), str(path), input_names=list(x),
                       dynamo=False, dynamic_axes={k: {0: "batch", 1: "seq"} for k in x},
                       opset_version=17)  # DeepSparse 1.8 reads opsets up to 17-19
     return path
