@@ -21,7 +21,8 @@ ALIGN = 64  # bytes: one cache line, one AVX-512 register
 
 
 @cache
-def _allocator() -> Any:
+def aligned_allocator() -> Any:
+    """The numba function ``aligned_f32(n)``: callable from other compiled kernels (their private buffers)."""
     numba = import_numba()
 
     @numba.njit(nogil=True, cache=True)
@@ -36,4 +37,4 @@ def _allocator() -> Any:
 
 def aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     """An uninitialised C-contiguous float32 array whose first element sits on a 64-byte boundary."""
-    return _allocator()(math.prod(shape)).reshape(shape)
+    return aligned_allocator()(math.prod(shape)).reshape(shape)

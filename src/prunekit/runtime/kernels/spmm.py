@@ -16,10 +16,11 @@ What keeps the FMAs fed (2-core Zen 4 here; `benchmarks/cpu_sparse_layers.py --f
   eight independent accumulators and ends once per group instead of once per row. The loop is
   LLVM IR (`_group_codegen`): per non-zero one index byte, one broadcast and two FMAs.
 - **Two ways to share the work between threads**, both in equal shares of stored entries (not of
-  blocks: pruned rows differ in length). A weight that fits in L2 (`CACHED_WEIGHT_BYTES`) is
-  shared by tiles of x, each thread transposing its own tiles (`by_tiles`: no x written by one
-  core and read by the other, one parallel launch); a larger one by blocks of output rows, x
-  transposed first (`by_blocks`: each thread reads its part of the weight from memory once).
+  blocks: pruned rows differ in length), both with each thread transposing the tiles of x it
+  reads into its own buffer (a tile one core wrote and the other read cost 25-60 us a layer, and
+  this is one parallel launch, not two). A weight that fits in L2 (`CACHED_WEIGHT_BYTES`) is
+  shared by tiles of x (`by_tiles`); a larger one by blocks of output rows (`by_blocks`: each
+  thread reads its part of the weight from memory once, and transposes every tile).
 - **Transposes in registers.** x goes into tiles and the sums come back into y (n, out) 16 x 16 at a
   time through vector shuffles (`_transpose_codegen`); strided scalar copies cost ~1 ns an element
   here and took half the time of a 3072 x 768 layer at batch 64.
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from prunekit.runtime.kernels import numba as small
-from prunekit.runtime.kernels.buffers import aligned_empty
+from prunekit.runtime.kernels.buffers import aligned_allocator, aligned_empty
 from prunekit.runtime.kernels.ir_loops import close_accumulator_loop
 from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
 
@@ -177,7 +178,7 @@ def _transpose_codegen(affine: bool) -> Callable[..., Any]:
 
 @cache
 def kernels() -> dict[str, Any]:
-    """The compiled kernels by name: ``spmm`` / ``spmm_int8`` (run), ``pack_x`` and ``pack_weight`` (layouts)."""
+    """The compiled kernels by name: ``spmm`` / ``spmm_int8`` / ``spmm_vnni`` (by blocks, by tiles), ``pack_weight``."""
     numba = import_numba()
     prefer_openmp(numba)
     from numba import types
@@ -198,6 +199,7 @@ def kernels() -> dict[str, Any]:
         return transpose
 
     store_tile, copy_tile = transpose_intrinsic(True), transpose_intrinsic(False)
+    aligned_f32 = aligned_allocator()
 
     @numba.njit(nogil=True, cache=True)
     def pack_rows(x, r0, tile, l0):  # pragma: no cover - compiled
@@ -272,20 +274,25 @@ def kernels() -> dict[str, Any]:
                     y[t0 + lane, o0 + r] = out[r * TILE + lane] * scales[o0 + r] + bias[o0 + r]
 
         @numba.njit(nogil=True, cache=True, parallel=True)
-        def by_blocks(meta, members, cols, vals, scales, bias, xt, y, bounds, row_sums, x_scales):  # pragma: no cover
-            """y (n, out) = x @ W.T * scales + bias from x's tiles xt; run c takes blocks ``bounds[c] ..``.
+        def by_blocks(meta, members, cols, vals, scales, bias, x, y, bounds, row_sums, x_scales):  # pragma: no cover
+            """y (n, out) = x @ W.T * scales + bias; run c takes blocks ``bounds[c] ..``, every tile of x.
 
             A run walks its blocks tile by tile: its share of the weight stays in L2 across tiles
-            and is read from memory once (a weight larger than the caches: the DRAM regime).
+            and is read from memory once (a weight larger than the caches: the DRAM regime). Each
+            run transposes every tile of x into its own buffer: twice the transposing, but a tile
+            one core wrote and the other read cost more (1.05-1.7x per layer at 16-128 rows).
             """
-            in_f, xs = xt.shape[1], xt.reshape(-1)
+            in_f = x.shape[1]
             for c in numba.prange(bounds.shape[0] - 1):
                 if bounds[c] < bounds[c + 1]:
                     acc, out = buffers()
-                    for t in range(xt.shape[0]):
+                    tile = aligned_f32(in_f * TILE)
+                    for t0 in range(0, x.shape[0], TILE):
+                        for l0 in range(0, TILE, LANES):
+                            pack_rows(x, t0 + l0, tile, l0)
                         for blk in range(bounds[c], bounds[c + 1]):
-                            one_block(meta, members, cols, vals, scales, bias, xs, t * in_f * TILE, t * TILE, blk,
-                                      y, acc, out, row_sums, x_scales)
+                            one_block(meta, members, cols, vals, scales, bias, tile, 0, t0, blk, y, acc, out,
+                                      row_sums, x_scales)
 
         @numba.njit(nogil=True, cache=True, parallel=True)
         def by_tiles(meta, members, cols, vals, scales, bias, x, y, units, row_sums, x_scales):  # pragma: no cover
@@ -300,8 +307,7 @@ def kernels() -> dict[str, Any]:
             for c in numba.prange(units.shape[0] - 1):
                 if units[c] < units[c + 1]:
                     acc, out = buffers()
-                    raw = np.empty(in_f * TILE + 16, np.float32)  # one tile, from a 64-byte boundary
-                    tile = raw[(-raw.ctypes.data % 64) // 4:][: in_f * TILE]
+                    tile = aligned_f32(in_f * TILE)  # 64-byte aligned: unsplit 512-bit loads
                     current = -1
                     for u in range(units[c], units[c + 1]):
                         t, blk = u // blocks, u % blocks
@@ -313,14 +319,6 @@ def kernels() -> dict[str, Any]:
                                   row_sums, x_scales)
 
         return by_blocks, by_tiles
-
-    @numba.njit(nogil=True, cache=True, parallel=True)
-    def pack_x(x, xt):  # pragma: no cover - compiled
-        """xt[t, k, lane] = x[t * TILE + lane, k], zero past x's last row: 16 x 16 blocks transposed in registers."""
-        in_f, out = x.shape[1], xt.reshape(-1)
-        for job in numba.prange(xt.shape[0] * (TILE // LANES)):
-            t, l0 = job * LANES // TILE, job * LANES % TILE
-            pack_rows(x, job * LANES, out[t * in_f * TILE:], l0)
 
     @numba.njit(nogil=True, cache=True)
     def pack_weight(rowptr, cols, vals, in_f, meta, members, out_cols, out_vals):  # pragma: no cover - compiled
@@ -366,7 +364,7 @@ def kernels() -> dict[str, Any]:
                     cursor[r] += counts[r]
         return pos
 
-    return {"spmm": driver("f32"), "spmm_int8": driver("int8"), "spmm_vnni": driver("vnni"), "pack_x": pack_x,
+    return {"spmm": driver("f32"), "spmm_int8": driver("int8"), "spmm_vnni": driver("vnni"),
             "pack_weight": pack_weight}
 
 
@@ -400,7 +398,7 @@ class SparseMatmul:
         self.cols, self.vals = packed_cols[: used + GROUP].copy(), packed_vals[: used + GROUP].copy()
         self.scales, self.bias = packed.scales.astype(np.float32), np.ascontiguousarray(bias, np.float32)
         self.shape, self.nonzeros = packed.shape, int(np.count_nonzero(values))
-        self._pack_x, self._config, self._threads = k["pack_x"], numba.core.config, numba.get_num_threads
+        self._config, self._threads = numba.core.config, numba.get_num_threads
         # a block's work: its stored entries, plus the fixed cost of a block (sums zeroed, transposed out)
         self._work = self.meta[..., 1].sum(axis=(1, 2)) * GROUP + BLOCK_COST
         self._in_cache = self.cols.nbytes + self.vals.nbytes <= CACHED_WEIGHT_BYTES
@@ -438,14 +436,11 @@ class SparseMatmul:
         y = aligned_empty((n, self.shape[0]))  # 64-byte aligned: unsplit 512-bit stores
         by_blocks, by_tiles = self._spmm
         if self._in_cache and tiles >= runs:
-            args = (x, y, self.split(tiles, runs))
-            kernel = by_tiles
+            kernel, split = by_tiles, self.split(tiles, runs)
         else:
-            xt = aligned_empty((tiles, x.shape[1], TILE))  # and loads
-            self._pack_x(x, xt)
-            args, kernel = (xt, y, self.split(0, runs)), by_blocks
+            kernel, split = by_blocks, self.split(0, runs)
         small.call_with_lane_vectorizer(
-            self._config, kernel, self.meta, self.members, self.cols, self.vals, self.scales, self.bias, *args,
+            self._config, kernel, self.meta, self.members, self.cols, self.vals, self.scales, self.bias, x, y, split,
             row_sums, x_scales,
         )
         return y
