@@ -48,8 +48,7 @@ def _kernel(handle: int) -> Kernel:
         raise RuntimeError(f"prunekit kernel {handle} no longer exists (its module was freed)") from None
 
 
-@torch.library.custom_op("prunekit::linear_kernel", mutates_args=())
-def linear_kernel(x: Tensor, handle: int) -> Tensor:
+def _run(x: Tensor, handle: int) -> Tensor:
     """``kernel(x)`` for the kernel registered under `handle`, in x's dtype, contiguous as the fake says.
 
     (The small-batch kernels hand back a transposed view; the op's output must match its fake's
@@ -58,7 +57,14 @@ def linear_kernel(x: Tensor, handle: int) -> Tensor:
     return _kernel(handle).eager(x).to(x.dtype).contiguous()
 
 
-@linear_kernel.register_fake
-def _(x: Tensor, handle: int) -> Tensor:
+def _fake(x: Tensor, handle: int) -> Tensor:
     return x.new_empty((*x.shape[:-1], _kernel(handle).out_features))
 
+
+# A plain library op, not `torch.library.custom_op`: its wrapper cost ~9 us more a call (measured
+# here), ~0.2 ms a MiniLM forward.
+_library = torch.library.Library("prunekit", "DEF")
+_library.define("linear_kernel(Tensor x, int handle) -> Tensor")
+_library.impl("linear_kernel", _run, "CPU")
+torch.library.register_fake("prunekit::linear_kernel", _fake, lib=_library)
+linear_kernel = torch.ops.prunekit.linear_kernel.default
