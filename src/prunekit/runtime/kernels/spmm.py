@@ -202,20 +202,23 @@ def kernels() -> dict[str, Any]:
     aligned_f32 = aligned_allocator()
 
     @numba.njit(nogil=True, cache=True)
-    def pack_rows(x, r0, tile, l0):  # pragma: no cover - compiled
-        """tile[k * TILE + l0 + lane] = x[r0 + lane, k] for 16 lanes, zero past x's last row (in registers)."""
+    def pack_tile(x, t0, tile):  # pragma: no cover - compiled
+        """tile[k * TILE + lane] = x[t0 + lane, k], zero past x's last row: 16 x 16 blocks transposed in registers."""
         n, in_f = x.shape
-        rows, whole, xs = min(LANES, n - r0), in_f - in_f % LANES, x.reshape(-1)
-        if rows == LANES:
-            for k0 in range(0, whole, LANES):
-                copy_tile(xs, tile, xs, xs, r0 * in_f + k0, in_f, k0 * TILE + l0, TILE, 0, LANES)  # no scale, bias
-            for k in range(whole, in_f):
-                for lane in range(LANES):
-                    tile[k * TILE + l0 + lane] = x[r0 + lane, k]
-        else:
-            for k in range(in_f):
-                for lane in range(LANES):
-                    tile[k * TILE + l0 + lane] = x[r0 + lane, k] if lane < rows else 0.0
+        whole, xs = in_f - in_f % LANES, x.reshape(-1)
+        for l0 in range(0, TILE, LANES):
+            r0 = t0 + l0
+            rows = min(LANES, n - r0)
+            if rows == LANES:
+                for k0 in range(0, whole, LANES):
+                    copy_tile(xs, tile, xs, xs, r0 * in_f + k0, in_f, k0 * TILE + l0, TILE, 0, LANES)  # no scale, bias
+                for k in range(whole, in_f):
+                    for lane in range(LANES):
+                        tile[k * TILE + l0 + lane] = x[r0 + lane, k]
+            else:
+                for k in range(in_f):
+                    for lane in range(LANES):
+                        tile[k * TILE + l0 + lane] = x[r0 + lane, k] if lane < rows else 0.0
 
     def driver(op: str) -> Any:
         wide, narrow, half = group_intrinsic(TILE // LANES, op), group_intrinsic(1, op), group_intrinsic(1, op, 8)
@@ -288,8 +291,7 @@ def kernels() -> dict[str, Any]:
                     acc, out = buffers()
                     tile = aligned_f32(in_f * TILE)
                     for t0 in range(0, x.shape[0], TILE):
-                        for l0 in range(0, TILE, LANES):
-                            pack_rows(x, t0 + l0, tile, l0)
+                        pack_tile(x, t0, tile)
                         for blk in range(bounds[c], bounds[c + 1]):
                             one_block(meta, members, cols, vals, scales, bias, tile, 0, t0, blk, y, acc, out,
                                       row_sums, x_scales)
@@ -312,8 +314,7 @@ def kernels() -> dict[str, Any]:
                     for u in range(units[c], units[c + 1]):
                         t, blk = u // blocks, u % blocks
                         if t != current:
-                            for l0 in range(0, TILE, LANES):
-                                pack_rows(x, t * TILE + l0, tile, l0)
+                            pack_tile(x, t * TILE, tile)
                             current = t
                         one_block(meta, members, cols, vals, scales, bias, tile, 0, t * TILE, blk, y, acc, out,
                                   row_sums, x_scales)
