@@ -27,8 +27,8 @@ from prunekit.core.distributed import rank_and_world
 from prunekit.core.inputs import call_model
 from prunekit.errors import ConfigError, PrunekitError, UnsupportedLayerError
 from prunekit.measure.heap import retained_memory
+from prunekit.runtime import attention, formats, fusion
 from prunekit.runtime import candidates as cand
-from prunekit.runtime import formats, fusion
 from prunekit.runtime.decisions import AccelerationReport, LayerDecision
 from prunekit.runtime.kernels.numba_setup import import_numba
 
@@ -191,6 +191,7 @@ def accelerate(
     min_sparsity: float = 0.25,
     margin: float = 0.1,
     fuse: bool = True,
+    attention_kernel: bool = True,
     repeats: int = 15,
     warmup: int = 3,
     tolerance: float | None = None,
@@ -211,6 +212,9 @@ def accelerate(
     With `fuse`, Linears that read the same input tensor (q/k/v, gate/up), none left dense,
     are then timed as one stacked call (with each kernel they chose) against their separate
     calls, and fused where that is faster at every batch size (`fusion`).
+    With `attention_kernel`, a transformers model (one that takes registered attention backends)
+    is timed whole with prunekit's CPU attention kernel (`attention`) against its own backend,
+    and keeps the kernel where its forwards are faster at every batch size.
     Finally the outputs on `example_inputs` must match the dense model's: relative error at
     most 1e-4 (fp32 kernels) or 5e-2 (if an INT8 kernel was installed).
 
@@ -227,6 +231,7 @@ def accelerate(
         min_sparsity: layers with fewer zeros are left alone.
         margin: how much faster (geometric mean over batch sizes) a candidate must be than dense.
         fuse: try one kernel call for sibling Linears (same input) where it measures faster.
+        attention_kernel: try prunekit's attention kernel in a transformers model (kept where faster).
         tolerance: the relative output error accepted; default 1e-4, or 5e-2 once an INT8
             kernel is installed (an LLM's logits may need more: measure dense INT8's drift first).
         repeats, warmup: timed and untimed forward passes per candidate and batch size.
@@ -266,6 +271,7 @@ def accelerate(
         built[fqn], infos[fqn] = _build(fqn, layer, names, allow_int8)
         sparsity = float((infos[fqn].weight == 0).float().mean())
         decisions.append(LayerDecision(fqn, tuple(infos[fqn].weight.shape), sparsity, infos[fqn].block, {}))
+    backend = getattr(getattr(model, "config", None), "_attn_implementation", None)  # restored on failure
     try:
         with retained_memory():  # time the kernels, not glibc re-faulting activations
             for b in batch_sizes:
@@ -287,6 +293,11 @@ def accelerate(
                 _set(model, d.fqn, fused[d.fqn])
             else:
                 _set(model, d.fqn, built[d.fqn][d.choice] if d.choice != "dense" else layers[d.fqn])
+        attention_choice = ""
+        if attention_kernel and attention.applies(model):
+            with retained_memory():
+                attention_choice = attention.try_in(
+                    model, {b: _with_batch(example_inputs, b) for b in batch_sizes}, repeats, warmup)
         with torch.no_grad():
             error = _rel_error(reference, call_model(model, example_inputs))
         if tolerance is None:
@@ -304,8 +315,11 @@ def accelerate(
     except BaseException:
         for fqn, layer in layers.items():
             _set(model, fqn, layer)
+        if backend is not None and attention.applies(model):
+            attention.set_backend(model, backend)
         raise
-    report = AccelerationReport(tuple(batch_sizes), torch.get_num_threads(), tolerance, error, decisions)
+    report = AccelerationReport(tuple(batch_sizes), torch.get_num_threads(), tolerance, error, decisions,
+                                attention_choice)
     model.prunekit_acceleration = report  # type: ignore[assignment]
     if table_path is not None:
         report.save(table_path)

@@ -46,6 +46,7 @@ class AccelerationReport:
     tolerance: float
     max_rel_error: float
     layers: list[LayerDecision]
+    attention: str = ""  # the attention backend kept, and the forward times it was chosen on ("": not tried)
 
     def to_dict(self) -> dict[str, Any]:
         """The table as a JSON-ready dict, tagged with `FORMAT` and its version (`report_version`)."""
@@ -59,7 +60,8 @@ class AccelerationReport:
         """The table as a `rich.table.Table`, one row per layer and batch size, candidates fastest first."""
         from rich.table import Table
 
-        table = Table(title=f"prunekit.accelerate ({self.threads} threads; ms = median per call)")
+        table = Table(title=f"prunekit.accelerate ({self.threads} threads; ms = median per call)",
+                      caption=f"attention: {self.attention}" if self.attention else None)
         for col in ("layer", "shape", "sparsity", "batch", "candidates (ms)", "choice"):
             table.add_column(col)
         for d in self.layers:
@@ -95,6 +97,8 @@ class AccelerationReport:
             f"max relative output error {self.max_rel_error:.2e} (tolerance {self.tolerance:.0e}); "
             f"a larger batch runs the choices tuned at batch {max(self.batch_sizes)}, untimed"
         ]
+        if self.attention:
+            lines.append(f"  attention: {self.attention}")
         for d in self.layers:
             gains = ", ".join(f"b{b} {d.speedup(d.choice, b):.2f}x" for b in self.batch_sizes if d.choice in d.ms)
             fused = f" fused with {', '.join(d.fused_with)}" if d.fused_with else ""

@@ -22,7 +22,7 @@ What keeps the FMAs fed (2-core Zen 4 here; `benchmarks/cpu_sparse_layers.py --f
   shared by tiles of x (`by_tiles`); a larger one by blocks of output rows (`by_blocks`: each
   thread reads its part of the weight from memory once, and transposes every tile).
 - **Transposes in registers.** x goes into tiles and the sums come back into y (n, out) 16 x 16 at a
-  time through vector shuffles (`_transpose_codegen`); strided scalar copies cost ~1 ns an element
+  time through vector shuffles (`ir_transpose`); strided scalar copies cost ~1 ns an element
   here and took half the time of a 3072 x 768 layer at batch 64.
 
 Values are fp32, or int8 with one fp32 scale per output row (weight-only INT8: x and the
@@ -43,6 +43,7 @@ import numpy as np
 from prunekit.runtime.kernels import numba as small
 from prunekit.runtime.kernels.buffers import aligned_allocator, aligned_empty
 from prunekit.runtime.kernels.ir_loops import close_accumulator_loop
+from prunekit.runtime.kernels.ir_transpose import transpose_intrinsic
 from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
 
 LANES = 16  # rows of x per vector (one AVX-512 register of fp32)
@@ -126,56 +127,6 @@ def _group_codegen(vectors: int, op: str, lanes: int = LANES) -> Callable[..., A
     return codegen
 
 
-def _transpose_codegen(affine: bool) -> Callable[..., Any]:
-    """LLVM IR for a 16 x 16 transpose: ``dst[do + j * ds :][: 16] = src[so + i * ss + j]`` over i (x scale + bias).
-
-    Arguments (src, dst, scales, bias, so, ss, do, ds, co, lanes): 16 rows of src are loaded as
-    vectors and transposed in registers (four rounds of two-vector shuffles, each swapping one bit
-    of the row and lane numbers), then the first `lanes` rows of the result are stored. With
-    `affine`, result row j is ``* scales[co :][: 16] + bias[co :][: 16]``. Strided scalar copies
-    cost ~1 ns an element here (each store to another cache line); this is ~0.1.
-    """
-    from llvmlite import ir
-
-    f32, i32 = ir.FloatType(), ir.IntType(32)
-    v16f = ir.VectorType(f32, LANES)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        src, dst, scales, bias = (
-            context.make_array(t)(context, builder, a).data for t, a in zip(signature.args[:4], args[:4], strict=True)
-        )
-        so, ss, do, ds, co, lanes = args[4:10]
-        intp = so.type
-
-        def at(base: Any, offset: Any) -> Any:
-            return builder.bitcast(builder.gep(base, [offset]), v16f.as_pointer())
-
-        rows = [builder.load(at(src, builder.add(so, builder.mul(ir.Constant(intp, i), ss))), align=4)
-                for i in range(LANES)]
-        for bit in (8, 4, 2, 1):
-            low = [j if j & bit == 0 else LANES + j - bit for j in range(LANES)]
-            high = [j + bit if j & bit == 0 else LANES + j for j in range(LANES)]
-            for i in range(LANES):
-                if i & bit == 0:
-                    a, b = rows[i], rows[i + bit]
-                    rows[i] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, LANES), low))
-                    rows[i + bit] = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, LANES), high))
-        if affine:
-            scale, shift = builder.load(at(scales, co), align=4), builder.load(at(bias, co), align=4)
-            rows = [builder.fadd(builder.fmul(r, scale), shift) for r in rows]
-        done = builder.append_basic_block("transpose.done")
-        for j in range(LANES):
-            store = builder.append_basic_block(f"transpose.row{j}")
-            builder.cbranch(builder.icmp_signed(">", lanes, ir.Constant(intp, j)), store, done)
-            builder.position_at_end(store)
-            builder.store(rows[j], at(dst, builder.add(do, builder.mul(ir.Constant(intp, j), ds))), align=4)
-        builder.branch(done)
-        builder.position_at_end(done)
-        return context.get_dummy_value()
-
-    return codegen
-
-
 @cache
 def kernels() -> dict[str, Any]:
     """The compiled kernels by name: ``spmm`` / ``spmm_int8`` / ``spmm_vnni`` (by blocks, by tiles), ``pack_weight``."""
@@ -190,13 +141,6 @@ def kernels() -> dict[str, Any]:
             return types.void(vals, cols, x, acc, members, *[types.intp] * 5), _group_codegen(vectors, op, lanes)
 
         return group
-
-    def transpose_intrinsic(affine: bool) -> Any:
-        @intrinsic
-        def transpose(typingctx, src, dst, scales, bias, so, ss, do, ds, co, lanes):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-            return types.void(src, dst, scales, bias, *[types.intp] * 6), _transpose_codegen(affine)
-
-        return transpose
 
     store_tile, copy_tile = transpose_intrinsic(True), transpose_intrinsic(False)
     aligned_f32 = aligned_allocator()

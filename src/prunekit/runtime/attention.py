@@ -1,0 +1,180 @@
+"""prunekit's CPU attention (`kernels.attention`) as a torch op, and as a 🤗 transformers attention backend.
+
+`attend(q, k, v, mask, scale)` is ``F.scaled_dot_product_attention`` for inference on CPU fp32:
+no dropout, no causal flag (a causal mask passed as a tensor is fine), head dims a multiple of 16,
+keys and values possibly fewer heads (grouped queries). It returns (B, H, Sq, D) as a view of a
+(B, Sq, H, D) array, the layout a model merges its heads from. Under `torch.compile` it is one
+opaque op (``prunekit::attention``), like the sparse Linears (`opaque`).
+
+`use_in(model)` makes a transformers model run it through the library's attention registry
+(`AttentionInterface`): every call it cannot take (training, causal, decoding a few rows,
+another device or dtype) goes to transformers' SDPA backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from prunekit.core.inputs import call_model
+from prunekit.errors import UnsupportedLayerError
+from prunekit.runtime.kernels.attention import kernels, split
+
+log = logging.getLogger(__name__)
+
+BACKEND = "prunekit"  # the name under transformers' AttentionInterface
+MIN_QUERY_ROWS = 16  # fewer query rows (decoding) stay with torch: the kernel computes 8 rows at a time
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether `attend` takes these inputs (the kernel's limits), without raising."""
+    tensors = [q, k, v] + ([mask] if mask is not None else [])
+    return (
+        all(t.device.type == "cpu" for t in tensors)
+        and all(t.dtype == torch.float32 for t in (q, k, v))
+        and (mask is None or mask.dtype in (torch.float32, torch.bool))
+        and q.dim() == 4 and k.dim() == 4 and v.shape == k.shape
+        and q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] and q.shape[1] % k.shape[1] == 0
+        and q.shape[-1] % 16 == 0 and 0 < q.shape[-1] <= 256
+        and q.shape[2] >= MIN_QUERY_ROWS
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    )
+
+
+def _additive(mask: Tensor | None, shape: tuple[int, int, int, int]) -> Tensor | None:
+    """The mask broadcast to (B, H, Sq, Sk) (a view), additive fp32, its last dim contiguous."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    mask = mask.expand(shape)
+    return mask if mask.stride(-1) == 1 else mask.contiguous()
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    batch, heads, rows, dims = q.shape
+    out = torch.empty(batch, rows, heads, dims)
+    full = _additive(mask, (batch, heads, rows, k.shape[2]))
+    strides = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
+    kernels(dims)(*(t.numpy() for t in strides), np.zeros((1, 1, 1, 1), np.float32) if full is None else full.numpy(),
+                  full is not None, np.float32(scale), out.numpy(), split(batch * heads, torch.get_num_threads()))
+    return out.transpose(1, 2)
+
+
+def _fake(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1])).transpose(1, 2)
+
+
+_library = torch.library.Library("prunekit", "FRAGMENT")
+_library.define("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+_library.impl("attention", _run, "CPU")
+torch.library.register_fake("prunekit::attention", _fake, lib=_library)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """softmax(q k^T * scale + mask) v for inference: (B, H, Sq, D), as ``F.scaled_dot_product_attention``.
+
+    `mask` is additive (fp32) or boolean (True: attend), broadcastable to (B, H, Sq, Sk); `scale`
+    defaults to 1 / sqrt(D). Inputs `supports` rejects raise `UnsupportedLayerError`.
+    """
+    if not supports(q, k, v, mask):
+        raise UnsupportedLayerError(
+            f"prunekit attention takes CPU fp32 q, k, v of (B, H, S, D) with D a multiple of 16 (<= 256), "
+            f">= {MIN_QUERY_ROWS} query rows and no gradient; got q {tuple(q.shape)} {q.dtype}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}, mask {None if mask is None else (tuple(mask.shape), mask.dtype)}"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.prunekit.attention.default(q, k, v, mask, scale)
+    return _run(q, k, v, mask, scale)
+
+
+def _backend() -> Any:
+    """A transformers attention function: `attend` where it applies, else transformers' own SDPA backend."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward as fallback
+
+    def prunekit_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                           attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           is_causal: bool | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+        plain = (dropout == 0.0 and not (causal and attention_mask is None)
+                 and all(kwargs.get(name) is None for name in ("softcap", "position_bias", "sliding_window", "sinks"))
+                 and not kwargs.get("output_attentions", False))
+        if not (plain and supports(query, key, value, attention_mask)):
+            return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            is_causal=is_causal, **kwargs)
+        out = attend(query, key, value, attention_mask, scaling)
+        return out.transpose(1, 2), None  # (B, Sq, H, D): contiguous, as transformers' backends return it
+
+    return prunekit_attention
+
+
+def use_in(model: nn.Module) -> str:
+    """Make a transformers `model` attend with prunekit's kernel; returns its previous backend's name, to restore.
+
+    Raises `UnsupportedLayerError` for a model that does not take registered attention backends.
+    """
+    if not applies(model):
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} does not take a transformers attention backend; prunekit attention is for "
+            "transformers models with _supports_attention_backend"
+        )
+    previous = str(model.config._attn_implementation)
+    if previous == BACKEND:
+        return previous
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(BACKEND, _backend())
+    AttentionMaskInterface.register(BACKEND, sdpa_mask)  # unregistered, transformers would build no mask at all
+    set_backend(model, BACKEND)
+    return previous
+
+
+def set_backend(model: nn.Module, name: str) -> None:
+    """Point `model` and its sub-configs at attention backend `name`."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(name)
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = name
+    log.debug("attention backend of %s: %s", type(model).__name__, name)
+
+
+def applies(model: nn.Module) -> bool:
+    """Whether `model` is a transformers model that takes a registered attention backend."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) is not None and bool(
+        getattr(model, "_supports_attention_backend", False))
+
+
+def try_in(model: nn.Module, inputs_by_batch: dict[int, Any], repeats: int, warmup: int) -> str:
+    """Keep prunekit attention in `model` if whole forwards at every batch size are faster with it; says what it found.
+
+    The two backends take turns forward by forward (the order rotated each round); the verdict
+    compares median ms per forward.
+    """
+    previous = use_in(model)
+    times: dict[str, dict[int, list[float]]] = {previous: {}, BACKEND: {}}
+    order = [previous, BACKEND]
+    with torch.no_grad():
+        for batch, inputs in inputs_by_batch.items():
+            for rep in range(warmup + repeats):
+                for name in order[rep % 2:] + order[: rep % 2]:
+                    set_backend(model, name)
+                    start = time.perf_counter()
+                    call_model(model, inputs)
+                    if rep >= warmup:
+                        times[name].setdefault(batch, []).append((time.perf_counter() - start) * 1e3)
+    ms = {name: {b: statistics.median(t) for b, t in per.items()} for name, per in times.items()}
+    faster = all(ms[BACKEND][b] < ms[previous][b] for b in inputs_by_batch)
+    set_backend(model, BACKEND if faster else previous)
+    timing = ", ".join(f"b{b} {ms[BACKEND][b]:.2f} vs {ms[previous][b]:.2f} ms" for b in inputs_by_batch)
+    return f"{BACKEND if faster else previous} ({BACKEND} against {previous}, a forward: {timing})"

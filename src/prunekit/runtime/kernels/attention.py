@@ -1,0 +1,394 @@
+"""Softmax attention for CPU inference, one (batch, head) at a time: keys as vector lanes.
+
+An encoder's attention core at batch 1 is small matrices: 12 heads of 128 x 128 scores over 32
+dimensions (MiniLM). torch's flash kernel for CPU cuts that into 32-row blocks and calls a GEMM
+routine per block, so fixed costs, not FMAs, set its time (~0.3 ms a layer here, a third of
+a pruned MiniLM's forward). Here each head is whole rows:
+
+- **K transposed once per head** into kt (dims, keys), so a vector of 16 keys is one load.
+- **Scores 4 query rows x 64 keys at a time** (16 accumulators in registers, LLVM IR): per
+  dimension, four key vectors loaded, four query values broadcast, 16 FMAs.
+- **Softmax on whole rows** in a row buffer (scale, mask, max, then a vectorized exp: Cody-Waite
+  reduction and a degree-6 polynomial, ~1 ulp), no online rescaling: a row of scores is a few KB.
+- **P @ V up to 8 query rows x the head's dimensions at a time** (16 accumulators), scaled by
+  1 / the row's sum once, written straight into a (batch, query, head, dim) output, which is the
+  layout the model reshapes it to next.
+
+Heads are split between threads in equal shares. Inference only: no dropout, no causal mask (a
+causal or dropout call stays with torch), dims a multiple of 16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache, lru_cache
+from typing import Any
+
+import numpy as np
+
+from prunekit.runtime.kernels.buffers import aligned_allocator
+from prunekit.runtime.kernels.ir_loops import close_accumulator_loop
+from prunekit.runtime.kernels.ir_transpose import transpose_intrinsic
+from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
+
+LANES = 16  # fp32 lanes per vector (one AVX-512 register)
+SCORE_ROWS = 4  # query rows per scores pass
+SCORE_VECTORS = 4  # key vectors (64 keys) per scores pass
+BLOCK_ROWS = 8  # query rows whose scores, softmax and P @ V are done together
+FLOOR = -80.0  # exp's input is clamped here: exp(-80) ~ 2e-35, nothing next to a row's maximum (1)
+
+
+def _pointer(builder: Any, base: Any, offset: Any, vec: Any) -> Any:
+    return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
+
+
+def _scores_codegen(vectors: int) -> Callable[..., Any]:
+    """``s[so + r * ss + j0 :][: 16 v] = sum_d q[qoff[r] + d] * kt[d * ks + j0 :][: 16 v]`` for 4 rows r (IR).
+
+    Arguments (q, kt, s, qoff, dims, ks, j0, so, ss): `qoff` holds the 4 query rows' offsets in q.
+    """
+    from llvmlite import ir
+
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    vec = ir.VectorType(f32, LANES)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        pq, pk, ps, po = (context.make_array(t)(context, builder, a).data
+                          for t, a in zip(signature.args[:4], args[:4], strict=True))
+        dims, ks, j0, so, ss = args[4:9]
+        intp = dims.type
+        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
+            builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v16f32")
+        rows = [builder.load(builder.gep(po, [ir.Constant(intp, r)])) for r in range(SCORE_ROWS)]
+        initial = [ir.Constant(vec, [0.0] * LANES)] * (SCORE_ROWS * vectors)
+        destinations = [_pointer(builder, ps, builder.add(builder.add(so, builder.mul(ir.Constant(intp, r), ss)),
+                                                          builder.add(j0, ir.Constant(intp, LANES * i))), vec)
+                        for r in range(SCORE_ROWS) for i in range(vectors)]
+        entry = builder.block
+        loop, done = builder.append_basic_block("scores.loop"), builder.append_basic_block("scores.done")
+        builder.cbranch(builder.icmp_signed(">", dims, ir.Constant(intp, 0)), loop, done)
+        builder.position_at_end(loop)
+        d = builder.phi(intp)
+        carried = [builder.phi(vec) for _ in initial]
+        row = builder.add(builder.mul(d, ks), j0)
+        keys = [builder.load(_pointer(builder, pk, builder.add(row, ir.Constant(intp, LANES * i)), vec), align=4)
+                for i in range(vectors)]
+        zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+        updated = []
+        for r in range(SCORE_ROWS):
+            value = builder.load(builder.gep(pq, [builder.add(rows[r], d)]))
+            one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
+            splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), zeros)
+            updated += [builder.call(fma, [splat, keys[i], carried[r * vectors + i]]) for i in range(vectors)]
+        following = builder.add(d, ir.Constant(intp, 1))
+        close_accumulator_loop(builder, blocks=(entry, loop, done), counter=(d, ir.Constant(intp, 0), following),
+                               again=builder.icmp_signed("<", following, dims),
+                               accumulators=(carried, initial, updated), destinations=destinations)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _exp_codegen() -> Callable[..., Any]:
+    """``s[so :][: 16 n] = exp(s[so :][: 16 n] - top)``, returning their sum (IR, 16 lanes at a time).
+
+    Arguments (s, so, n, top). exp(x) = 2^k * p(r) with k = round(x / ln 2), r = x - k ln 2 (in
+    two parts, Cody-Waite) and p Cephes' degree-6 polynomial; x is clamped to [`FLOOR`, 0].
+    """
+    from llvmlite import ir
+
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    vec, ivec = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
+
+    def splat(value: float) -> Any:
+        return ir.Constant(vec, [value] * LANES)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ps = context.make_array(signature.args[0])(context, builder, args[0]).data
+        so, n, top = args[1], args[2], args[3]
+        intp = so.type
+        module = builder.module
+
+        def intrinsic(name: str, arity: int) -> Any:
+            return module.globals.get(name) or ir.Function(module, ir.FunctionType(vec, [vec] * arity), name)
+
+        fma, maxnum, rint = intrinsic("llvm.fma.v16f32", 3), intrinsic("llvm.maxnum.v16f32", 2), intrinsic(
+            "llvm.rint.v16f32", 1)
+        one = builder.insert_element(ir.Constant(vec, ir.Undefined), top, ir.Constant(i32, 0))
+        shift = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(ivec, [0] * LANES))
+        entry = builder.block
+        loop, done = builder.append_basic_block("exp.loop"), builder.append_basic_block("exp.done")
+        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(intp, 0)), loop, done)
+        builder.position_at_end(loop)
+        i = builder.phi(intp)
+        total = builder.phi(vec)
+        at = _pointer(builder, ps, builder.add(so, builder.mul(i, ir.Constant(intp, LANES))), vec)
+        x = builder.call(maxnum, [builder.fsub(builder.load(at, align=4), shift), splat(FLOOR)])
+        k = builder.call(rint, [builder.fmul(x, splat(1.44269504088896341))])
+        r = builder.call(fma, [k, splat(-0.693359375), x])
+        r = builder.call(fma, [k, splat(2.12194440e-4), r])
+        p = splat(1.9875691500e-4)
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = builder.call(fma, [p, r, splat(c)])
+        p = builder.call(fma, [p, builder.fmul(r, r), builder.fadd(r, splat(1.0))])
+        exponent = builder.shl(builder.add(builder.fptosi(k, ivec), ir.Constant(ivec, [127] * LANES)),
+                               ir.Constant(ivec, [23] * LANES))
+        value = builder.fmul(p, builder.bitcast(exponent, vec))
+        builder.store(value, at, align=4)
+        summed = builder.fadd(total, value)
+        following = builder.add(i, ir.Constant(intp, 1))
+        builder.cbranch(builder.icmp_signed("<", following, n), loop, done)
+        i.add_incoming(ir.Constant(intp, 0), entry)
+        i.add_incoming(following, loop)
+        total.add_incoming(splat(0.0), entry)
+        total.add_incoming(summed, loop)
+        builder.position_at_end(done)
+        result = builder.phi(vec)
+        result.add_incoming(splat(0.0), entry)
+        result.add_incoming(summed, loop)
+        reduce = module.globals.get("llvm.vector.reduce.fadd.v16f32") or ir.Function(
+            module, ir.FunctionType(f32, [f32, vec]), "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(reduce, [ir.Constant(f32, 0.0), result])
+
+    return codegen
+
+
+def _scale_codegen(masked: bool) -> Callable[..., Any]:
+    """``s[so :][: 16 n] = s[so :][: 16 n] * scale (+ mask[mo :][: 16 n])``, returning their maximum (IR).
+
+    Arguments (s, mask, so, mo, n, scale); the mask is additive and only read when `masked`.
+    """
+    from llvmlite import ir
+
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    vec, ivec = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ps, pm = (context.make_array(t)(context, builder, a).data
+                  for t, a in zip(signature.args[:2], args[:2], strict=True))
+        so, mo, n, scale = args[2:6]
+        intp = so.type
+        module = builder.module
+        maxnum = module.globals.get("llvm.maxnum.v16f32") or ir.Function(
+            module, ir.FunctionType(vec, [vec] * 2), "llvm.maxnum.v16f32")
+        one = builder.insert_element(ir.Constant(vec, ir.Undefined), scale, ir.Constant(i32, 0))
+        factor = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(ivec, [0] * LANES))
+        lowest = ir.Constant(vec, [float("-inf")] * LANES)
+        entry = builder.block
+        loop, done = builder.append_basic_block("scale.loop"), builder.append_basic_block("scale.done")
+        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(intp, 0)), loop, done)
+        builder.position_at_end(loop)
+        i = builder.phi(intp)
+        top = builder.phi(vec)
+        offset = builder.mul(i, ir.Constant(intp, LANES))
+        at = _pointer(builder, ps, builder.add(so, offset), vec)
+        value = builder.fmul(builder.load(at, align=4), factor)
+        if masked:
+            value = builder.fadd(value, builder.load(_pointer(builder, pm, builder.add(mo, offset), vec), align=4))
+        builder.store(value, at, align=4)
+        highest = builder.call(maxnum, [top, value])
+        following = builder.add(i, ir.Constant(intp, 1))
+        builder.cbranch(builder.icmp_signed("<", following, n), loop, done)
+        i.add_incoming(ir.Constant(intp, 0), entry)
+        i.add_incoming(following, loop)
+        top.add_incoming(lowest, entry)
+        top.add_incoming(highest, loop)
+        builder.position_at_end(done)
+        result = builder.phi(vec)
+        result.add_incoming(lowest, entry)
+        result.add_incoming(highest, loop)
+        reduce = module.globals.get("llvm.vector.reduce.fmax.v16f32") or ir.Function(
+            module, ir.FunctionType(f32, [vec]), "llvm.vector.reduce.fmax.v16f32")
+        return builder.call(reduce, [result])
+
+    return codegen
+
+
+def _values_codegen(rows: int, vectors: int) -> Callable[..., Any]:
+    """``out[ooff[r] :][: 16 v] = inv[r] * sum_j p[poff[r] + j] * v[vo + j * vs :][: 16 v]`` for `rows` rows (IR).
+
+    Arguments (p, v, out, poff, ooff, inv, keys, vo, vs).
+    """
+    from llvmlite import ir
+
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    vec = ir.VectorType(f32, LANES)
+    zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        pp, pv, pout, ppo, poo, pinv = (context.make_array(t)(context, builder, a).data
+                                        for t, a in zip(signature.args[:6], args[:6], strict=True))
+        keys, vo, vs = args[6:9]
+        intp = keys.type
+        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
+            builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v16f32")
+
+        def splat(value: Any) -> Any:
+            one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), zeros)
+
+        prow = [builder.load(builder.gep(ppo, [ir.Constant(intp, r)])) for r in range(rows)]
+        initial = [ir.Constant(vec, [0.0] * LANES)] * (rows * vectors)
+        entry = builder.block
+        loop, done = builder.append_basic_block("values.loop"), builder.append_basic_block("values.done")
+        builder.cbranch(builder.icmp_signed(">", keys, ir.Constant(intp, 0)), loop, done)
+        builder.position_at_end(loop)
+        j = builder.phi(intp)
+        carried = [builder.phi(vec) for _ in initial]
+        row = builder.add(vo, builder.mul(j, vs))
+        values = [builder.load(_pointer(builder, pv, builder.add(row, ir.Constant(intp, LANES * i)), vec), align=4)
+                  for i in range(vectors)]
+        updated = []
+        for r in range(rows):
+            weight = splat(builder.load(builder.gep(pp, [builder.add(prow[r], j)])))
+            updated += [builder.call(fma, [weight, values[i], carried[r * vectors + i]]) for i in range(vectors)]
+        following = builder.add(j, ir.Constant(intp, 1))
+        builder.cbranch(builder.icmp_signed("<", following, keys), loop, done)
+        j.add_incoming(ir.Constant(intp, 0), entry)
+        j.add_incoming(following, loop)
+        for acc, before, after in zip(carried, initial, updated, strict=True):
+            acc.add_incoming(before, entry)
+            acc.add_incoming(after, loop)
+        builder.position_at_end(done)
+        totals = [builder.phi(vec) for _ in initial]  # phis first, as LLVM requires
+        for total, before, after in zip(totals, initial, updated, strict=True):
+            total.add_incoming(before, entry)
+            total.add_incoming(after, loop)
+        for r in range(rows):
+            scale = splat(builder.load(builder.gep(pinv, [ir.Constant(intp, r)])))
+            out_row = builder.load(builder.gep(poo, [ir.Constant(intp, r)]))
+            for i in range(vectors):
+                at = _pointer(builder, pout, builder.add(out_row, ir.Constant(intp, LANES * i)), vec)
+                builder.store(builder.fmul(totals[r * vectors + i], scale), at, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@lru_cache(maxsize=64)
+def split(units: int, runs: int) -> np.ndarray:
+    """Run c of `runs` takes (batch, head) units ``split[c] .. split[c + 1] - 1``: equal shares."""
+    return np.array([round(c * units / runs) for c in range(runs + 1)], np.int64)
+
+
+def values_rows(dims: int) -> int:
+    """Query rows per P @ V pass for a head of `dims` (16 accumulators: 8 rows of 32 dims, 4 of 64, ...)."""
+    return max(1, min(BLOCK_ROWS, LANES // (dims // LANES)))
+
+
+@cache
+def kernels(dims: int) -> Any:
+    """``attend(q, k, v, mask, has_mask, scale, out, bounds)`` for heads of `dims` (a multiple of 16), compiled."""
+    numba = import_numba()
+    prefer_openmp(numba)
+    from numba import types
+    from numba.extending import intrinsic
+
+    def scores_intrinsic(vectors: int) -> Any:
+        @intrinsic
+        def scores(typingctx, q, kt, s, qoff, dims, ks, j0, so, ss):  # type: ignore[no-untyped-def]  # pragma: no cover
+            return types.void(q, kt, s, qoff, *[types.intp] * 5), _scores_codegen(vectors)
+
+        return scores
+
+    @intrinsic
+    def exp_rows(typingctx, s, so, n, top):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        return types.float32(s, types.intp, types.intp, types.float32), _exp_codegen()
+
+    def scale_intrinsic(masked: bool) -> Any:
+        @intrinsic
+        def scale_rows(typingctx, s, mask, so, mo, n, scale):  # type: ignore[no-untyped-def]  # pragma: no cover
+            return types.float32(s, mask, types.intp, types.intp, types.intp, types.float32), _scale_codegen(masked)
+
+        return scale_rows
+
+    scale_masked, scale_only = scale_intrinsic(True), scale_intrinsic(False)
+    rows_per_pass, vectors = values_rows(dims), dims // LANES
+
+    @intrinsic
+    def values(typingctx, p, v, out, poff, ooff, inv, keys, vo, vs):  # type: ignore[no-untyped-def]  # pragma: no cover
+        return types.void(p, v, out, poff, ooff, inv, *[types.intp] * 3), _values_codegen(rows_per_pass, vectors)
+
+    score_passes = [scores_intrinsic(n) for n in range(1, SCORE_VECTORS + 1)]
+    four, three, two, one = score_passes[3], score_passes[2], score_passes[1], score_passes[0]
+    aligned_f32, transpose = aligned_allocator(), transpose_intrinsic(False)
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def attend(q, k, v, mask, has_mask, scale, out, bounds):  # pragma: no cover - compiled
+        """out[b, i, h] = softmax(q[b, h, i] . k[b, hk] * scale + mask[b, h, i]) @ v[b, hk]; run c: heads bounds[c]..
+
+        q (B, H, Sq, D), k and v (B, Hk, Sk, D) with any strides but the last (1); H a multiple
+        of Hk (grouped queries); mask broadcast to (B, H, Sq, Sk), additive; out (B, Sq, H, D).
+        """
+        batch, heads, sq, d = q.shape
+        kv_heads, sk = k.shape[1], k.shape[2]
+        group = heads // kv_heads
+        padded = -(-sk // LANES) * LANES
+        qs, ks, vs, ms = q.strides, k.strides, v.strides, mask.strides
+        flat_out = out.reshape(-1)
+        for c in numba.prange(bounds.shape[0] - 1):
+            kt = aligned_f32(d * padded)
+            s = aligned_f32(BLOCK_ROWS * padded)
+            qoff = np.empty(SCORE_ROWS, np.int64)
+            poff = np.empty(rows_per_pass, np.int64)
+            ooff = np.empty(rows_per_pass, np.int64)
+            inv = np.empty(BLOCK_ROWS, np.float32)
+            part = np.empty(rows_per_pass, np.float32)
+            for unit in range(bounds[c], bounds[c + 1]):
+                b, h = unit // heads, unit % heads
+                hk = h // group
+                k_base, k_row = (b * ks[0] + hk * ks[1]) // 4, ks[2] // 4
+                keys = sk - sk % LANES
+                for j0 in range(0, keys, LANES):  # 16 x 16 blocks transposed in registers
+                    for e0 in range(0, d, LANES):
+                        transpose(k, kt, kt, kt, k_base + j0 * k_row + e0, k_row, e0 * padded + j0, padded, 0, LANES)
+                for j in range(keys, sk):
+                    for e in range(d):
+                        kt[e * padded + j] = k[b, hk, j, e]
+                for j in range(sk, padded):
+                    for e in range(d):
+                        kt[e * padded + j] = 0.0
+                q_base = (b * qs[0] + h * qs[1]) // 4
+                v_base = (b * vs[0] + hk * vs[1]) // 4
+                for i0 in range(0, sq, BLOCK_ROWS):
+                    for r0 in range(0, BLOCK_ROWS, SCORE_ROWS):
+                        for r in range(SCORE_ROWS):
+                            qoff[r] = q_base + min(i0 + r0 + r, sq - 1) * (qs[2] // 4)
+                        j0 = 0
+                        while j0 + SCORE_VECTORS * LANES <= padded:
+                            four(q, kt, s, qoff, d, padded, j0, r0 * padded, padded)
+                            j0 += SCORE_VECTORS * LANES
+                        left = (padded - j0) // LANES
+                        if left == 3:
+                            three(q, kt, s, qoff, d, padded, j0, r0 * padded, padded)
+                        elif left == 2:
+                            two(q, kt, s, qoff, d, padded, j0, r0 * padded, padded)
+                        elif left == 1:
+                            one(q, kt, s, qoff, d, padded, j0, r0 * padded, padded)
+                    rows = min(BLOCK_ROWS, sq - i0)
+                    whole = sk // LANES
+                    for r in range(rows):
+                        at = r * padded
+                        if has_mask:
+                            mo = (b * ms[0] + h * ms[1] + (i0 + r) * ms[2]) // 4
+                            top = scale_masked(s, mask, at, mo, whole, scale)
+                            for j in range(whole * LANES, sk):
+                                s[at + j] = s[at + j] * scale + mask[b, h, i0 + r, j]
+                        else:
+                            top = scale_only(s, mask, at, 0, whole, scale)
+                            for j in range(whole * LANES, sk):
+                                s[at + j] = s[at + j] * scale
+                        for j in range(whole * LANES, sk):
+                            top = max(top, s[at + j])
+                        for j in range(sk, padded):
+                            s[at + j] = -np.inf
+                        inv[r] = 1.0 / exp_rows(s, at, padded // LANES, top)
+                    for p0 in range(0, rows, rows_per_pass):
+                        for r in range(rows_per_pass):
+                            row = min(p0 + r, rows - 1)
+                            poff[r] = row * padded
+                            ooff[r] = ((b * sq + i0 + row) * heads + h) * d
+                            part[r] = inv[row]
+                        values(s, v, flat_out, poff, ooff, part, sk, v_base, vs[2] // 4)
+
+    return attend
