@@ -188,7 +188,7 @@ def run_case(name: str, dense: nn.Module, sparse: nn.Module, batch: int, seq: in
     row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "runs": runs, "best_dense_ms": best_dense,
            "speedup_vs_best_dense": best_dense / ms["prunekit"], "fastest_prunekit": fastest,
            "fastest_speedup_vs_best_dense": best_dense / ms[fastest], "shares": shares, "kernels": chosen,
-           "output_drift": drift}
+           "attention": accelerated.prunekit_acceleration.attention, "output_drift": drift}
     linear_share = shares["dense"]["linear"]
     row["amdahl_cap"] = 1 / (1 - linear_share) if linear_share < 1 else float("inf")
     ds = ms.get("deepsparse")
@@ -204,7 +204,8 @@ def run_case(name: str, dense: nn.Module, sparse: nn.Module, batch: int, seq: in
           f"{100 * shares['dense']['attention_core']:.0f} %, rest {100 * shares['dense']['rest']:.0f} %; "
           f"pruned: Linear {100 * shares['prunekit']['linear']:.0f} %, attention core "
           f"{100 * shares['prunekit']['attention_core']:.0f} %, rest {100 * shares['prunekit']['rest']:.0f} %; "
-          f"kernels {chosen}; outputs {drift:.1e} from the pruned fp32 model's",
+          f"kernels {chosen}; attention {row['attention'] or 'not tried'}; outputs {drift:.1e} from the pruned fp32 "
+          "model's",
           flush=True)
     return row
 

@@ -35,6 +35,8 @@ LANES = 16  # fp32 lanes per vector (one AVX-512 register)
 SCORE_ROWS = 4  # query rows per scores pass
 SCORE_VECTORS = 4  # key vectors (64 keys) per scores pass
 BLOCK_ROWS = 8  # query rows whose scores, softmax and P @ V are done together
+MASKS = ("none", "add", "keep")  # no mask; an additive fp32 mask; a boolean one (True: attend), as bytes
+NONE, ADD, KEEP = range(3)
 FLOOR = -80.0  # exp's input is clamped here: exp(-80) ~ 2e-35, nothing next to a row's maximum (1)
 
 
@@ -153,15 +155,17 @@ def _exp_codegen() -> Callable[..., Any]:
     return codegen
 
 
-def _scale_codegen(masked: bool) -> Callable[..., Any]:
-    """``s[so :][: 16 n] = s[so :][: 16 n] * scale (+ mask[mo :][: 16 n])``, returning their maximum (IR).
+def _scale_codegen(mask: str) -> Callable[..., Any]:
+    """``s[so :][: 16 n] = s[so :][: 16 n] * scale``, masked, returning their maximum (IR).
 
-    Arguments (s, mask, so, mo, n, scale); the mask is additive and only read when `masked`.
+    Arguments (s, mask, so, mo, n, scale). `mask` says how the mask row at mask[mo:] applies:
+    "none" (not read), "add" (fp32, added) or "keep" (bytes, 0 where a key is masked out: -inf).
     """
     from llvmlite import ir
 
-    f32, i32 = ir.FloatType(), ir.IntType(32)
+    f32, i32, i8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
     vec, ivec = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
+    bytes16 = ir.VectorType(i8, LANES)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         ps, pm = (context.make_array(t)(context, builder, a).data
@@ -183,8 +187,13 @@ def _scale_codegen(masked: bool) -> Callable[..., Any]:
         offset = builder.mul(i, ir.Constant(intp, LANES))
         at = _pointer(builder, ps, builder.add(so, offset), vec)
         value = builder.fmul(builder.load(at, align=4), factor)
-        if masked:
+        if mask == "add":
             value = builder.fadd(value, builder.load(_pointer(builder, pm, builder.add(mo, offset), vec), align=4))
+        elif mask == "keep":
+            row = builder.bitcast(pm, i8.as_pointer())
+            keep = builder.load(_pointer(builder, row, builder.add(mo, offset), bytes16), align=1)
+            masked_out = builder.icmp_unsigned("==", keep, ir.Constant(bytes16, [0] * LANES))
+            value = builder.select(masked_out, ir.Constant(vec, [float("-inf")] * LANES), value)
         builder.store(value, at, align=4)
         highest = builder.call(maxnum, [top, value])
         following = builder.add(i, ir.Constant(intp, 1))
@@ -278,7 +287,11 @@ def values_rows(dims: int) -> int:
 
 @cache
 def kernels(dims: int) -> Any:
-    """``attend(q, k, v, mask, has_mask, scale, out, bounds)`` for heads of `dims` (a multiple of 16), compiled."""
+    """``attend(q, k, v, mask, mask_kind, scale, out, bounds)`` for heads of `dims` (a multiple of 16), compiled.
+
+    `mask_kind` is the index in `MASKS` of how `mask` applies: not at all, added (fp32), or kept
+    where non-zero (uint8: a boolean mask's bytes).
+    """
     numba = import_numba()
     prefer_openmp(numba)
     from numba import types
@@ -295,14 +308,14 @@ def kernels(dims: int) -> Any:
     def exp_rows(typingctx, s, so, n, top):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         return types.float32(s, types.intp, types.intp, types.float32), _exp_codegen()
 
-    def scale_intrinsic(masked: bool) -> Any:
+    def scale_intrinsic(kind: str) -> Any:
         @intrinsic
         def scale_rows(typingctx, s, mask, so, mo, n, scale):  # type: ignore[no-untyped-def]  # pragma: no cover
-            return types.float32(s, mask, types.intp, types.intp, types.intp, types.float32), _scale_codegen(masked)
+            return types.float32(s, mask, types.intp, types.intp, types.intp, types.float32), _scale_codegen(kind)
 
         return scale_rows
 
-    scale_masked, scale_only = scale_intrinsic(True), scale_intrinsic(False)
+    scale_only, scale_add, scale_keep = (scale_intrinsic(kind) for kind in MASKS)
     rows_per_pass, vectors = values_rows(dims), dims // LANES
 
     @intrinsic
@@ -314,11 +327,11 @@ def kernels(dims: int) -> Any:
     aligned_f32, transpose = aligned_allocator(), transpose_intrinsic(False)
 
     @numba.njit(nogil=True, cache=True, parallel=True)
-    def attend(q, k, v, mask, has_mask, scale, out, bounds):  # pragma: no cover - compiled
+    def attend(q, k, v, mask, mask_kind, scale, out, bounds):  # pragma: no cover - compiled
         """out[b, i, h] = softmax(q[b, h, i] . k[b, hk] * scale + mask[b, h, i]) @ v[b, hk]; run c: heads bounds[c]..
 
         q (B, H, Sq, D), k and v (B, Hk, Sk, D) with any strides but the last (1); H a multiple
-        of Hk (grouped queries); mask broadcast to (B, H, Sq, Sk), additive; out (B, Sq, H, D).
+        of Hk (grouped queries); mask broadcast to (B, H, Sq, Sk); out (B, Sq, H, D).
         """
         batch, heads, sq, d = q.shape
         kv_heads, sk = k.shape[1], k.shape[2]
@@ -369,11 +382,15 @@ def kernels(dims: int) -> Any:
                     whole = sk // LANES
                     for r in range(rows):
                         at = r * padded
-                        if has_mask:
-                            mo = (b * ms[0] + h * ms[1] + (i0 + r) * ms[2]) // 4
-                            top = scale_masked(s, mask, at, mo, whole, scale)
+                        mo = (b * ms[0] + h * ms[1] + (i0 + r) * ms[2]) // mask.itemsize
+                        if mask_kind == ADD:
+                            top = scale_add(s, mask, at, mo, whole, scale)
                             for j in range(whole * LANES, sk):
                                 s[at + j] = s[at + j] * scale + mask[b, h, i0 + r, j]
+                        elif mask_kind == KEEP:
+                            top = scale_keep(s, mask, at, mo, whole, scale)
+                            for j in range(whole * LANES, sk):
+                                s[at + j] = s[at + j] * scale if mask[b, h, i0 + r, j] else -np.inf
                         else:
                             top = scale_only(s, mask, at, 0, whole, scale)
                             for j in range(whole * LANES, sk):
