@@ -151,7 +151,8 @@ def use_in(model: nn.Module) -> str:
             f"{type(model).__name__} does not take a transformers attention backend; prunekit attention is for "
             "transformers models with _supports_attention_backend"
         )
-    previous = str(model.config._attn_implementation)
+    config: Any = model.config
+    previous = str(config._attn_implementation)
     if previous == BACKEND:
         return previous
     from transformers import AttentionInterface
@@ -169,7 +170,8 @@ def set_backend(model: nn.Module, name: str) -> None:
     if setter is not None:
         setter(name)
     else:  # pragma: no cover - older transformers
-        model.config._attn_implementation = name
+        config: Any = model.config
+        config._attn_implementation = name
     log.debug("attention backend of %s: %s", type(model).__name__, name)
 
 
