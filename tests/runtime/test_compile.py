@@ -33,21 +33,22 @@ class Block(nn.Module):
         return self.norm(h + self.down(F.gelu(self.up(h))))
 
 
-def _kernel(layer: nn.Linear, fqn: str, name: str = "numba_spmm_csr") -> nn.Module:
-    info = cand.LayerInfo(fqn, layer.weight.detach(), layer.bias.detach(), None, False, False)
+def _kernel(layer: nn.Linear, fqn: str, name: str = "numba_spmm_csr", siblings: int = 1) -> nn.Module:
+    info = cand.LayerInfo(fqn, layer.weight.detach(), layer.bias.detach(), None, False, False, siblings)
     module = cand.get_candidate(name)(info)
     assert module is not None
     return module
 
 
 def _accelerated() -> tuple[nn.Module, nn.Module]:
-    """(pruned dense block, the same with prunekit's kernels installed: q/k/v fused, the rest per layer)."""
+    """(pruned dense block, the same with prunekit's kernels: q/k/v fused (outputs apart), the rest per layer)."""
     torch.manual_seed(0)
     dense = pk.finalize(pk.prune(Block().eval(), pk.UnstructuredConfig(sparsity=0.9, scope="layer")))
     fast = copy.deepcopy(dense)
     layers = [dense.q, dense.k, dense.v]
     weight, bias = fusion.stacked([m.weight for m in layers], [m.bias for m in layers])
-    group = fusion.FusedLinears(_kernel(_with(weight, bias), "qkv"), [64] * 3, ["q", "k", "v"])
+    group = fusion.FusedLinears(_kernel(_with(weight, bias), "qkv", siblings=3), [64] * 3, ["q", "k", "v"])
+    assert group.split  # each of q, k, v comes back as its own array: no slicing copies
     fast.q, fast.k, fast.v = (group.member(i) for i in range(3))
     fast.out, fast.up = _kernel(dense.out, "out"), _kernel(dense.up, "up", "numba_csr")
     fast.down = _kernel(dense.down, "down")

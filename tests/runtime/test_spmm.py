@@ -45,6 +45,27 @@ def test_matches_dense(rows: int, int8: bool, small_batch: int, monkeypatch: pyt
     torch.testing.assert_close(y, F.linear(x, ref_w, bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 8, 17, 64, 129])
+def test_fused_siblings_each_get_their_own_contiguous_outputs(rows: int) -> None:
+    w, bias = _weight(3 * 48, 37, seed=rows), torch.randn(3 * 48)  # q/k/v of 48 outputs each, stacked
+    x = torch.randn(rows, 37)
+    run = kernels.bind(formats.pack_csr(w), bias.numpy(), many_rows=True, siblings=3)
+    y = torch.from_numpy(np.asarray(run(x.numpy())))
+    assert y.shape == (3, rows, 48)
+    full = F.linear(x, w, bias)
+    for i in range(3):
+        torch.testing.assert_close(y[i], full[:, 48 * i: 48 * (i + 1)], rtol=1e-5, atol=1e-5)
+    if rows > spmm.SMALL_BATCH:
+        assert all(y[i].is_contiguous() for i in range(3))  # no copy to hand each sibling its rows
+
+
+def test_siblings_must_split_into_whole_vectors() -> None:
+    with pytest.raises(ValueError, match="do not split into 3 siblings of a multiple of 16"):
+        spmm.SparseMatmul(formats.pack_csr(_weight(3 * 40, 37, seed=0)), np.zeros(120, np.float32), siblings=3)
+    with pytest.raises(ValueError, match="only the many-row csr kernel splits its outputs"):
+        kernels.bind(formats.pack_csr(_weight(96, 37, seed=0)), np.zeros(96, np.float32), siblings=2)
+
+
 @pytest.mark.parametrize("rows", [17, 40, 64, 100, 129])
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("cached_bytes", [0, 1 << 40])  # the threads split blocks of the weight / tiles of x

@@ -32,6 +32,7 @@ class LayerInfo:
     block: tuple[int, int] | None
     nm24: bool
     allow_int8: bool
+    siblings: int = 1  # stacked layers of equal width: a kernel may return each one's outputs contiguous
 
 
 Builder = Callable[[LayerInfo], nn.Module | None]
@@ -66,6 +67,7 @@ class _Flat(nn.Module):
     """
 
     traceable = False  # True where dynamo can trace `eager` itself (plain torch ops)
+    siblings = 1  # > 1: outputs come back as (siblings, *lead, out / siblings), one contiguous array each
 
     def __init__(self, fqn: str, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -118,17 +120,18 @@ class NumbaSparseLinear(_Flat):
 
     def __init__(
         self, fqn: str, packed: formats.PackedWeight, bias: Tensor | None, parallel: bool = True,
-        many_rows: bool = False,
+        many_rows: bool = False, siblings: int = 1,
     ) -> None:
         super().__init__(fqn, packed.shape[1], packed.shape[0])
-        self.packed, self.parallel, self.many_rows = packed, parallel, many_rows
+        self.packed, self.parallel, self.many_rows, self.siblings = packed, parallel, many_rows, siblings
         b = torch.zeros(packed.shape[0]) if bias is None else bias.detach().float().clone()
         self.register_buffer("bias", b.contiguous())
         self._bind()
 
     def _bind(self) -> None:
         many_rows = getattr(self, "many_rows", False)  # absent from modules pickled before it existed
-        self._run = bind(self.packed, self.bias.numpy(), parallel=self.parallel, many_rows=many_rows)
+        self._run = bind(self.packed, self.bias.numpy(), parallel=self.parallel, many_rows=many_rows,
+                         siblings=self.siblings)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_run"}  # a closure: rebuilt on load
@@ -143,7 +146,8 @@ class NumbaSparseLinear(_Flat):
         self._check(x)
         x32 = x if x.dtype is torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
         y = self._run(x32.numpy().reshape(-1, self.in_features))
-        out = torch.from_numpy(y.reshape(x.shape[:-1] + (self.out_features,)))
+        shape = x.shape[:-1] + (self.out_features,)
+        out = torch.from_numpy(y.reshape(shape if self.siblings == 1 else (self.siblings, *shape[:-1], -1)))
         return out if x.dtype is torch.float32 else out.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -276,7 +280,9 @@ def _register_spmm(int8: bool) -> None:
     @register_candidate(f"numba_spmm_csr{'_int8' if int8 else ''}")
     def build(info: LayerInfo) -> nn.Module | None:
         packed = _pack(info, "csr", int8)
-        return None if packed is None else NumbaSparseLinear(info.fqn, packed, info.bias, True, many_rows=True)
+        if packed is None:
+            return None
+        return NumbaSparseLinear(info.fqn, packed, info.bias, True, many_rows=True, siblings=info.siblings)
 
 
 # numba_spmm_csr[_int8]: CSR with the rows of x as vector lanes past batch 8 (`kernels.spmm`),

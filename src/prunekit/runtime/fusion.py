@@ -60,6 +60,8 @@ class FusedLinears:
         for n in out_features:
             bounds.append(bounds[-1] + n)
         self.slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        # a kernel built for the group may hand back each member's outputs as its own array
+        self.split = getattr(kernel, "siblings", 1) == len(self.slices) > 1
         self._input: Tensor | None = None
         self._output: Tensor | None = None
         self._taken = [True] * len(self.slices)
@@ -71,10 +73,10 @@ class FusedLinears:
             self._taken = [False] * len(self.slices)
         self._taken[i] = True
         assert self._output is not None
-        y = self._output[..., self.slices[i]]
+        y = self._output[i] if self.split else self._output[..., self.slices[i]]
         if all(self._taken):  # every member served: drop the references
             self._input = self._output = None
-        return y.contiguous()  # a no-op at batch 1 (one row: the slice is contiguous)
+        return y.contiguous()  # a no-op at batch 1 (one row: the slice is contiguous), and for split outputs
 
     def member(self, i: int) -> FusedLinear:
         return FusedLinear(self, i)
@@ -127,8 +129,10 @@ def _fusion_trials(
         if "dense" in choices:
             continue
         weight, bias = stacked([infos[f].weight for f in members], [infos[f].bias for f in members])
+        widths = {infos[f].weight.shape[0] for f in members}
+        split = len(widths) == 1 and widths.pop() % 16 == 0  # equal widths: a kernel may write each member apart
         info = cand.LayerInfo("+".join(members), weight, bias, formats.detect_block(weight), formats.is_2_4(weight),
-                              infos[members[0]].allow_int8)
+                              infos[members[0]].allow_int8, len(members) if split else 1)
         options = {f: {"separate": built[f][by_fqn[f].choice]} for f in members}
         for choice in choices:
             try:

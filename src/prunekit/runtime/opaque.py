@@ -23,6 +23,7 @@ class Kernel(Protocol):
     """What the op calls: a layer's eager path and its output width."""
 
     out_features: int
+    siblings: int  # > 1: the output is (siblings, *lead, out_features / siblings)
 
     def eager(self, x: Tensor) -> Tensor: ...
 
@@ -59,7 +60,10 @@ def _run(x: Tensor, handle: int) -> Tensor:
 
 
 def _fake(x: Tensor, handle: int) -> Tensor:
-    return x.new_empty((*x.shape[:-1], _kernel(handle).out_features))
+    kernel = _kernel(handle)
+    if kernel.siblings > 1:
+        return x.new_empty((kernel.siblings, *x.shape[:-1], kernel.out_features // kernel.siblings))
+    return x.new_empty((*x.shape[:-1], kernel.out_features))
 
 
 # A plain library op, not `torch.library.custom_op`: its wrapper cost ~9 us more a call (measured

@@ -21,17 +21,21 @@ __all__ = ["bind", "sparse_linear"]
 
 
 def bind(
-    packed: PackedWeight, bias: np.ndarray, *, parallel: bool = True, many_rows: bool = False
+    packed: PackedWeight, bias: np.ndarray, *, parallel: bool = True, many_rows: bool = False, siblings: int = 1
 ) -> Callable[[np.ndarray], np.ndarray]:
     """`sparse_linear` for one weight, its kernel and arguments looked up once: ``run(x) -> y``.
 
     x is a C-contiguous float32 (n, in) array. This is the per-call path of the runtime's modules:
     decoding calls ~200 layers a token, and every lookup skipped here is a microsecond saved.
     With `many_rows` (``csr``, or int8 ``bsr`` 1 x 4 for VNNI), batches above `spmm.SMALL_BATCH` rows
-    run `spmm`'s (or `spmm_vnni`'s) kernel.
+    run `spmm`'s (or `spmm_vnni`'s) kernel; `siblings` > 1 (``csr`` many-row only) splits y by sibling layer.
     """
+    if siblings > 1 and not (many_rows and packed.kind == "csr"):
+        raise ValueError(f"only the many-row csr kernel splits its outputs by sibling, not {packed.kind!r}")
     if many_rows:  # int8 1 x 4 blocks: x quantized too (VNNI)
-        return (spmm_vnni if packed.kind == "bsr" else spmm).bind(packed, bias, parallel=parallel)
+        if packed.kind == "bsr":
+            return spmm_vnni.bind(packed, bias, parallel=parallel)
+        return spmm.bind(packed, bias, parallel=parallel, siblings=siblings)
     if packed.kind == "nm24r":  # row-lane 2:4 INT8, AVX-512 only
         return avx512.bind_nm24r(packed, bias, parallel=parallel)
     return numba.bind(packed, bias, parallel=parallel)

@@ -183,13 +183,17 @@ def kernels() -> dict[str, Any]:
         def one_block(  # pragma: no cover - compiled
             meta, members, cols, vals, scales, bias, xs, at, t0, blk, y, acc, out, row_sums, x_scales
         ):
-            """y[t0 : t0 + TILE, block blk's outputs] from the tile of x's rows t0.. at xs[at:] (in x TILE).
+            """y's rows t0 .. t0 + TILE of block blk's outputs, from the tile of x's rows t0.. at xs[at:] (in x TILE).
+
+            y is (siblings, n, width): output o of the layer is column o % width of sibling o // width
+            (one layer: y is (n, out) with a leading 1; fused siblings: each its own contiguous array).
 
             A block's sums (64 rows x 32 lanes, 8 KB) and a panel of x (16 KB) stay in L1 while
             the block's groups for that panel run. With VNNI, x holds uint8 (x's int8 + 128):
             ``(sum - 128 * row_sums[o]) * x_scales[lane]`` is the fp32 sum (`out`); otherwise `out` is `acc`.
             """
-            n, out_f = y.shape[0], y.shape[1]
+            n, width = y.shape[1], y.shape[2]
+            out_f = y.shape[0] * width
             panels, groups, flat = meta.shape[1], meta.shape[2], members.reshape(-1)
             o0 = blk * BLOCK
             rows = min(out_f, o0 + BLOCK) - o0
@@ -213,12 +217,16 @@ def kernels() -> dict[str, Any]:
                     for lane in range(TILE):
                         out[r * TILE + lane] = (acc[r * TILE + lane] - zero) * x_scales[t0 + lane]
             for r in range(0, whole, LANES):  # 16 x 16 blocks transposed in registers
+                o = o0 + r
+                m = o // width  # 16 outputs never straddle two siblings: width is a multiple of 16 when fused
                 for l0 in range(0, lanes, LANES):
-                    store_tile(out, ys, scales, bias, r * TILE + l0, TILE, (t0 + l0) * out_f + o0 + r, out_f,
-                               o0 + r, lanes - l0)
+                    store_tile(out, ys, scales, bias, r * TILE + l0, TILE, (m * n + t0 + l0) * width + o - m * width,
+                               width, o, lanes - l0)
             for lane in range(lanes):
                 for r in range(whole, rows):
-                    y[t0 + lane, o0 + r] = out[r * TILE + lane] * scales[o0 + r] + bias[o0 + r]
+                    o = o0 + r
+                    m = o // width
+                    y[m, t0 + lane, o - m * width] = out[r * TILE + lane] * scales[o] + bias[o]
 
         @numba.njit(nogil=True, cache=True, parallel=True)
         def by_blocks(meta, members, cols, vals, scales, bias, x, y, bounds, row_sums, x_scales):  # pragma: no cover
@@ -320,9 +328,15 @@ class SparseMatmul:
     on the way in and y out of them, both in registers.
     """
 
-    def __init__(self, packed: Any, bias: np.ndarray) -> None:
+    siblings = 1  # outputs split into this many equal, separately contiguous arrays (fused sibling layers)
+
+    def __init__(self, packed: Any, bias: np.ndarray, siblings: int = 1) -> None:
         if packed.kind != "csr":
             raise ValueError(f"the many-row kernel takes the 'csr' format, got {packed.kind!r}")
+        out_f = packed.shape[0]
+        if siblings < 1 or out_f % siblings or (siblings > 1 and (out_f // siblings) % LANES):
+            raise ValueError(f"{out_f} outputs do not split into {siblings} siblings of a multiple of {LANES}")
+        self.siblings = siblings
         self._layout(packed.rowptr, packed.cols, packed.values, packed.shape[1], packed, bias)
         self._spmm = kernels()["spmm_int8" if packed.int8 else "spmm"]
         self._unused = np.zeros(1, np.int32), np.zeros(1, np.float32)  # row sums, x's scales: VNNI only
@@ -371,14 +385,14 @@ class SparseMatmul:
         return int(self.meta[..., 1].sum()) * GROUP / max(self.nonzeros, 1) - 1.0
 
     def _run(self, x: np.ndarray, row_sums: np.ndarray, x_scales: np.ndarray) -> np.ndarray:
-        """y (n, out) from x (n, columns) as float32 lanes: tiled, multiplied, transposed back.
+        """y (n, out), or (siblings, n, out / siblings), from x (n, columns) as lanes: tiled, multiplied, transposed.
 
         A weight that fits in L2 is split between the threads by tiles of x (each transposes its
         own); a larger one by blocks of output rows, so it is read from memory once.
         """
         n, runs = x.shape[0], self._threads()
         tiles = -(-n // TILE)
-        y = aligned_empty((n, self.shape[0]))  # 64-byte aligned: unsplit 512-bit stores
+        y = aligned_empty((self.siblings, n, self.shape[0] // self.siblings))  # 64-byte aligned: unsplit 512-bit stores
         by_blocks, by_tiles = self._spmm
         if self._in_cache and tiles >= runs:
             kernel, split = by_tiles, self.split(tiles, runs)
@@ -388,22 +402,31 @@ class SparseMatmul:
             self._config, kernel, self.meta, self.members, self.cols, self.vals, self.scales, self.bias, x, y, split,
             row_sums, x_scales,
         )
-        return y
+        return y if self.siblings > 1 else y.reshape(n, self.shape[0])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """y (n, out) = x @ W.T * scales + bias for a C-contiguous float32 x (n, in)."""
+        """y (n, out) = x @ W.T * scales + bias for a C-contiguous float32 x (n, in); (siblings, n, width) if split."""
         return self._run(x, *self._unused)
 
 
-def bind(packed: Any, bias: np.ndarray, *, parallel: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+def bind(
+    packed: Any, bias: np.ndarray, *, parallel: bool = True, siblings: int = 1
+) -> Callable[[np.ndarray], np.ndarray]:
     """``run(x) -> x @ W.T + bias`` (C-contiguous) for a ``csr`` weight, rows as lanes above `SMALL_BATCH` rows.
 
     Up to `SMALL_BATCH` rows run `kernels.numba`'s kernels (with `parallel`); the many-row kernel
-    always uses numba's thread pool.
+    always uses numba's thread pool. With `siblings` > 1 (fused layers of equal width) y comes
+    back as (siblings, n, width): each one's outputs contiguous past `SMALL_BATCH` rows (up to
+    it, a strided view of the small-batch kernel's (n, out)).
     """
-    few, many = small.bind(packed, bias, parallel=parallel), SparseMatmul(packed, bias)
+    few, many = small.bind(packed, bias, parallel=parallel), SparseMatmul(packed, bias, siblings)
+    if siblings == 1:
+        return lambda x: few(x) if x.shape[0] <= SMALL_BATCH else many(x)
+    width = packed.shape[0] // siblings
 
     def run(x: np.ndarray) -> np.ndarray:
-        return few(x) if x.shape[0] <= SMALL_BATCH else many(x)
+        if x.shape[0] > SMALL_BATCH:
+            return many(x)
+        return few(x).reshape(x.shape[0], siblings, width).transpose(1, 0, 2)
 
     return run
