@@ -135,3 +135,12 @@ def test_accelerate_decides_on_the_attention_kernel_and_reports_it() -> None:
     off = pk.accelerate(copy.deepcopy(sparse), x, batch_sizes=(2,), repeats=3, warmup=1, verbose=False,
                         attention_kernel=False)
     assert off.prunekit_acceleration.attention == "" and off.config._attn_implementation == "sdpa"
+
+
+def test_accelerate_keeps_the_backend_when_the_kernel_would_take_no_call() -> None:
+    model = _tiny_bert()
+    x = _bert_inputs(batch=1, rows=4)  # 4 query rows: every call would go to SDPA
+    sparse = pk.finalize(pk.prune(copy.deepcopy(model), pk.UnstructuredConfig(sparsity=0.9, scope="layer")))
+    fast = pk.accelerate(sparse, x, batch_sizes=(1,), repeats=2, warmup=1, verbose=False)
+    assert fast.config._attn_implementation == "sdpa"
+    assert "kernel took none of the calls" in fast.prunekit_acceleration.attention

@@ -29,6 +29,7 @@ from prunekit.runtime.kernels.attention import ADD, KEEP, NONE, kernels, split
 log = logging.getLogger(__name__)
 
 BACKEND = "prunekit"  # the name under transformers' AttentionInterface
+_taken = [0]  # calls the backend gave to the kernel (eager only): `try_in` drops a backend that took none
 MIN_QUERY_ROWS = 16  # fewer query rows (decoding) stay with torch: the kernel computes 8 rows at a time
 
 
@@ -113,6 +114,8 @@ def _backend() -> Any:
         if not (plain and supports(query, key, value, attention_mask)):
             return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                             is_causal=is_causal, **kwargs)
+        if not torch.compiler.is_compiling():
+            _taken[0] += 1
         out = attend(query, key, value, attention_mask, scaling)
         return out.transpose(1, 2), None  # (B, Sq, H, D): contiguous, as transformers' backends return it
 
@@ -184,10 +187,18 @@ def applies(model: nn.Module) -> bool:
 def try_in(model: nn.Module, inputs_by_batch: dict[int, Any], repeats: int, warmup: int) -> str:
     """Keep prunekit attention in `model` if whole forwards at every batch size are faster with it; says what it found.
 
-    The two backends take turns forward by forward (the order rotated each round); the verdict
-    compares median ms per forward.
+    Where the kernel takes no call at these inputs (decoding one token, a causal flag), nothing is
+    timed and the model keeps its backend. Otherwise the two backends take turns forward by
+    forward (the order rotated each round); the verdict compares median ms per forward.
     """
     previous = use_in(model)
+    _taken[0] = 0
+    with torch.no_grad():
+        for inputs in inputs_by_batch.values():
+            call_model(model, inputs)
+    if not _taken[0]:
+        set_backend(model, previous)
+        return f"{previous} ({BACKEND}'s kernel took none of the calls at these inputs: see attention.supports)"
     times: dict[str, dict[int, list[float]]] = {previous: {}, BACKEND: {}}
     order = [previous, BACKEND]
     with torch.no_grad():
