@@ -61,6 +61,9 @@ def test_unsupported_inputs_name_the_problem() -> None:
     assert not attention.supports(wide, *[torch.randn(1, 2, 32, 32)] * 2, None)
     trained = torch.randn(1, 2, 32, 32, requires_grad=True)
     assert not attention.supports(trained, trained, trained, None)
+    q = torch.randn(1, 2, 32, 32)
+    with pytest.raises(UnsupportedLayerError, match="mask \\(\\(1, 1, 32, 31\\)"):
+        attention.attend(q, q, q, torch.zeros(1, 1, 32, 31))  # 31 keys for 32
 
 
 def test_one_opaque_op_under_compile() -> None:

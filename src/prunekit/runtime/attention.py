@@ -45,7 +45,16 @@ def supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
         and q.shape[-1] % 16 == 0 and 0 < q.shape[-1] <= 256
         and q.shape[2] >= MIN_QUERY_ROWS
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+        and (mask is None or _broadcasts(mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2])))
     )
+
+
+def _broadcasts(shape: torch.Size, full: tuple[int, int, int, int]) -> bool:
+    """Whether a mask of `shape` broadcasts to `full` (B, H, Sq, Sk) without growing it."""
+    try:
+        return len(shape) <= 4 and torch.broadcast_shapes(shape, full) == full
+    except RuntimeError:
+        return False
 
 
 def _broadcast(mask: Tensor | None, shape: tuple[int, int, int, int]) -> tuple[np.ndarray, int]:
