@@ -1,8 +1,9 @@
 """Real CPU speed from sparsity: prunekit's own sparse kernels and `accelerate` (in `autotune`), which picks per layer.
 
 Kernels: `kernels` (numba, imported on first use; `kernels.bind` runs any packed format, `kernels.spmm`
-is the many-row CSR kernel for batch 16-128 and encoders), packed
-by `formats`; the candidates `accelerate` measures are registered in `candidates`, and what it
+is the many-row CSR kernel for batch 16-128 and encoders, `kernels.attention` a CPU attention kernel),
+packed by `formats`; the candidates `accelerate` measures are registered in `candidates`, the
+attention kernel's torch op and transformers backend are `attention`, and what `accelerate`
 decided is a `decisions.AccelerationReport`.
 """
 
