@@ -2,7 +2,7 @@
 
 An encoder's attention core at batch 1 is small matrices: 12 heads of 128 x 128 scores over 32
 dimensions (MiniLM). torch's flash kernel for CPU cuts that into 32-row blocks and calls a GEMM
-routine per block, so fixed costs, not FMAs, set its time (~0.3 ms a layer here, a third of
+routine per block, so fixed costs, not FMAs, set its time (~0.3 ms a layer here, a fifth of
 a pruned MiniLM's forward). Here each head is whole rows:
 
 - **K transposed once per head** into kt (dims, keys), so a vector of 16 keys is one load.
@@ -13,6 +13,9 @@ a pruned MiniLM's forward). Here each head is whole rows:
 - **P @ V up to 8 query rows x the head's dimensions at a time** (16 accumulators), scaled by
   1 / the row's sum once, written straight into a (batch, query, head, dim) output, which is the
   layout the model reshapes it to next.
+
+Scores and P @ V are the same LLVM IR loop (`_outer_codegen`): per step, a few vectors loaded
+from one operand, one value per row broadcast from the other, rows x vectors FMAs.
 
 Heads are split between threads in equal shares. Inference only: no dropout, no causal mask (a
 causal or dropout call stays with torch), dims a multiple of 16.
@@ -27,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from prunekit.runtime.kernels.buffers import aligned_allocator
-from prunekit.runtime.kernels.ir_loops import close_accumulator_loop
 from prunekit.runtime.kernels.ir_transpose import transpose_intrinsic
 from prunekit.runtime.kernels.numba_setup import import_numba, prefer_openmp
 
@@ -42,53 +44,6 @@ FLOOR = -80.0  # exp's input is clamped here: exp(-80) ~ 2e-35, nothing next to 
 
 def _pointer(builder: Any, base: Any, offset: Any, vec: Any) -> Any:
     return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
-
-
-def _scores_codegen(vectors: int) -> Callable[..., Any]:
-    """``s[so + r * ss + j0 :][: 16 v] = sum_d q[qoff[r] + d] * kt[d * ks + j0 :][: 16 v]`` for 4 rows r (IR).
-
-    Arguments (q, kt, s, qoff, dims, ks, j0, so, ss): `qoff` holds the 4 query rows' offsets in q.
-    """
-    from llvmlite import ir
-
-    f32, i32 = ir.FloatType(), ir.IntType(32)
-    vec = ir.VectorType(f32, LANES)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        pq, pk, ps, po = (context.make_array(t)(context, builder, a).data
-                          for t, a in zip(signature.args[:4], args[:4], strict=True))
-        dims, ks, j0, so, ss = args[4:9]
-        intp = dims.type
-        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
-            builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v16f32")
-        rows = [builder.load(builder.gep(po, [ir.Constant(intp, r)])) for r in range(SCORE_ROWS)]
-        initial = [ir.Constant(vec, [0.0] * LANES)] * (SCORE_ROWS * vectors)
-        destinations = [_pointer(builder, ps, builder.add(builder.add(so, builder.mul(ir.Constant(intp, r), ss)),
-                                                          builder.add(j0, ir.Constant(intp, LANES * i))), vec)
-                        for r in range(SCORE_ROWS) for i in range(vectors)]
-        entry = builder.block
-        loop, done = builder.append_basic_block("scores.loop"), builder.append_basic_block("scores.done")
-        builder.cbranch(builder.icmp_signed(">", dims, ir.Constant(intp, 0)), loop, done)
-        builder.position_at_end(loop)
-        d = builder.phi(intp)
-        carried = [builder.phi(vec) for _ in initial]
-        row = builder.add(builder.mul(d, ks), j0)
-        keys = [builder.load(_pointer(builder, pk, builder.add(row, ir.Constant(intp, LANES * i)), vec), align=4)
-                for i in range(vectors)]
-        zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
-        updated = []
-        for r in range(SCORE_ROWS):
-            value = builder.load(builder.gep(pq, [builder.add(rows[r], d)]))
-            one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
-            splat = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), zeros)
-            updated += [builder.call(fma, [splat, keys[i], carried[r * vectors + i]]) for i in range(vectors)]
-        following = builder.add(d, ir.Constant(intp, 1))
-        close_accumulator_loop(builder, blocks=(entry, loop, done), counter=(d, ir.Constant(intp, 0), following),
-                               again=builder.icmp_signed("<", following, dims),
-                               accumulators=(carried, initial, updated), destinations=destinations)
-        return context.get_dummy_value()
-
-    return codegen
 
 
 def _exp_codegen() -> Callable[..., Any]:
@@ -213,10 +168,12 @@ def _scale_codegen(mask: str) -> Callable[..., Any]:
     return codegen
 
 
-def _values_codegen(rows: int, vectors: int) -> Callable[..., Any]:
-    """``out[ooff[r] :][: 16 v] = inv[r] * sum_j p[poff[r] + j] * v[vo + j * vs :][: 16 v]`` for `rows` rows (IR).
+def _outer_codegen(rows: int, vectors: int) -> Callable[..., Any]:
+    """``dst[doff[r] :][: 16 v] = scale[r] * sum_c a[aoff[r] + c] * b[b0 + c * bs :][: 16 v]`` for `rows` rows (IR).
 
-    Arguments (p, v, out, poff, ooff, inv, keys, vo, vs).
+    Arguments (a, b, dst, aoff, doff, scale, count, b0, bs): per step c, `vectors` loads from b and
+    one broadcast from a per row feed rows x vectors FMAs (16 accumulators at most). Scores are
+    this with a = q, b = the keys as lanes; P @ V with a = the softmax rows, b = v.
     """
     from llvmlite import ir
 
@@ -225,10 +182,10 @@ def _values_codegen(rows: int, vectors: int) -> Callable[..., Any]:
     zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        pp, pv, pout, ppo, poo, pinv = (context.make_array(t)(context, builder, a).data
-                                        for t, a in zip(signature.args[:6], args[:6], strict=True))
-        keys, vo, vs = args[6:9]
-        intp = keys.type
+        pa, pb, pdst, paoff, pdoff, pscale = (context.make_array(t)(context, builder, a).data
+                                              for t, a in zip(signature.args[:6], args[:6], strict=True))
+        count, b0, bs = args[6:9]
+        intp = count.type
         fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
             builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v16f32")
 
@@ -236,25 +193,28 @@ def _values_codegen(rows: int, vectors: int) -> Callable[..., Any]:
             one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
             return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), zeros)
 
-        prow = [builder.load(builder.gep(ppo, [ir.Constant(intp, r)])) for r in range(rows)]
+        def at(pointer: Any, r: int) -> Any:
+            return builder.load(builder.gep(pointer, [ir.Constant(intp, r)]))
+
+        row_starts = [at(paoff, r) for r in range(rows)]
         initial = [ir.Constant(vec, [0.0] * LANES)] * (rows * vectors)
         entry = builder.block
-        loop, done = builder.append_basic_block("values.loop"), builder.append_basic_block("values.done")
-        builder.cbranch(builder.icmp_signed(">", keys, ir.Constant(intp, 0)), loop, done)
+        loop, done = builder.append_basic_block("outer.loop"), builder.append_basic_block("outer.done")
+        builder.cbranch(builder.icmp_signed(">", count, ir.Constant(intp, 0)), loop, done)
         builder.position_at_end(loop)
-        j = builder.phi(intp)
+        c = builder.phi(intp)
         carried = [builder.phi(vec) for _ in initial]
-        row = builder.add(vo, builder.mul(j, vs))
-        values = [builder.load(_pointer(builder, pv, builder.add(row, ir.Constant(intp, LANES * i)), vec), align=4)
+        line = builder.add(b0, builder.mul(c, bs))
+        loaded = [builder.load(_pointer(builder, pb, builder.add(line, ir.Constant(intp, LANES * i)), vec), align=4)
                   for i in range(vectors)]
         updated = []
         for r in range(rows):
-            weight = splat(builder.load(builder.gep(pp, [builder.add(prow[r], j)])))
-            updated += [builder.call(fma, [weight, values[i], carried[r * vectors + i]]) for i in range(vectors)]
-        following = builder.add(j, ir.Constant(intp, 1))
-        builder.cbranch(builder.icmp_signed("<", following, keys), loop, done)
-        j.add_incoming(ir.Constant(intp, 0), entry)
-        j.add_incoming(following, loop)
+            weight = splat(builder.load(builder.gep(pa, [builder.add(row_starts[r], c)])))
+            updated += [builder.call(fma, [weight, loaded[i], carried[r * vectors + i]]) for i in range(vectors)]
+        following = builder.add(c, ir.Constant(intp, 1))
+        builder.cbranch(builder.icmp_signed("<", following, count), loop, done)
+        c.add_incoming(ir.Constant(intp, 0), entry)
+        c.add_incoming(following, loop)
         for acc, before, after in zip(carried, initial, updated, strict=True):
             acc.add_incoming(before, entry)
             acc.add_incoming(after, loop)
@@ -264,11 +224,10 @@ def _values_codegen(rows: int, vectors: int) -> Callable[..., Any]:
             total.add_incoming(before, entry)
             total.add_incoming(after, loop)
         for r in range(rows):
-            scale = splat(builder.load(builder.gep(pinv, [ir.Constant(intp, r)])))
-            out_row = builder.load(builder.gep(poo, [ir.Constant(intp, r)]))
+            scale, start = splat(at(pscale, r)), at(pdoff, r)
             for i in range(vectors):
-                at = _pointer(builder, pout, builder.add(out_row, ir.Constant(intp, LANES * i)), vec)
-                builder.store(builder.fmul(totals[r * vectors + i], scale), at, align=4)
+                target = _pointer(builder, pdst, builder.add(start, ir.Constant(intp, LANES * i)), vec)
+                builder.store(builder.fmul(totals[r * vectors + i], scale), target, align=4)
         return context.get_dummy_value()
 
     return codegen
@@ -297,12 +256,12 @@ def kernels(dims: int) -> Any:
     from numba import types
     from numba.extending import intrinsic
 
-    def scores_intrinsic(vectors: int) -> Any:
+    def outer_intrinsic(rows: int, vectors: int) -> Any:
         @intrinsic
-        def scores(typingctx, q, kt, s, qoff, dims, ks, j0, so, ss):  # type: ignore[no-untyped-def]  # pragma: no cover
-            return types.void(q, kt, s, qoff, *[types.intp] * 5), _scores_codegen(vectors)
+        def outer(typingctx, a, b, dst, aoff, doff, scale, count, b0, bs):  # type: ignore[no-untyped-def]  # pragma: no cover
+            return types.void(a, b, dst, aoff, doff, scale, *[types.intp] * 3), _outer_codegen(rows, vectors)
 
-        return scores
+        return outer
 
     @intrinsic
     def exp_rows(typingctx, s, so, n, top):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
@@ -318,12 +277,8 @@ def kernels(dims: int) -> Any:
     scale_only, scale_add, scale_keep = (scale_intrinsic(kind) for kind in MASKS)
     rows_per_pass, vectors = values_rows(dims), dims // LANES
 
-    @intrinsic
-    def values(typingctx, p, v, out, poff, ooff, inv, keys, vo, vs):  # type: ignore[no-untyped-def]  # pragma: no cover
-        return types.void(p, v, out, poff, ooff, inv, *[types.intp] * 3), _values_codegen(rows_per_pass, vectors)
-
-    score_passes = [scores_intrinsic(n) for n in range(1, SCORE_VECTORS + 1)]
-    four, three, two, one = score_passes[3], score_passes[2], score_passes[1], score_passes[0]
+    values = outer_intrinsic(rows_per_pass, vectors)
+    four, three, two, one = (outer_intrinsic(SCORE_ROWS, n) for n in range(SCORE_VECTORS, 0, -1))
     aligned_f32, transpose = aligned_allocator(), transpose_intrinsic(False)
 
     @numba.njit(nogil=True, cache=True, parallel=True)
@@ -342,7 +297,8 @@ def kernels(dims: int) -> Any:
         for c in numba.prange(bounds.shape[0] - 1):
             kt = aligned_f32(d * padded)
             s = aligned_f32(BLOCK_ROWS * padded)
-            qoff = np.empty(SCORE_ROWS, np.int64)
+            qoff, soff = np.empty(SCORE_ROWS, np.int64), np.empty(SCORE_ROWS, np.int64)
+            ones = np.ones(SCORE_ROWS, np.float32)  # scores are stored unscaled (the softmax scales them)
             poff = np.empty(rows_per_pass, np.int64)
             ooff = np.empty(rows_per_pass, np.int64)
             inv = np.empty(BLOCK_ROWS, np.float32)
@@ -367,17 +323,18 @@ def kernels(dims: int) -> Any:
                     for r0 in range(0, BLOCK_ROWS, SCORE_ROWS):
                         for r in range(SCORE_ROWS):
                             qoff[r] = q_base + min(i0 + r0 + r, sq - 1) * (qs[2] // 4)
-                        j0 = 0
-                        while j0 + SCORE_VECTORS * LANES <= padded:
-                            four(q, kt, s, qoff, d, padded, j0, r0 * padded, padded)
-                            j0 += SCORE_VECTORS * LANES
-                        left = (padded - j0) // LANES
-                        if left == 3:
-                            three(q, kt, s, qoff, d, padded, j0, r0 * padded, padded)
-                        elif left == 2:
-                            two(q, kt, s, qoff, d, padded, j0, r0 * padded, padded)
-                        elif left == 1:
-                            one(q, kt, s, qoff, d, padded, j0, r0 * padded, padded)
+                        for j0 in range(0, padded, SCORE_VECTORS * LANES):  # 64 keys at a time, then the rest
+                            for r in range(SCORE_ROWS):
+                                soff[r] = (r0 + r) * padded + j0
+                            left = min(SCORE_VECTORS, (padded - j0) // LANES)
+                            if left == 4:
+                                four(q, kt, s, qoff, soff, ones, d, j0, padded)
+                            elif left == 3:
+                                three(q, kt, s, qoff, soff, ones, d, j0, padded)
+                            elif left == 2:
+                                two(q, kt, s, qoff, soff, ones, d, j0, padded)
+                            else:
+                                one(q, kt, s, qoff, soff, ones, d, j0, padded)
                     rows = min(BLOCK_ROWS, sq - i0)
                     whole = sk // LANES
                     for r in range(rows):
