@@ -46,6 +46,34 @@ def _pointer(builder: Any, base: Any, offset: Any, vec: Any) -> Any:
     return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
 
 
+def _function(builder: Any, name: str, result: Any, *params: Any) -> Any:
+    """LLVM intrinsic `name`, declared in the module on first use."""
+    from llvmlite import ir
+
+    module = builder.module
+    return module.globals.get(name) or ir.Function(module, ir.FunctionType(result, list(params)), name)
+
+
+def _splat(builder: Any, value: Any, vec: Any) -> Any:
+    """`value` (a float) in every lane of `vec`."""
+    from llvmlite import ir
+
+    i32, undefined = ir.IntType(32), ir.Constant(vec, ir.Undefined)
+    one = builder.insert_element(undefined, value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(one, undefined, ir.Constant(ir.VectorType(i32, vec.count), [0] * vec.count))
+
+
+def _counted_loop(builder: Any, count: Any, name: str) -> tuple[Any, Any, Any, Any]:
+    """(entry, loop, done, i): blocks of ``for i in range(count)``, the builder left at the top of the body."""
+    from llvmlite import ir
+
+    entry = builder.block
+    loop, done = builder.append_basic_block(f"{name}.loop"), builder.append_basic_block(f"{name}.done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(count.type, 0)), loop, done)
+    builder.position_at_end(loop)
+    return entry, loop, done, builder.phi(count.type)
+
+
 def _exp_codegen() -> Callable[..., Any]:
     """``s[so :][: 16 n] = exp(s[so :][: 16 n] - top)``, returning their sum (IR, 16 lanes at a time).
 
@@ -64,20 +92,11 @@ def _exp_codegen() -> Callable[..., Any]:
         ps = context.make_array(signature.args[0])(context, builder, args[0]).data
         so, n, top = args[1], args[2], args[3]
         intp = so.type
-        module = builder.module
-
-        def intrinsic(name: str, arity: int) -> Any:
-            return module.globals.get(name) or ir.Function(module, ir.FunctionType(vec, [vec] * arity), name)
-
-        fma, maxnum, rint = intrinsic("llvm.fma.v16f32", 3), intrinsic("llvm.maxnum.v16f32", 2), intrinsic(
-            "llvm.rint.v16f32", 1)
-        one = builder.insert_element(ir.Constant(vec, ir.Undefined), top, ir.Constant(i32, 0))
-        shift = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(ivec, [0] * LANES))
-        entry = builder.block
-        loop, done = builder.append_basic_block("exp.loop"), builder.append_basic_block("exp.done")
-        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(intp, 0)), loop, done)
-        builder.position_at_end(loop)
-        i = builder.phi(intp)
+        fma = _function(builder, "llvm.fma.v16f32", vec, vec, vec, vec)
+        maxnum = _function(builder, "llvm.maxnum.v16f32", vec, vec, vec)
+        rint = _function(builder, "llvm.rint.v16f32", vec, vec)
+        shift = _splat(builder, top, vec)
+        entry, loop, done, i = _counted_loop(builder, n, "exp")
         total = builder.phi(vec)
         at = _pointer(builder, ps, builder.add(so, builder.mul(i, ir.Constant(intp, LANES))), vec)
         x = builder.call(maxnum, [builder.fsub(builder.load(at, align=4), shift), splat(FLOOR)])
@@ -103,8 +122,7 @@ def _exp_codegen() -> Callable[..., Any]:
         result = builder.phi(vec)
         result.add_incoming(splat(0.0), entry)
         result.add_incoming(summed, loop)
-        reduce = module.globals.get("llvm.vector.reduce.fadd.v16f32") or ir.Function(
-            module, ir.FunctionType(f32, [f32, vec]), "llvm.vector.reduce.fadd.v16f32")
+        reduce = _function(builder, "llvm.vector.reduce.fadd.v16f32", f32, f32, vec)
         return builder.call(reduce, [ir.Constant(f32, 0.0), result])
 
     return codegen
@@ -118,26 +136,18 @@ def _scale_codegen(mask: str) -> Callable[..., Any]:
     """
     from llvmlite import ir
 
-    f32, i32, i8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
-    vec, ivec = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
-    bytes16 = ir.VectorType(i8, LANES)
+    f32, i8 = ir.FloatType(), ir.IntType(8)
+    vec, bytes16 = ir.VectorType(f32, LANES), ir.VectorType(i8, LANES)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         ps, pm = (context.make_array(t)(context, builder, a).data
                   for t, a in zip(signature.args[:2], args[:2], strict=True))
         so, mo, n, scale = args[2:6]
         intp = so.type
-        module = builder.module
-        maxnum = module.globals.get("llvm.maxnum.v16f32") or ir.Function(
-            module, ir.FunctionType(vec, [vec] * 2), "llvm.maxnum.v16f32")
-        one = builder.insert_element(ir.Constant(vec, ir.Undefined), scale, ir.Constant(i32, 0))
-        factor = builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(ivec, [0] * LANES))
+        maxnum = _function(builder, "llvm.maxnum.v16f32", vec, vec, vec)
+        factor = _splat(builder, scale, vec)
         lowest = ir.Constant(vec, [float("-inf")] * LANES)
-        entry = builder.block
-        loop, done = builder.append_basic_block("scale.loop"), builder.append_basic_block("scale.done")
-        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(intp, 0)), loop, done)
-        builder.position_at_end(loop)
-        i = builder.phi(intp)
+        entry, loop, done, i = _counted_loop(builder, n, "scale")
         top = builder.phi(vec)
         offset = builder.mul(i, ir.Constant(intp, LANES))
         at = _pointer(builder, ps, builder.add(so, offset), vec)
@@ -161,55 +171,44 @@ def _scale_codegen(mask: str) -> Callable[..., Any]:
         result = builder.phi(vec)
         result.add_incoming(lowest, entry)
         result.add_incoming(highest, loop)
-        reduce = module.globals.get("llvm.vector.reduce.fmax.v16f32") or ir.Function(
-            module, ir.FunctionType(f32, [vec]), "llvm.vector.reduce.fmax.v16f32")
+        reduce = _function(builder, "llvm.vector.reduce.fmax.v16f32", f32, vec)
         return builder.call(reduce, [result])
 
     return codegen
 
 
-def _outer_codegen(rows: int, vectors: int) -> Callable[..., Any]:
+def _outer_codegen(rows: int, vectors: int, scaled: bool) -> Callable[..., Any]:
     """``dst[doff[r] :][: 16 v] = scale[r] * sum_c a[aoff[r] + c] * b[b0 + c * bs :][: 16 v]`` for `rows` rows (IR).
 
+    Without `scaled` the sums are stored as they are (`scale` is not read).
     Arguments (a, b, dst, aoff, doff, scale, count, b0, bs): per step c, `vectors` loads from b and
     one broadcast from a per row feed rows x vectors FMAs (16 accumulators at most). Scores are
     this with a = q, b = the keys as lanes; P @ V with a = the softmax rows, b = v.
     """
     from llvmlite import ir
 
-    f32, i32 = ir.FloatType(), ir.IntType(32)
-    vec = ir.VectorType(f32, LANES)
-    zeros = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+    vec = ir.VectorType(ir.FloatType(), LANES)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         pa, pb, pdst, paoff, pdoff, pscale = (context.make_array(t)(context, builder, a).data
                                               for t, a in zip(signature.args[:6], args[:6], strict=True))
         count, b0, bs = args[6:9]
         intp = count.type
-        fma = builder.module.globals.get("llvm.fma.v16f32") or ir.Function(
-            builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v16f32")
-
-        def splat(value: Any) -> Any:
-            one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), zeros)
+        fma = _function(builder, "llvm.fma.v16f32", vec, vec, vec, vec)
 
         def at(pointer: Any, r: int) -> Any:
             return builder.load(builder.gep(pointer, [ir.Constant(intp, r)]))
 
         row_starts = [at(paoff, r) for r in range(rows)]
         initial = [ir.Constant(vec, [0.0] * LANES)] * (rows * vectors)
-        entry = builder.block
-        loop, done = builder.append_basic_block("outer.loop"), builder.append_basic_block("outer.done")
-        builder.cbranch(builder.icmp_signed(">", count, ir.Constant(intp, 0)), loop, done)
-        builder.position_at_end(loop)
-        c = builder.phi(intp)
+        entry, loop, done, c = _counted_loop(builder, count, "outer")
         carried = [builder.phi(vec) for _ in initial]
         line = builder.add(b0, builder.mul(c, bs))
         loaded = [builder.load(_pointer(builder, pb, builder.add(line, ir.Constant(intp, LANES * i)), vec), align=4)
                   for i in range(vectors)]
         updated = []
         for r in range(rows):
-            weight = splat(builder.load(builder.gep(pa, [builder.add(row_starts[r], c)])))
+            weight = _splat(builder, builder.load(builder.gep(pa, [builder.add(row_starts[r], c)])), vec)
             updated += [builder.call(fma, [weight, loaded[i], carried[r * vectors + i]]) for i in range(vectors)]
         following = builder.add(c, ir.Constant(intp, 1))
         builder.cbranch(builder.icmp_signed("<", following, count), loop, done)
@@ -224,10 +223,11 @@ def _outer_codegen(rows: int, vectors: int) -> Callable[..., Any]:
             total.add_incoming(before, entry)
             total.add_incoming(after, loop)
         for r in range(rows):
-            scale, start = splat(at(pscale, r)), at(pdoff, r)
+            scale, start = _splat(builder, at(pscale, r), vec) if scaled else None, at(pdoff, r)
             for i in range(vectors):
                 target = _pointer(builder, pdst, builder.add(start, ir.Constant(intp, LANES * i)), vec)
-                builder.store(builder.fmul(totals[r * vectors + i], scale), target, align=4)
+                total = totals[r * vectors + i]
+                builder.store(builder.fmul(total, scale) if scaled else total, target, align=4)
         return context.get_dummy_value()
 
     return codegen
@@ -256,10 +256,10 @@ def kernels(dims: int) -> Any:
     from numba import types
     from numba.extending import intrinsic
 
-    def outer_intrinsic(rows: int, vectors: int) -> Any:
+    def outer_intrinsic(rows: int, vectors: int, scaled: bool) -> Any:
         @intrinsic
         def outer(typingctx, a, b, dst, aoff, doff, scale, count, b0, bs):  # type: ignore[no-untyped-def]  # pragma: no cover
-            return types.void(a, b, dst, aoff, doff, scale, *[types.intp] * 3), _outer_codegen(rows, vectors)
+            return types.void(a, b, dst, aoff, doff, scale, *[types.intp] * 3), _outer_codegen(rows, vectors, scaled)
 
         return outer
 
@@ -277,8 +277,8 @@ def kernels(dims: int) -> Any:
     scale_only, scale_add, scale_keep = (scale_intrinsic(kind) for kind in MASKS)
     rows_per_pass, vectors = values_rows(dims), dims // LANES
 
-    values = outer_intrinsic(rows_per_pass, vectors)
-    four, three, two, one = (outer_intrinsic(SCORE_ROWS, n) for n in range(SCORE_VECTORS, 0, -1))
+    values = outer_intrinsic(rows_per_pass, vectors, True)
+    four, three, two, one = (outer_intrinsic(SCORE_ROWS, n, False) for n in range(SCORE_VECTORS, 0, -1))
     aligned_f32, transpose = aligned_allocator(), transpose_intrinsic(False)
 
     @numba.njit(nogil=True, cache=True, parallel=True)
@@ -298,7 +298,7 @@ def kernels(dims: int) -> Any:
             kt = aligned_f32(d * padded)
             s = aligned_f32(BLOCK_ROWS * padded)
             qoff, soff = np.empty(SCORE_ROWS, np.int64), np.empty(SCORE_ROWS, np.int64)
-            ones = np.ones(SCORE_ROWS, np.float32)  # scores are stored unscaled (the softmax scales them)
+            ones = np.ones(SCORE_ROWS, np.float32)  # not read: scores are stored unscaled (the softmax scales them)
             poff = np.empty(rows_per_pass, np.int64)
             ooff = np.empty(rows_per_pass, np.int64)
             inv = np.empty(BLOCK_ROWS, np.float32)
