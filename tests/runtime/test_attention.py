@@ -120,8 +120,13 @@ def test_transformers_backend_matches_sdpa_and_falls_back() -> None:
             assert len(calls) == 2
     finally:
         attention._run = original  # type: ignore[assignment]
-    with pytest.raises(UnsupportedLayerError, match="does not take a transformers attention backend"):
+    with pytest.raises(UnsupportedLayerError, match="Linear \\(attention backend None\\) does not take"):
         attention.use_in(torch.nn.Linear(2, 2))
+    eager = _tiny_bert()
+    eager.set_attn_implementation("eager")  # additive masks, attention weights: left alone
+    assert not attention.applies(eager)
+    with pytest.raises(UnsupportedLayerError, match="'eager'.*on the 'sdpa' backend"):
+        attention.use_in(eager)
 
 
 def test_accelerate_decides_on_the_attention_kernel_and_reports_it() -> None:

@@ -6,9 +6,9 @@ keys and values possibly fewer heads (grouped queries). It returns (B, H, Sq, D)
 (B, Sq, H, D) array, the layout a model merges its heads from. Under `torch.compile` it is one
 opaque op (``prunekit::attention``), like the sparse Linears (`opaque`).
 
-`use_in(model)` makes a transformers model run it through the library's attention registry
-(`AttentionInterface`): every call it cannot take (training, causal, decoding a few rows,
-another device or dtype) goes to transformers' SDPA backend.
+`use_in(model)` makes a transformers model on the SDPA backend run it through the library's
+attention registry (`AttentionInterface`): every call it cannot take (training, causal, decoding
+a few rows, another device or dtype) goes back to transformers' SDPA backend.
 """
 
 from __future__ import annotations
@@ -159,9 +159,10 @@ def use_in(model: nn.Module) -> str:
     Raises `UnsupportedLayerError` for a model that does not take registered attention backends.
     """
     if not applies(model):
+        backend = getattr(getattr(model, "config", None), "_attn_implementation", None)
         raise UnsupportedLayerError(
-            f"{type(model).__name__} does not take a transformers attention backend; prunekit attention is for "
-            "transformers models with _supports_attention_backend"
+            f"{type(model).__name__} (attention backend {backend!r}) does not take prunekit attention: it is for "
+            "transformers models with _supports_attention_backend on the 'sdpa' backend"
         )
     config: Any = model.config
     previous = str(config._attn_implementation)
@@ -188,8 +189,12 @@ def set_backend(model: nn.Module, name: str) -> None:
 
 
 def applies(model: nn.Module) -> bool:
-    """Whether `model` is a transformers model that takes a registered attention backend."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) is not None and bool(
+    """Whether `model` is a transformers model on the SDPA backend (the default) that takes registered backends.
+
+    Only SDPA: the calls the kernel declines go to transformers' SDPA backend, with SDPA's masks (a
+    model on "eager" builds additive masks and may want its attention weights back).
+    """
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", BACKEND) and bool(
         getattr(model, "_supports_attention_backend", False))
 
 

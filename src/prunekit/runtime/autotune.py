@@ -212,9 +212,9 @@ def accelerate(
     With `fuse`, Linears that read the same input tensor (q/k/v, gate/up), none left dense,
     are then timed as one stacked call (with each kernel they chose) against their separate
     calls, and fused where that is faster at every batch size (`fusion`).
-    With `attention_kernel`, a transformers model (one that takes registered attention backends)
-    is timed whole with prunekit's CPU attention kernel (`attention`) against its own backend,
-    and keeps the kernel where its forwards are faster at every batch size.
+    With `attention_kernel`, a transformers model on the SDPA attention backend (the default) is
+    timed whole with prunekit's CPU attention kernel (`attention`) against SDPA, and keeps the
+    kernel where its forwards are faster at every batch size.
     Finally the outputs on `example_inputs` must match the dense model's: relative error at
     most 1e-4 (fp32 kernels) or 5e-2 (if an INT8 kernel was installed).
 
