@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from prunekit.core.inputs import call_model
 from prunekit.errors import UnsupportedLayerError
 from prunekit.runtime.kernels.attention import ADD, KEEP, NONE, kernels, split
+from prunekit.runtime.kernels.numba_setup import import_numba
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> 
     flat, kind = _broadcast(mask, (batch, heads, rows, k.shape[2]))
     strides = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
     kernels(dims)(*(t.numpy() for t in strides), flat, kind, np.float32(scale), out.numpy(),
-                  split(batch * heads, torch.get_num_threads()))
+                  split(batch * heads, import_numba().get_num_threads()))  # numba's pool runs it
     return out.transpose(1, 2)
 
 
@@ -103,6 +104,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: f
             f">= {MIN_QUERY_ROWS} query rows and no gradient; got q {tuple(q.shape)} {q.dtype}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}, mask {None if mask is None else (tuple(mask.shape), mask.dtype)}"
         )
+    return _dispatch(q, k, v, mask, scale)
+
+
+def _dispatch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    """`attend` for inputs already checked: the op under `torch.compile`, the kernel directly otherwise."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.compiler.is_compiling():
         return torch.ops.prunekit.attention.default(q, k, v, mask, scale)
@@ -125,7 +131,7 @@ def _backend() -> Any:
                             is_causal=is_causal, **kwargs)
         if not torch.compiler.is_compiling():
             _taken[0] += 1
-        out = attend(query, key, value, attention_mask, scaling)
+        out = _dispatch(query, key, value, attention_mask, scaling)  # `supports` said yes just above
         return out.transpose(1, 2), None  # (B, Sq, H, D): contiguous, as transformers' backends return it
 
     return prunekit_attention
@@ -158,14 +164,12 @@ def use_in(model: nn.Module) -> str:
 
     Raises `UnsupportedLayerError` for a model that does not take registered attention backends.
     """
-    if not applies(model):
-        backend = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    previous = backend_of(model)
+    if previous is None or not applies(model):
         raise UnsupportedLayerError(
-            f"{type(model).__name__} (attention backend {backend!r}) does not take prunekit attention: it is for "
+            f"{type(model).__name__} (attention backend {previous!r}) does not take prunekit attention: it is for "
             "transformers models with _supports_attention_backend on the 'sdpa' backend"
         )
-    config: Any = model.config
-    previous = str(config._attn_implementation)
     if previous == BACKEND:
         return previous
     from transformers import AttentionInterface
@@ -188,14 +192,18 @@ def set_backend(model: nn.Module, name: str) -> None:
     log.debug("attention backend of %s: %s", type(model).__name__, name)
 
 
+def backend_of(model: nn.Module) -> str | None:
+    """The transformers attention backend `model` is set to ("sdpa", "eager", ...), None for other models."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def applies(model: nn.Module) -> bool:
     """Whether `model` is a transformers model on the SDPA backend (the default) that takes registered backends.
 
     Only SDPA: the calls the kernel declines go to transformers' SDPA backend, with SDPA's masks (a
     model on "eager" builds additive masks and may want its attention weights back).
     """
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", BACKEND) and bool(
-        getattr(model, "_supports_attention_backend", False))
+    return backend_of(model) in ("sdpa", BACKEND) and bool(getattr(model, "_supports_attention_backend", False))
 
 
 def try_in(model: nn.Module, inputs_by_batch: dict[int, Any], repeats: int, warmup: int) -> str:

@@ -271,7 +271,7 @@ def accelerate(
         built[fqn], infos[fqn] = _build(fqn, layer, names, allow_int8)
         sparsity = float((infos[fqn].weight == 0).float().mean())
         decisions.append(LayerDecision(fqn, tuple(infos[fqn].weight.shape), sparsity, infos[fqn].block, {}))
-    backend = getattr(getattr(model, "config", None), "_attn_implementation", None)  # restored on failure
+    backend = attention.backend_of(model)  # restored on failure
     try:
         with retained_memory():  # time the kernels, not glibc re-faulting activations
             for b in batch_sizes:

@@ -291,6 +291,7 @@ def kernels(dims: int) -> Any:
         batch, heads, sq, d = q.shape
         kv_heads, sk = k.shape[1], k.shape[2]
         group = heads // kv_heads
+        whole = sk // LANES  # key vectors with no padding lane
         padded = -(-sk // LANES) * LANES
         qs, ks, vs, ms = q.strides, k.strides, v.strides, mask.strides
         flat_out = out.reshape(-1)
@@ -307,11 +308,10 @@ def kernels(dims: int) -> Any:
                 b, h = unit // heads, unit % heads
                 hk = h // group
                 k_base, k_row = (b * ks[0] + hk * ks[1]) // 4, ks[2] // 4
-                keys = sk - sk % LANES
-                for j0 in range(0, keys, LANES):  # 16 x 16 blocks transposed in registers
+                for j0 in range(0, whole * LANES, LANES):  # 16 x 16 blocks transposed in registers
                     for e0 in range(0, d, LANES):
                         transpose(k, kt, kt, kt, k_base + j0 * k_row + e0, k_row, e0 * padded + j0, padded, 0, LANES)
-                for j in range(keys, sk):
+                for j in range(whole * LANES, sk):
                     for e in range(d):
                         kt[e * padded + j] = k[b, hk, j, e]
                 for j in range(sk, padded):
@@ -336,7 +336,6 @@ def kernels(dims: int) -> Any:
                             else:
                                 one(q, kt, s, qoff, soff, ones, d, j0, padded)
                     rows = min(BLOCK_ROWS, sq - i0)
-                    whole = sk // LANES
                     for r in range(rows):
                         at = r * padded
                         mo = (b * ms[0] + h * ms[1] + (i0 + r) * ms[2]) // mask.itemsize
